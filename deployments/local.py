@@ -1,0 +1,193 @@
+"""``elasticlm serve``: the whole stack on one machine, in the foreground.
+
+Starts (and owns) a Redis server unless ``--redis-url`` / ``$REDIS_URL`` names one, a local Ray
+instance, and the Serve app described by a Serve config YAML (default ``cluster/config.local.yaml``),
+HTTP on 127.0.0.1:8000 and gRPC on :9000. On Ctrl-C or SIGTERM it tears down everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "cluster" / "config.local.yaml"
+GRPC_SERVICERS = [
+    "deployments.grpc_api.servicer.add_ElasticLMServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+class RedisServer:
+    """A throw-away redis-server owned by this process (no persistence), on loopback."""
+
+    def __init__(self, port: int = 6391, binary: str | None = None):
+        self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(self.binary).exists():
+            raise RuntimeError("redis-server not found: run `make setup` (it installs Redis) or pass --redis-url")
+        self.port = free_port(port)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}")
+            try:
+                if client.ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within {timeout_s} s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def load_serve_config(path: str | Path):
+    """Validate a Serve config YAML against Ray's own schema; return the schema object."""
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def app_from_config(config, overrides: dict | None = None):
+    """The single application of ``config``, with its ``deployments:`` options applied."""
+    from deployments.app import bind_app
+
+    (app_cfg,) = config.applications
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app_cfg.deployments}
+    args = {**(app_cfg.args or {}), **(overrides or {})}
+    return app_cfg, bind_app(args, options)
+
+
+def start_ray(num_cpus: int | None = None):
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+
+
+def start_serve(config, http_host: str, http_port: int, grpc_port: int, redis_url: str | None,
+                extra_args: dict | None = None):
+    """Start Serve's proxies and deploy the config's application; returns when it is RUNNING."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    serve.start(http_options={"host": http_host, "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    app_cfg, app = app_from_config(config, {**(extra_args or {}), **({"redis_url": redis_url} if redis_url else {})})
+    serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix or "/")
+    return app_cfg.name
+
+
+def usage(app_name: str, host: str, http_port: int, grpc_port: int) -> str:
+    return f"""
+elasticlm is serving (application "{app_name}").
+  HTTP  http://{host}:{http_port}   OpenAPI docs: http://{host}:{http_port}/docs
+    curl -s http://{host}:{http_port}/embed -H 'content-type: application/json' \\
+         -d '{{"inputs": ["What is elastic serving?"]}}' -D - | grep -i -e x-elasticlm-sublm -e '^\\['
+    curl -s http://{host}:{http_port}/v1/embeddings -H 'content-type: application/json' -d '{{"input": "hello"}}'
+  gRPC  127.0.0.1:{grpc_port}   (metadata: application={app_name})
+    .venv/bin/python examples/grpc_client.py --port {grpc_port} "What is elastic serving?"
+Ctrl-C stops everything this command started.
+"""
+
+
+def _die_with_parent():
+    """Runs in the child before exec: the kernel sends it SIGTERM if this process dies, however it dies."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def main(args) -> int:
+    config = load_serve_config(args.config)
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    redis_server = None
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
+    def catch_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    catch_signals()
+    try:
+        if stop.is_set():
+            return 0
+        if not redis_url:
+            redis_server = RedisServer(port=args.redis_port).start()
+            redis_url = redis_server.url
+            print(f"started redis-server on {redis_url} (pid {redis_server.proc.pid})", flush=True)
+        extra = {k: v for k, v in (("target_ms", args.target_ms), ("checkpoint", args.checkpoint)) if v}
+        start_ray(args.num_cpus)
+        catch_signals()  # ray.init installed its own handlers: ours must win so that teardown runs
+        app_name = start_serve(config, args.host, args.http_port, args.grpc_port, redis_url, extra)
+        if stop.is_set():
+            raise KeyboardInterrupt  # asked to stop while starting: tear down now
+        print(usage(app_name, args.host, args.http_port, args.grpc_port), flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("shutting down ...", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted while starting: shutting down ...", flush=True)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if redis_server:
+            redis_server.stop()
+    print("stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(None))

@@ -1,0 +1,108 @@
+"""The global queue depth, shared through Redis.
+
+Every replica publishes its own depth (texts queued or running on it) with a heartbeat; the global
+depth is the sum over *live* replicas, those whose heartbeat is younger than ``ttl_s``. One Lua
+script does publish + expire + sum atomically in a single round trip, using Redis's own clock
+(so replicas on different hosts need no synchronized clocks). A replica that dies stops beating
+and its share disappears within ``ttl_s``.
+
+If Redis is unreachable, ``sync`` falls back to the replica's local depth (as if it were alone),
+logs the transition once, keeps trying at most every ``retry_s`` and returns to the global signal
+as soon as Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("ray.serve")
+
+_SYNC_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl_ms = tonumber(ARGV[3])
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], now_ms)
+end
+local beats = redis.call('HGETALL', KEYS[2])
+local total, live = 0, 0
+for i = 1, #beats, 2 do
+  local replica = beats[i]
+  if now_ms - tonumber(beats[i + 1]) > ttl_ms then
+    redis.call('HDEL', KEYS[1], replica)
+    redis.call('HDEL', KEYS[2], replica)
+  else
+    total = total + (tonumber(redis.call('HGET', KEYS[1], replica)) or 0)
+    live = live + 1
+  end
+end
+return {total, live}
+"""
+
+
+@dataclass(frozen=True)
+class DepthReading:
+    global_depth: int     # texts queued or running on all live replicas (this one included)
+    live_replicas: int
+    from_redis: bool      # False: Redis unreachable, this is the local depth only
+
+
+class GlobalQueueDepth:
+    def __init__(self, redis_url: str, replica_id: str, namespace: str = "elasticlm", ttl_s: float = 3.0,
+                 timeout_s: float = 0.05, retry_s: float = 1.0):
+        self.replica_id = replica_id
+        self.keys = [f"{namespace}:depth", f"{namespace}:heartbeat"]
+        self.ttl_ms = int(ttl_s * 1000)
+        self.retry_s = retry_s
+        self._redis = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                        decode_responses=True)
+        self._script = self._redis.register_script(_SYNC_SCRIPT)
+        self._down_since: float | None = None
+        self._next_try = 0.0
+
+    @property
+    def redis_ok(self) -> bool:
+        return self._down_since is None
+
+    async def sync(self, local_depth: int) -> DepthReading:
+        """Publish this replica's depth and read the global one (one round trip)."""
+        return await self._run(self.replica_id, local_depth)
+
+    async def read(self) -> DepthReading:
+        """The global depth without publishing (for observers and tests)."""
+        return await self._run("", 0)
+
+    async def _run(self, replica_id: str, local_depth: int) -> DepthReading:
+        now = time.monotonic()
+        if self._down_since is not None and now < self._next_try:
+            return DepthReading(local_depth, 1, False)
+        try:
+            total, live = await self._script(keys=self.keys, args=[replica_id, int(local_depth), self.ttl_ms])
+        except (RedisError, OSError) as e:
+            if self._down_since is None:
+                self._down_since = now
+                logger.warning("Redis unreachable (%s): scheduling on the local queue depth until it returns", e)
+            self._next_try = now + self.retry_s
+            return DepthReading(local_depth, 1, False)
+        if self._down_since is not None:
+            logger.warning("Redis is back after %.1f s: scheduling on the global queue depth again",
+                           now - self._down_since)
+            self._down_since = None
+        return DepthReading(int(total), max(1, int(live)), True)
+
+    async def leave(self) -> None:
+        """Remove this replica's share now (graceful shutdown); a crash is covered by the TTL."""
+        try:
+            await self._redis.hdel(self.keys[0], self.replica_id)
+            await self._redis.hdel(self.keys[1], self.replica_id)
+        except (RedisError, OSError):
+            pass
+
+    async def close(self) -> None:
+        await self._redis.aclose()

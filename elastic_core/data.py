@@ -1,0 +1,83 @@
+"""Readers for ../shared/data (BEIR SciFact, TREC DL 2019, GLUE). Every reader takes the data directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = Path(os.environ.get("ELASTICLM_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _read_tsv(path: Path):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        yield from csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    for row in _read_tsv(path):
+        qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    return qrels
+
+
+@dataclass
+class BeirDataset:
+    corpus: dict[str, str]      # doc id -> "title text" (BEIR's concatenation)
+    queries: dict[str, str]     # query id -> text, only queries judged in `qrels`
+    qrels: dict[str, dict[str, int]]
+
+
+def load_scifact(data_dir: str | Path = DEFAULT_DATA_DIR, split: str = "test") -> BeirDataset:
+    root = Path(data_dir) / "beir" / "scifact"
+    corpus = {d["_id"]: (d.get("title", "") + " " + d["text"]).strip() for d in _read_jsonl(root / "corpus.jsonl")}
+    qrels = read_qrels(root / "qrels" / f"{split}.tsv")
+    queries = {q["_id"]: q["text"] for q in _read_jsonl(root / "queries.jsonl") if q["_id"] in qrels}
+    return BeirDataset(corpus, queries, qrels)
+
+
+def subsample_corpus(ds: BeirDataset, max_docs: int | None, seed: int = 0) -> BeirDataset:
+    """Every judged document plus a seeded sample of the others, up to ``max_docs`` in all."""
+    if not max_docs or max_docs >= len(ds.corpus):
+        return ds
+    judged = {d for rel in ds.qrels.values() for d in rel if d in ds.corpus}
+    others = sorted(set(ds.corpus) - judged)
+    keep = judged | set(random.Random(seed).sample(others, max(0, max_docs - len(judged))))
+    return BeirDataset({d: t for d, t in ds.corpus.items() if d in keep}, ds.queries, ds.qrels)
+
+
+def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000) -> list[str]:
+    """Unlabeled texts for distillation. No labels and no test queries are used:
+    SciFact corpus + SciFact *train* queries, TREC DL 2019 passages, GLUE train sentences
+    (SST-2, MRPC, RTE). Each source is capped at ``max_per_source`` (seeded sample)."""
+    data_dir = Path(data_dir)
+    rng = random.Random(seed)
+    scifact = load_scifact(data_dir, split="train")
+    sources = {
+        "scifact_corpus": list(scifact.corpus.values()),
+        "scifact_train_queries": list(scifact.queries.values()),
+        "dl19_passages": [p["text"] for p in _read_jsonl(data_dir / "msmarco_trec_dl" / "dl19" / "passages.jsonl")],
+        "sst2_train": [r["sentence"] for r in _read_tsv(data_dir / "glue" / "SST-2" / "train.tsv")],
+        "mrpc_train": [s for r in _read_tsv(data_dir / "glue" / "MRPC" / "train.tsv")
+                       for s in (r["#1 String"], r["#2 String"])],
+        "rte_train": [s for r in _read_tsv(data_dir / "glue" / "RTE" / "train.tsv")
+                      for s in (r["sentence1"], r["sentence2"])],
+    }
+    texts: list[str] = []
+    for name in sorted(sources):
+        items = sorted(set(t.strip() for t in sources[name] if t and t.strip()))
+        rng.shuffle(items)
+        texts.extend(items[:max_per_source])
+    rng.shuffle(texts)
+    return texts

@@ -1,0 +1,110 @@
+"""Quality evaluation: BEIR SciFact NDCG@10 for every SubLM, with baselines in the same run.
+
+Baselines, on the same corpus in the same run:
+  * ``teacher``:     all-MiniLM-L6-v2 as shipped, run by HF transformers (not by our code);
+  * ``pruned_only``: the teacher, permuted by the checkpoint's importance scores and sliced to
+                     each SubLM size, without elastic optimization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_DATA_DIR, BeirDataset, load_scifact, subsample_corpus
+
+
+def ndcg_at_10(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> float:
+    """Mean NDCG@10 over the judged queries (trec_eval's ``ndcg_cut.10``, graded gains)."""
+    return mean_measure(qrels, run, "ndcg_cut.10")
+
+
+def mean_measure(qrels, run, measure: str) -> float:
+    """Mean of a trec_eval measure (e.g. ``ndcg_cut.10``, ``recall.10``) over the judged queries;
+    a judged query missing from ``run`` scores 0."""
+    import pytrec_eval
+
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {measure})
+    per_query = evaluator.evaluate({q: run.get(q) or {"__none__": 0.0} for q in qrels})
+    key = measure.replace(".", "_")
+    return float(np.mean([v[key] for v in per_query.values()])) if per_query else 0.0
+
+
+def dense_run(query_ids, query_emb, doc_ids, doc_emb, k: int = 100) -> dict[str, dict[str, float]]:
+    """Top-k documents per query by dot product (embeddings are normalized: cosine)."""
+    scores = torch.from_numpy(query_emb) @ torch.from_numpy(doc_emb).T
+    top = torch.topk(scores, min(k, len(doc_ids)), dim=1)
+    return {q: {doc_ids[j]: float(s) for s, j in zip(vals.tolist(), idx.tolist())}
+            for q, vals, idx in zip(query_ids, top.values, top.indices)}
+
+
+@torch.inference_mode()
+def encode_with_hf(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 32, progress=None):
+    """The teacher exactly as shipped: HF AutoModel, mean pooling, L2 normalization."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .model import mean_pool_normalize
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out[idx] = mean_pool_normalize(model(**b).last_hidden_state, b["attention_mask"]).numpy()
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,
+                 baselines: bool = True, progress: bool = True, seed: int = 0) -> dict:
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from .denser import ElasticDenser
+    from .model import load_bert, permute_by_importance, teacher_dir
+    from .optimize import IMPORTANCE_FILE
+
+    ds: BeirDataset = subsample_corpus(load_scifact(data_dir, "test"), max_docs, seed)
+    doc_ids, doc_texts = list(ds.corpus), list(ds.corpus.values())
+    query_ids, query_texts = list(ds.queries), list(ds.queries.values())
+    elastic = ElasticDenser.from_checkpoint(checkpoint)
+    sublms = elastic.sublms
+    models = [("sublms", elastic)]
+    if baselines:
+        scores = load_file(str(Path(checkpoint) / IMPORTANCE_FILE))
+        pruned = permute_by_importance(load_bert(), scores["head_scores"], scores["neuron_scores"])
+        pruned.config.sublms = elastic.model.config.sublms
+        models.append(("pruned_only", ElasticDenser(pruned, elastic.tokenizer)))
+
+    docs_tok = elastic.tokenize(doc_texts)["input_ids"]
+    queries_tok = elastic.tokenize(query_texts)["input_ids"]
+    # the full SubLM of pruned_only is the teacher itself (permutation invariance): not re-measured
+    jobs = [(group, d, s) for group, d in models for s in sublms if not (group == "pruned_only" and s == sublms[0])]
+    total = (len(jobs) + baselines) * (len(doc_texts) + len(query_texts))
+    bar = tqdm(total=total, desc="scifact eval", unit="text", disable=not progress)
+
+    result: dict = {"dataset": "beir/scifact test", "corpus_docs": len(doc_ids), "queries": len(query_ids),
+                    "max_seq_length": elastic.max_length, "sublms": {}, "pruned_only": {}}
+    if baselines:
+        t_docs = encode_with_hf(teacher_dir(), doc_texts, elastic.max_length, progress=bar)
+        t_queries = encode_with_hf(teacher_dir(), query_texts, elastic.max_length, progress=bar)
+        result["teacher"] = {"ndcg@10": ndcg_at_10(ds.qrels, dense_run(query_ids, t_queries, doc_ids, t_docs))}
+    full_docs = None
+    for group, denser, sublm in jobs:
+        d_emb = denser.encode_tokenized(docs_tok, sublm, progress=bar)
+        q_emb = denser.encode_tokenized(queries_tok, sublm, progress=bar)
+        row = {"ndcg@10": ndcg_at_10(ds.qrels, dense_run(query_ids, q_emb, doc_ids, d_emb))}
+        if group == "sublms":
+            if sublm == sublms[0]:
+                full_docs = d_emb
+            row["ndcg@10_asym"] = ndcg_at_10(ds.qrels, dense_run(query_ids, q_emb, doc_ids, full_docs))
+        result[group][sublm] = row
+    bar.close()
+    if not baselines:
+        result.pop("pruned_only")
+    return result

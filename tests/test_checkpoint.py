@@ -1,0 +1,54 @@
+"""The committed default checkpoint: every SubLM stays close to the teacher."""
+
+import numpy as np
+import pytest
+
+from elastic_core.denser import ElasticDenser
+from elastic_core.eval import encode_with_hf
+from elastic_core.model import teacher_dir
+
+from conftest import SENTENCES
+
+# cosine to the teacher's embedding of the same sentence, per SubLM (measured values sit well above)
+MIN_COSINE = {"w100": 0.97, "w75": 0.93, "w50": 0.88, "w25": 0.80}
+
+
+@pytest.fixture(scope="module")
+def denser(checkpoint_dir):
+    return ElasticDenser.from_checkpoint(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def teacher_emb():
+    return encode_with_hf(teacher_dir(), SENTENCES, max_length=256)
+
+
+def test_checkpoint_declares_the_sublm_set(denser):
+    assert denser.sublms == ["w100", "w75", "w50", "w25"]
+
+
+@pytest.mark.parametrize("sublm", ["w100", "w75", "w50", "w25"])
+def test_each_sublm_stays_close_to_the_teacher(denser, teacher_emb, sublm):
+    emb = denser.encode(SENTENCES, sublm=sublm)
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    cos = (emb * teacher_emb).sum(1)
+    assert cos.min() >= MIN_COSINE[sublm], cos
+    # paraphrase pairs (0,1), (2,3), (4,5) stay each other's nearest neighbour
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -1)
+    assert list(sims.argmax(1)) == [1, 0, 3, 2, 5, 4]
+
+
+def test_asymmetric_queries_find_full_model_passages(denser):
+    passages = denser.encode(SENTENCES[1::2], sublm="w100", kind="passage")
+    for sublm in denser.sublms:
+        queries = denser.encode(SENTENCES[0::2], sublm=sublm, kind="query")
+        assert list((queries @ passages.T).argmax(1)) == [0, 1, 2]
+
+
+def test_encode_rejects_unknown_kind_and_sublm(denser):
+    with pytest.raises(ValueError, match="kind"):
+        denser.encode(["x"], kind="document")
+    with pytest.raises(KeyError, match="unknown SubLM"):
+        denser.encode(["x"], sublm="w10")

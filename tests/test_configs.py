@@ -1,0 +1,53 @@
+"""Serve configs validate against Ray's own schema; what they name can be imported."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray.serve.schema import ServeDeploySchema
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["cluster/config.yaml", "cluster/config.local.yaml"]
+
+
+def _import(path: str):
+    module, _, attr = path.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_serve_config_is_valid_and_importable(path):
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / path).read_text()))
+    (app,) = config.applications
+    assert callable(_import(app.import_path))
+    for fn in config.grpc_options.grpc_servicer_functions:
+        assert callable(_import(fn))
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"ElasticReplica", "Ingress"}
+    replica = deployments["ElasticReplica"]
+    assert replica.max_ongoing_requests >= app.args["max_batch_size"]   # the schedule must see the queue
+    assert replica.max_queued_requests > 0                               # bounded: overload is shed
+    policy = replica.autoscaling_config["policy"]
+    assert callable(_import(policy["policy_function"])(**policy["policy_kwargs"]))
+
+
+def test_gpu_config_places_several_replicas_per_gpu():
+    config = yaml.safe_load((ROOT / "cluster/config.yaml").read_text())
+    replica = next(d for d in config["applications"][0]["deployments"] if d["name"] == "ElasticReplica")
+    assert 0 < replica["ray_actor_options"]["num_gpus"] < 1
+
+
+def test_rayservice_embeds_the_cluster_config_and_redis_secret():
+    docs = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(docs["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config == yaml.safe_load((ROOT / "cluster/config.yaml").read_text())
+    containers = [docs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in docs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
+    redis_docs = list(yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()))
+    assert {d["kind"] for d in redis_docs} == {"Secret", "Deployment", "Service"}

@@ -1,0 +1,99 @@
+"""The elastic structure: equivalence to HF BERT, permutation invariance, nesting, real slicing."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from elastic_core.model import (ElasticConfig, load_checkpoint, permute_by_importance, save_checkpoint,
+                                score_importance, sublm_cost, teacher_dir, width_sublms)
+
+
+def test_matches_hf_bert(teacher, batch):
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(str(teacher_dir())).eval()
+    with torch.inference_mode():
+        ours = teacher(batch["input_ids"], batch["attention_mask"])
+        theirs = hf(**batch).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_permutation_keeps_the_full_model(teacher, batch):
+    cfg = teacher.config
+    permuted = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(1)
+    permute_by_importance(permuted, torch.rand(cfg.num_layers, cfg.num_heads, generator=g),
+                          torch.rand(cfg.num_layers, cfg.intermediate_size, generator=g))
+    assert not torch.equal(permuted.layers[0].query.weight, teacher.layers[0].query.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(permuted.embed(**batch), teacher.embed(**batch), atol=1e-5, rtol=1e-5)
+
+
+def test_importance_puts_important_units_first(teacher, batch):
+    model = copy.deepcopy(teacher)
+    heads, neurons = score_importance(model, [batch], projections=2)
+    assert heads.shape == (6, 12) and neurons.shape == (6, 1536)
+    assert (heads > 0).all() and (neurons >= 0).all()
+    permute_by_importance(model, heads, neurons)
+    again_h, again_n = score_importance(model, [batch], projections=8)
+    # after permuting, the first half of the units carries most of the importance in every layer
+    assert (again_h[:, :6].sum(1) > again_h[:, 6:].sum(1)).all()
+    assert (again_n[:, :768].sum(1) > again_n[:, 768:].sum(1)).all()
+
+
+def test_default_sublms_are_nested():
+    cfg = ElasticConfig()
+    sets = width_sublms(cfg)
+    assert list(sets) == ["w100", "w75", "w50", "w25"]
+    values = list(sets.values())
+    assert values[0] == [12, 1536, 6]
+    for big, small in zip(values, values[1:]):
+        assert all(s <= b for s, b in zip(small, big)) and small != big
+    assert width_sublms(cfg, layers={25: 4})["w25"][2] == 4
+
+
+def test_a_sublm_uses_only_its_prefix(teacher, batch):
+    """Changing weights outside w25's prefix leaves w25 unchanged but changes the full model."""
+    model = copy.deepcopy(teacher)
+    heads, ffn, _ = model.config.sublms["w25"]
+    d = heads * model.config.head_dim
+    with torch.inference_mode():
+        before = {s: model.embed(**batch, sublm=s) for s in ("w25", "w100")}
+        for layer in model.layers:
+            layer.query.weight[d:] += 1.0
+            layer.ffn_in.weight[ffn:] += 1.0
+        torch.testing.assert_close(model.embed(**batch, sublm="w25"), before["w25"])
+        assert not torch.allclose(model.embed(**batch, sublm="w100"), before["w100"], atol=1e-3)
+
+
+def test_slicing_reduces_params_and_flops(teacher, batch):
+    cfg = teacher.config
+    costs = {s: sublm_cost(cfg, cfg.sublm(s)) for s in cfg.sublm_names}
+    flops = {}
+    for s in cfg.sublm_names:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            teacher.embed(**batch, sublm=s)
+        flops[s] = counter.get_total_flops()
+    names = cfg.sublm_names
+    for big, small in zip(names, names[1:]):
+        assert costs[small]["params"] < costs[big]["params"]
+        assert flops[small] < flops[big]
+    # what the forward really multiplied tracks the analytic count of the sliced modules
+    assert flops["w25"] / flops["w100"] == pytest.approx(
+        costs["w25"]["macs_per_token"] / costs["w100"]["macs_per_token"], rel=0.1)
+    assert flops["w25"] / flops["w100"] < 0.3
+
+
+def test_checkpoint_round_trip(teacher, batch, tmp_path):
+    save_checkpoint(teacher, tmp_path / "fp32", dtype=torch.float32)
+    save_checkpoint(teacher, tmp_path / "fp16")
+    assert (tmp_path / "fp16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    with torch.inference_mode():
+        ref = teacher.embed(**batch, sublm="w50")
+        exact = load_checkpoint(tmp_path / "fp32")
+        assert exact.config.sublms == teacher.config.sublms
+        torch.testing.assert_close(exact.embed(**batch, sublm="w50"), ref)
+        half = load_checkpoint(tmp_path / "fp16").embed(**batch, sublm="w50")
+        assert torch.nn.functional.cosine_similarity(half, ref).min() > 0.999

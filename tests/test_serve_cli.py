@@ -1,0 +1,58 @@
+"""`elasticlm serve` starts Redis + Ray + the app, answers, and on SIGTERM leaves nothing behind."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from deployments.local import free_port
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path):
+    http_port, grpc_port, redis_port = free_port(0), free_port(0), free_port(0)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("REDIS_URL", None)
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "elastic_core.cli", "serve", "--checkpoint", str(checkpoint_dir),
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                             "--redis-port", str(redis_port), "--num-cpus", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops everything" not in open(tmp_path / "serve.log").read():  # printed once RUNNING
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            if time.monotonic() > deadline:
+                pytest.fail("the stack did not become ready in 180 s")
+            time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10).status_code == 200
+        r = httpx.post(f"http://127.0.0.1:{http_port}/embed", json={"inputs": ["hello"]}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-elasticlm-sublm"] == "w100"
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(p.name() for p in descendants)
+        assert "redis-server" in names and "raylet" in names
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = open(tmp_path / "serve.log").read()
+    assert "curl" in output and "grpc_client.py" in output and "stopped." in output
+    time.sleep(2)
+    alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    assert all(port_is_free(p) for p in (http_port, grpc_port, redis_port))

@@ -1,0 +1,296 @@
+"""The serving stack end to end: real Ray Serve (HTTP + gRPC proxies), real Redis server.
+
+The latency table is pinned to a synthetic profile (t_k = 300/200/100/40 ms per batch for
+w100/w75/w50/w25, T = 1000 ms) so the expected SubLM for a given global depth is exact whatever the
+machine's speed: each expected SubLM fits with >= 200 ms to spare for time spent waiting, each
+larger one misses by >= 200 ms. The global depth is driven through Redis by a "ghost" replica entry.
+"""
+
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import redis
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.serve.config import gRPCOptions  # noqa: E402
+
+from deployments.app import bind_app  # noqa: E402
+from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
+from deployments.local import GRPC_SERVICERS, RedisServer, free_port  # noqa: E402
+from deployments.queue_depth import GlobalQueueDepth  # noqa: E402
+from elastic_core.denser import ElasticDenser  # noqa: E402
+
+APP = "elasticlm"
+TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fight inflation.",
+         "A guitarist practises scales every morning."]
+SYNTHETIC_MS = {"w100": 300.0, "w75": 200.0, "w50": 100.0, "w25": 40.0}
+TARGET_MS = 1000.0
+MAX_INPUTS = 8
+DEPTH_KEYS = ("elasticlm:depth", "elasticlm:heartbeat")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, checkpoint_dir):
+    tmp = tmp_path_factory.mktemp("serving")
+    profile = tmp / "profile.json"
+    profile.write_text(json.dumps({"device": "synthetic", "entries": [
+        {"sublm": s, "batch": b, "seq": q, "ms": ms} for s, ms in SYNTHETIC_MS.items()
+        for b in (1, 32) for q in (8, 512)]}))
+    redis_server = RedisServer(port=free_port(0)).start()
+    http_port, grpc_port = free_port(0), free_port(0)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    app = bind_app({"checkpoint": str(checkpoint_dir), "redis_url": redis_server.url, "target_ms": TARGET_MS,
+                    "profile_path": str(profile), "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0,
+                    "num_threads": 1},
+                   {"ElasticReplica": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4,
+                                       "ray_actor_options": {"num_cpus": 1}},
+                    "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}})
+    serve.run(app, name=APP, route_prefix="/")
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
+           "channel": channel, "redis": redis_server,
+           "redis_client": redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)}
+    channel.close()
+    serve.shutdown()
+    ray.shutdown()
+    redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def denser(checkpoint_dir):
+    return ElasticDenser.from_checkpoint(checkpoint_dir)
+
+
+def set_ghost_depth(r: redis.Redis, depth: int):
+    """Another (fake) live replica with ``depth`` texts queued: the global depth the schedule sees."""
+    sec, usec = r.time()
+    r.hset(DEPTH_KEYS[0], "ghost", depth)
+    r.hset(DEPTH_KEYS[1], "ghost", sec * 1000 + usec // 1000)
+
+
+def clear_ghost(r: redis.Redis):
+    r.hdel(DEPTH_KEYS[0], "ghost")
+    r.hdel(DEPTH_KEYS[1], "ghost")
+
+
+def http_embed(stack, body, headers=None):
+    return httpx.post(f"{stack['http']}/embed", json=body, headers=headers or {}, timeout=60)
+
+
+def grpc_embed(stack, request, metadata=()):
+    return stack["grpc"].Embed.with_call(request, metadata=[("application", APP), *metadata], timeout=60)
+
+
+def replica_stats():
+    return serve.get_deployment_handle("ElasticReplica", APP).stats.remote().result(timeout_s=30)
+
+
+# ----------------------------------------------------------------------------- correctness
+def test_http_returns_the_reported_sublms_output(stack, denser):
+    clear_ghost(stack["redis_client"])
+    r = http_embed(stack, {"inputs": TEXTS})
+    assert r.status_code == 200, r.text
+    sublm = r.headers["x-elasticlm-sublm"]
+    assert sublm == "w100"  # idle: the full model
+    np.testing.assert_allclose(np.array(r.json()), denser.encode(TEXTS, sublm=sublm), atol=1e-4)
+
+
+def test_openai_route_matches(stack, denser):
+    r = httpx.post(f"{stack['http']}/v1/embeddings", json={"input": TEXTS[0]}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["data"][0]["index"] == 0 and body["usage"]["prompt_tokens"] > 0
+    np.testing.assert_allclose(body["data"][0]["embedding"], denser.encode(TEXTS[:1], sublm=body["sublm"])[0],
+                               atol=1e-4)
+
+
+def test_grpc_returns_the_reported_sublms_output(stack, denser):
+    response, call = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS))
+    assert dict(call.trailing_metadata())["x-elasticlm-sublm"] == response.sublm == "w100"
+    got = np.array([e.values for e in response.embeddings])
+    np.testing.assert_allclose(got, denser.encode(TEXTS, sublm=response.sublm), atol=1e-4)
+
+
+def test_grpc_health_service(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = health_pb2_grpc.HealthStub(stack["channel"]).Check(health_pb2.HealthCheckRequest(),
+                                                               metadata=[("application", APP)], timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert httpx.get(f"{stack['http']}/health", timeout=30).json()["status"] == "ok"
+    assert "/embed" in httpx.get(f"{stack['http']}/openapi.json", timeout=30).json()["paths"]
+
+
+# ----------------------------------------------------------------------------- the schedule
+@pytest.mark.parametrize("depth,expected", [(0, "w100"), (150, "w75"), (350, "w50"), (900, "w25")])
+def test_schedule_follows_the_global_depth_in_redis(stack, denser, depth, expected):
+    # 2 live replicas (real + ghost), B = 32: q = ceil(depth / 64) = 0, 3, 6, 15; the largest k with
+    # (q + 1) * t_k <= 1000 ms
+    set_ghost_depth(stack["redis_client"], depth)
+    try:
+        r = http_embed(stack, {"inputs": TEXTS})
+        response, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS))
+    finally:
+        clear_ghost(stack["redis_client"])
+    assert r.headers["x-elasticlm-sublm"] == expected
+    assert response.sublm == expected
+    np.testing.assert_allclose(np.array(r.json()), denser.encode(TEXTS, sublm=expected), atol=1e-4)
+
+
+def test_quality_floor_and_client_deadline(stack):
+    set_ghost_depth(stack["redis_client"], 900)
+    try:
+        floor = http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"})
+        floor_grpc, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS, min_sublm="w75"))
+    finally:
+        clear_ghost(stack["redis_client"])
+    assert floor.headers["x-elasticlm-sublm"] == "w50"
+    assert floor_grpc.sublm == "w75"
+    # idle, but the client allows only 60 ms: only w25 (40 ms) can fit
+    tight = http_embed(stack, {"inputs": TEXTS}, {"x-elasticlm-deadline-ms": "60"})
+    tight_grpc, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS), [("x-elasticlm-deadline-ms", "60")])
+    assert tight.headers["x-elasticlm-sublm"] == "w25" and tight_grpc.sublm == "w25"
+
+
+# ----------------------------------------------------------------------------- bad input, both ingresses
+LONG = "word " * 600  # > 256 tokens
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"inputs": []}, 422, "empty"),
+    ({"inputs": ["ok", ""]}, 422, "inputs[1] is empty"),
+    ({"inputs": ["ok", "   "]}, 422, "inputs[1] is empty"),
+    ({"inputs": ["ok", 3]}, 422, "valid string"),
+    ({"inputs": {"a": 1}}, 422, "inputs"),
+    ({"text": "no inputs field"}, 422, "inputs: Field required"),
+    ({"inputs": ["t"] * (MAX_INPUTS + 1)}, 413, "more than the limit of 8"),
+    ({"inputs": [LONG], "truncate": False}, 413, "more than the model's limit of 256"),
+    ({"inputs": ["x"], "min_sublm": "w10"}, 400, "min_sublm"),
+    ({"inputs": ["x"], "kind": "document"}, 400, "kind"),
+    ({"inputs": ["x"], "normalize": False}, 400, "normalize"),
+])
+def test_http_bad_input(stack, body, status, needle):
+    r = http_embed(stack, body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_http_malformed_json_and_header(stack):
+    r = httpx.post(f"{stack['http']}/embed", content=b'{"inputs": ', headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = http_embed(stack, {"inputs": ["x"]}, {"x-elasticlm-deadline-ms": "soon"})
+    assert r.status_code == 400 and "x-elasticlm-deadline-ms" in r.json()["error"]
+
+
+def test_http_long_input_is_truncated_by_default(stack):
+    r = http_embed(stack, {"inputs": [LONG]})
+    assert r.status_code == 200 and len(r.json()[0]) == 384
+
+
+@pytest.mark.parametrize("request_kwargs,needle", [
+    ({"inputs": []}, "empty"),
+    ({"inputs": ["ok", ""]}, "inputs[1] is empty"),
+    ({"inputs": ["t"] * (MAX_INPUTS + 1)}, "more than the limit of 8"),
+    ({"inputs": [LONG], "truncate": False}, "more than the model's limit of 256"),
+    ({"inputs": ["x"], "min_sublm": "w10"}, "min_sublm"),
+    ({"inputs": ["x"], "kind": "document"}, "kind"),
+])
+def test_grpc_bad_input(stack, request_kwargs, needle):
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_embed(stack, elasticlm_pb2.EmbedRequest(**request_kwargs))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+
+
+def test_grpc_malformed_message(stack):
+    raw = stack["channel"].unary_unary("/elasticlm.v1.ElasticLM/Embed")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\xff\xff\xff\xff", metadata=[("application", APP)], timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid elasticlm.v1.EmbedRequest" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=["x"]), [("x-elasticlm-deadline-ms", "soon")])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bad_requests_never_hurt_good_ones(stack, denser):
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            good = [client.post(f"{stack['http']}/embed", json={"inputs": [t]}) for t in TEXTS]
+            bad = [client.post(f"{stack['http']}/embed", json={"inputs": [""]}) for _ in range(3)]
+            return await asyncio.gather(*good, *bad)
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 3 + [422] * 3
+
+
+# ----------------------------------------------------------------------------- overload
+def test_overload_is_shed_with_503_and_retry_after(stack):
+    """40 concurrent heavy requests against a replica that holds 4 running + 4 queued."""
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{stack['http']}/embed", json={"inputs": [LONG] * MAX_INPUTS})
+                                          for _ in range(40)])
+
+    responses = asyncio.run(flood())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes   # nothing else: no 500, no time-out
+    assert codes.count(200) >= 4, codes      # what was accepted was served
+    assert codes.count(503) >= 10, codes     # the excess was shed at once
+    shed = next(r for r in responses if r.status_code == 503)
+    assert shed.headers["retry-after"] == "1" and shed.json()["error_type"] == "Overloaded"
+
+
+# ----------------------------------------------------------------------------- Redis outage, replica death
+def test_redis_outage_keeps_serving_then_recovers(stack):
+    server: RedisServer = stack["redis"]
+    server.stop()
+    try:
+        r = http_embed(stack, {"inputs": TEXTS})
+        assert r.status_code == 200 and r.headers["x-elasticlm-sublm"] == "w100"
+        assert replica_stats()["redis"] is False
+    finally:
+        server.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not replica_stats()["redis"]:
+        http_embed(stack, {"inputs": TEXTS[:1]})
+        time.sleep(0.5)
+    assert replica_stats()["redis"] is True
+    set_ghost_depth(stack["redis_client"], 900)  # and the global signal drives the schedule again
+    try:
+        assert http_embed(stack, {"inputs": TEXTS}).headers["x-elasticlm-sublm"] == "w25"
+    finally:
+        clear_ghost(stack["redis_client"])
+
+
+def test_a_dead_replicas_depth_expires(stack):
+    r = stack["redis_client"]
+    replica_id = replica_stats()["replica_id"]
+    assert replica_id in r.hkeys(DEPTH_KEYS[1])
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "ElasticReplica" in a["name"] and replica_id in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    observer = GlobalQueueDepth(stack["redis"].url, "observer", ttl_s=2.0)
+
+    async def wait_gone():
+        start = time.monotonic()
+        while time.monotonic() - start < 10:
+            await observer.read()  # reading prunes replicas whose heartbeat is older than the TTL
+            if replica_id not in r.hkeys(DEPTH_KEYS[1]):
+                return time.monotonic() - start
+            await asyncio.sleep(0.2)
+        return None
+
+    gone_after = asyncio.run(wait_gone())
+    assert gone_after is not None and gone_after <= 4.0
