@@ -87,7 +87,10 @@ class ElasticReplica:
     async def _beat(self):
         """Heartbeat: an idle replica still counts as live capacity for the others."""
         while True:
-            await self._read_depth()
+            try:
+                await self._read_depth()
+            except Exception:  # noqa: BLE001 - a heartbeat must outlive any single failure
+                logger.exception("queue-depth heartbeat failed; retrying")
             await asyncio.sleep(self._heartbeat_s)
 
     async def _read_depth(self) -> DepthReading:

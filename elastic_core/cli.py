@@ -20,7 +20,8 @@ def _cmd_train(args):
     from .optimize import TrainConfig, train
 
     cfg = TrainConfig(out=args.out, state_dir=args.state_dir, data_dir=args.data_dir, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+                      batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, seed=args.seed,
+                      device=args.device)
     print(train(cfg))
 
 
@@ -92,8 +93,9 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--state-dir", default="runs/elastic-minilm-l6", help="resumable training state")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=256, help="token cap of the training texts")
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
