@@ -93,7 +93,7 @@ def main():
         "every SubLM beats pruned-only": all(r["beats_pruned_only"] for r in rows.values() if r["beats_pruned_only"] is not None),
         "latency w25 / w100 <= 0.35": rows["w25"]["latency_vs_w100"] <= 0.35,
     }
-    result = {"command": "python benchmarks/core.py" + (f" --max-docs {args.max_docs}" if args.max_docs else ""),
+    result = {"command": " ".join(["python benchmarks/core.py", *sys.argv[1:]]),
               "device": device_name(torch.device("cpu")), "machine": platform.platform(),
               "corpus_docs": quality["corpus_docs"], "queries": quality["queries"],
               "teacher": {"ndcg@10": teacher, "latency_ms_b32_s128": latency["teacher_hf"]},

@@ -171,7 +171,8 @@ def main():
     http = http_throughput(args.checkpoint, texts, args.per_request, args.concurrency)
     raw_after = raw_throughput(args.checkpoint, texts)
     raw = (raw_before + raw_after) / 2
-    result = {"command": "python benchmarks/serving.py", "overhead": overhead,
+    command = " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
+    result = {"command": command, "overhead": overhead,
               "throughput": {"raw_texts_per_s": {"before": raw_before, "after": raw_after, "mean": raw},
                              "http": http, "http_vs_raw": http["texts_per_s"] / raw,
                              "setup": {"texts": len(texts), "source": "TREC DL 2019 passages",

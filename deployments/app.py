@@ -27,7 +27,7 @@ def bind_app(args: dict | None = None, options: dict[str, dict] | None = None) -
 
     Arguments (all optional): checkpoint, target_ms, max_batch_size, batch_wait_timeout_s,
     redis_url (default: the replica's $REDIS_URL; unset: local depth only), profile_path, max_inputs,
-    max_input_chars, num_threads, depth_ttl_s."""
+    max_input_chars, num_threads, depth_ttl_s, forward_chunk (texts per length-sorted sub-batch)."""
     args = dict(args or {})
     checkpoint = args.get("checkpoint") or DEFAULT_CHECKPOINT
     redis_url = args.get("redis_url")  # None: each replica reads $REDIS_URL from its own environment
@@ -37,6 +37,7 @@ def bind_app(args: dict | None = None, options: dict[str, dict] | None = None) -
         max_batch_size=int(args.get("max_batch_size", 32)),
         batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.005)), redis_url=redis_url,
         profile_path=args.get("profile_path"), depth_ttl_s=float(args.get("depth_ttl_s", 3.0)),
-        num_threads=args.get("num_threads"), device=args.get("device", "auto"))
+        num_threads=args.get("num_threads"), device=args.get("device", "auto"),
+        forward_chunk=int(args.get("forward_chunk", 8)))
     return Ingress.options(**options.get("Ingress", {})).bind(replica, checkpoint=checkpoint, max_inputs=int(args.get("max_inputs", 256)),
                         max_input_chars=int(args.get("max_input_chars", 100_000)))

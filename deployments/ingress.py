@@ -93,7 +93,7 @@ class Ingress:
         try:
             return await self.replica.embed.remote(job)
         except BackPressureError:
-            raise RequestError(503, "overloaded: every replica's queue is full; retry shortly", "Overloaded")
+            raise RequestError(503, "overloaded: every replica's queue is full; retry shortly", "Overloaded") from None
 
     @staticmethod
     def _deadline(raw) -> float | None:
@@ -102,7 +102,7 @@ class Ingress:
         try:
             return float(raw)
         except ValueError:
-            raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {raw!r}")
+            raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {raw!r}") from None
 
     # ----------------------------------------------------------------- HTTP
     @app.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]])

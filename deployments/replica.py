@@ -36,20 +36,25 @@ class ElasticReplica:
     def __init__(self, checkpoint: str, target_ms: float = 150.0, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, redis_url: str | None = None, profile_path: str | None = None,
                  depth_namespace: str = "elasticlm", depth_ttl_s: float = 3.0, heartbeat_s: float = 0.5,
-                 device: str = "auto", num_threads: int | None = None, degraded_window_s: float = 30.0):
+                 device: str = "auto", num_threads: int | None = None, degraded_window_s: float = 30.0,
+                 forward_chunk: int = 8):
         import torch
 
         from elastic_core.denser import ElasticDenser
+        from elastic_core.model import resolve_device
         from elastic_core.profile import LatencyProfile, measure_profile
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         self.denser = ElasticDenser.from_checkpoint(checkpoint, device)
         self.sublms = self.denser.sublms
         self.target_ms = float(target_ms)
         self.max_batch_size = int(max_batch_size)
+        # a batch runs as length-sorted sub-batches of this size: requests arrive with mixed lengths and
+        # padding them all to the longest cost more than half the throughput on CPU (docs/benchmarks.md);
+        # a GPU prefers larger sub-batches (cluster/config.yaml)
+        self.forward_chunk = int(forward_chunk)
         self._embed_batch.set_max_batch_size(self.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         if profile_path:
@@ -120,12 +125,12 @@ class ElasticReplica:
     async def _embed_batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
         t0 = time.perf_counter()
         seqs = [ids for j in jobs for ids in j.input_ids]
-        seq_len = max(len(s) for s in seqs)
+        lengths = [len(s) for s in seqs]
         reading = await self._read_depth()
         t_sync = time.perf_counter()
-        sublm = self.choose(jobs, len(seqs), seq_len, reading, waited_ms=(t0 - min(j.arrived for j in jobs)) * 1000)
+        sublm = self.choose(jobs, lengths, reading, waited_ms=(t0 - min(j.arrived for j in jobs)) * 1000)
         t_choose = time.perf_counter()
-        predicted = self.profile.predict_ms(sublm, len(seqs), seq_len)
+        predicted = self.batch_ms(sublm, lengths)
         emb = await asyncio.to_thread(self._forward, seqs, sublm)
         t1 = time.perf_counter()
         actual = (t1 - t0) * 1000
@@ -141,20 +146,28 @@ class ElasticReplica:
             start += k
         return out
 
-    def choose(self, jobs: list[EmbedJob], batch_texts: int, seq_len: int, reading: DepthReading,
-               waited_ms: float = 0.0) -> str:
-        """The schedule, fed with this batch: the strictest floor and the tightest deadline win."""
+    def batch_ms(self, sublm: str, lengths: list[int]) -> float:
+        """Predicted time of a batch as it runs: the sum over its length-sorted sub-batches."""
+        ordered = sorted(lengths, reverse=True)
+        chunks = [ordered[i:i + self.forward_chunk] for i in range(0, len(ordered), self.forward_chunk)]
+        return sum(self.profile.predict_ms(sublm, len(c), c[0]) for c in chunks)
+
+    def choose(self, jobs: list[EmbedJob], lengths: list[int], reading: DepthReading, waited_ms: float = 0.0) -> str:
+        """The schedule, fed with this batch: the strictest floor and the tightest deadline win.
+        Batches queued ahead are assumed to look like this one (same length mix), scaled to their size."""
         floors = [self.sublms.index(j.min_sublm) for j in jobs if j.min_sublm]
         floor = self.sublms[max(floors)] if floors else None
         target = min([self.target_ms] + [j.deadline_ms for j in jobs if j.deadline_ms])
+        batch_texts = len(lengths)
         ahead = max(0, reading.global_depth - batch_texts)  # this batch's own texts are not ahead of it
-        return choose_sublm(self.sublms, lambda s, b: self.profile.predict_ms(s, b, seq_len),
+        per_text = {s: self.batch_ms(s, lengths) / batch_texts for s in self.sublms}
+        return choose_sublm(self.sublms, lambda s, b: per_text[s] * b,
                             batch_size=batch_texts, max_batch_size=self.max_batch_size,
                             queue_ahead_batches=batches_ahead(ahead, reading.live_replicas, self.max_batch_size),
                             target_ms=target, elapsed_ms=waited_ms, min_sublm=floor)
 
     def _forward(self, seqs: list[list[int]], sublm: str) -> np.ndarray:
-        return self.denser.encode_tokenized(seqs, sublm, batch_size=len(seqs))
+        return self.denser.encode_tokenized(seqs, sublm, batch_size=self.forward_chunk)
 
     def _record(self, sublm: str, texts: int, predicted: float, actual: float):
         tags = {"sublm": sublm}

@@ -1,4 +1,4 @@
-"""``elasticlm``: train, profile and evaluate elastic checkpoints."""
+"""``elasticlm``: train, profile, evaluate and serve elastic checkpoints."""
 
 from __future__ import annotations
 
@@ -25,17 +25,11 @@ def _cmd_train(args):
     print(train(cfg))
 
 
-def _device(name: str):
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def _cmd_profile(args):
-    from .model import load_checkpoint
+    from .model import load_checkpoint, resolve_device
     from .profile import measure_profile
 
-    model = load_checkpoint(args.checkpoint, _device(args.device))
+    model = load_checkpoint(args.checkpoint, resolve_device(args.device))
     batches = [args.batch] if args.batch else [int(x) for x in args.batches.split(",")]
     seqs = [args.seq] if args.seq else [int(x) for x in args.seqs.split(",")]
     profile = measure_profile(model, batches, seqs, repeats=args.repeats, progress=not args.json)
@@ -52,8 +46,6 @@ def _cmd_profile(args):
 def _cmd_eval(args):
     from .eval import eval_scifact
 
-    if args.task != "scifact":
-        raise SystemExit(f"unknown eval task {args.task!r}")
     result = eval_scifact(args.checkpoint, args.data_dir, args.max_docs, baselines=not args.no_baselines,
                           progress=not args.json)
     if args.out:
@@ -93,9 +85,9 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--state-dir", default="runs/elastic-minilm-l6", help="resumable training state")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=256, help="token cap of the training texts")
+    p.add_argument("--max-length", type=int, default=128, help="token cap of the training texts")
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

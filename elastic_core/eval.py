@@ -17,7 +17,7 @@ from .data import DEFAULT_DATA_DIR, BeirDataset, load_scifact, subsample_corpus
 
 
 def ndcg_at_10(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> float:
-    """Mean NDCG@10 over the judged queries (trec_eval's ``ndcg_cut.10``, graded gains)."""
+    """Mean NDCG@10 over the judged queries: trec_eval's ``ndcg_cut.10`` (gain = relevance grade), as BEIR."""
     return mean_measure(qrels, run, "ndcg_cut.10")
 
 

@@ -339,6 +339,13 @@ def load_tokenizer(cfg: ElasticConfig | None = None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def count_parameters(model: ElasticEncoder) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -346,5 +353,5 @@ def count_parameters(model: ElasticEncoder) -> int:
 __all__ = [
     "SubLM", "ElasticConfig", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
     "score_importance", "permute_by_importance", "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
-    "load_tokenizer", "teacher_dir", "count_parameters",
+    "load_tokenizer", "teacher_dir", "resolve_device", "count_parameters",
 ]

@@ -12,9 +12,10 @@ def test_ndcg_on_hand_made_qrels():
     qrels = {"q1": {"d1": 1}, "q2": {"d2": 2, "d3": 1}}
     run = {"q1": {"dx": 3.0, "d1": 2.0, "dy": 1.0},          # the relevant doc at rank 2
            "q2": {"d3": 3.0, "d2": 2.0}}                     # graded: the better doc at rank 2
+    # trec_eval (and so BEIR) takes the relevance grade itself as the gain
     q1 = 1 / math.log2(3)
-    dcg = (2**1 - 1) / math.log2(2) + (2**2 - 1) / math.log2(3)
-    idcg = (2**2 - 1) / math.log2(2) + (2**1 - 1) / math.log2(3)
+    dcg = 1 / math.log2(2) + 2 / math.log2(3)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3)
     assert ndcg_at_10(qrels, run) == pytest.approx((q1 + dcg / idcg) / 2, abs=1e-4)
     perfect = {"q1": {"d1": 1.0}, "q2": {"d2": 2.0, "d3": 1.0}}
     assert ndcg_at_10(qrels, perfect) == pytest.approx(1.0)

@@ -1,9 +1,9 @@
 """The serving stack end to end: real Ray Serve (HTTP + gRPC proxies), real Redis server.
 
-The latency table is pinned to a synthetic profile (t_k = 300/200/100/40 ms per batch for
-w100/w75/w50/w25, T = 1000 ms) so the expected SubLM for a given global depth is exact whatever the
-machine's speed: each expected SubLM fits with >= 200 ms to spare for time spent waiting, each
-larger one misses by >= 200 ms. The global depth is driven through Redis by a "ghost" replica entry.
+The latency table is pinned to a synthetic profile (t_k = 10/6/3/1 ms per text for w100/w75/w50/w25,
+T = 1000 ms) so the expected SubLM for a given global depth is exact whatever the machine's speed:
+each expected SubLM fits with >= 200 ms to spare for time spent waiting, each larger one misses by
+>= 300 ms. The global depth is driven through Redis by a "ghost" replica entry.
 """
 
 import asyncio
@@ -29,7 +29,7 @@ from elastic_core.denser import ElasticDenser  # noqa: E402
 APP = "elasticlm"
 TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fight inflation.",
          "A guitarist practises scales every morning."]
-SYNTHETIC_MS = {"w100": 300.0, "w75": 200.0, "w50": 100.0, "w25": 40.0}
+MS_PER_TEXT = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w25": 1.0}
 TARGET_MS = 1000.0
 MAX_INPUTS = 8
 DEPTH_KEYS = ("elasticlm:depth", "elasticlm:heartbeat")
@@ -40,7 +40,7 @@ def stack(tmp_path_factory, checkpoint_dir):
     tmp = tmp_path_factory.mktemp("serving")
     profile = tmp / "profile.json"
     profile.write_text(json.dumps({"device": "synthetic", "entries": [
-        {"sublm": s, "batch": b, "seq": q, "ms": ms} for s, ms in SYNTHETIC_MS.items()
+        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
         for b in (1, 32) for q in (8, 512)]}))
     redis_server = RedisServer(port=free_port(0)).start()
     http_port, grpc_port = free_port(0), free_port(0)
@@ -132,10 +132,10 @@ def test_grpc_health_service(stack):
 
 
 # ----------------------------------------------------------------------------- the schedule
-@pytest.mark.parametrize("depth,expected", [(0, "w100"), (150, "w75"), (350, "w50"), (900, "w25")])
+@pytest.mark.parametrize("depth,expected", [(0, "w100"), (230, "w75"), (420, "w50"), (920, "w25")])
 def test_schedule_follows_the_global_depth_in_redis(stack, denser, depth, expected):
-    # 2 live replicas (real + ghost), B = 32: q = ceil(depth / 64) = 0, 3, 6, 15; the largest k with
-    # (q + 1) * t_k <= 1000 ms
+    # 2 live replicas (real + ghost), B = 32: q = ceil(depth / 64) = 0, 4, 7, 15 batches ahead; the largest k
+    # with q * 32 * t_k + 3 * t_k <= 1000 ms (3 texts in this batch)
     set_ghost_depth(stack["redis_client"], depth)
     try:
         r = http_embed(stack, {"inputs": TEXTS})
@@ -148,7 +148,7 @@ def test_schedule_follows_the_global_depth_in_redis(stack, denser, depth, expect
 
 
 def test_quality_floor_and_client_deadline(stack):
-    set_ghost_depth(stack["redis_client"], 900)
+    set_ghost_depth(stack["redis_client"], 920)
     try:
         floor = http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"})
         floor_grpc, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS, min_sublm="w75"))
@@ -156,9 +156,9 @@ def test_quality_floor_and_client_deadline(stack):
         clear_ghost(stack["redis_client"])
     assert floor.headers["x-elasticlm-sublm"] == "w50"
     assert floor_grpc.sublm == "w75"
-    # idle, but the client allows only 60 ms: only w25 (40 ms) can fit
-    tight = http_embed(stack, {"inputs": TEXTS}, {"x-elasticlm-deadline-ms": "60"})
-    tight_grpc, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS), [("x-elasticlm-deadline-ms", "60")])
+    # idle, but the client allows only 6 ms: only w25 (3 ms for 3 texts) can fit
+    tight = http_embed(stack, {"inputs": TEXTS}, {"x-elasticlm-deadline-ms": "6"})
+    tight_grpc, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS), [("x-elasticlm-deadline-ms", "6")])
     assert tight.headers["x-elasticlm-sublm"] == "w25" and tight_grpc.sublm == "w25"
 
 
@@ -267,7 +267,7 @@ def test_redis_outage_keeps_serving_then_recovers(stack):
         http_embed(stack, {"inputs": TEXTS[:1]})
         time.sleep(0.5)
     assert replica_stats()["redis"] is True
-    set_ghost_depth(stack["redis_client"], 900)  # and the global signal drives the schedule again
+    set_ghost_depth(stack["redis_client"], 920)  # and the global signal drives the schedule again
     try:
         assert http_embed(stack, {"inputs": TEXTS}).headers["x-elasticlm-sublm"] == "w25"
     finally:
