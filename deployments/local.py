@@ -188,6 +188,3 @@ def main(args) -> int:
     print("stopped.", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(None))

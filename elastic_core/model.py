@@ -346,12 +346,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def count_parameters(model: ElasticEncoder) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "SubLM", "ElasticConfig", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
     "score_importance", "permute_by_importance", "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
-    "load_tokenizer", "teacher_dir", "resolve_device", "count_parameters",
+    "load_tokenizer", "teacher_dir", "resolve_device",
 ]
