@@ -147,12 +147,19 @@ def http_throughput(checkpoint: str, texts: list[str], per_request: int, concurr
             return time.perf_counter() - t0, sublms, latencies
 
     try:
+        before = serve.get_deployment_handle("ElasticReplica", "bench").stats.remote().result()
         elapsed, sublms, latencies = asyncio.run(run())
+        after = serve.get_deployment_handle("ElasticReplica", "bench").stats.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
+    forward_s = after["forward_s"] - before["forward_s"]
+    # where the time goes inside the replica: model throughput while computing, and the share of
+    # the wall time the model was computing at all
     return {"texts_per_s": len(texts) / elapsed, "sublms": sublms, "requests": len(requests),
-            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99)}
+            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99),
+            "replica_forward_texts_per_s": (after["forward_texts"] - before["forward_texts"]) / forward_s,
+            "replica_forward_utilization": forward_s / elapsed, "replica_torch_threads": after["torch_threads"]}
 
 
 def main():
@@ -195,6 +202,9 @@ def main():
         f"{t['raw_texts_per_s']['after']:.1f} |",
         f"| HTTP /embed ({t['setup']['per_request']} texts/request, {t['setup']['concurrency']} clients, "
         f"SubLMs served {t['http']['sublms']}) | {t['http']['texts_per_s']:.1f} |",
+        f"| inside the replica: model throughput while computing (torch threads "
+        f"{t['http']['replica_torch_threads']}) | {t['http']['replica_forward_texts_per_s']:.1f} |",
+        f"| inside the replica: share of wall time spent computing | {t['http']['replica_forward_utilization']:.2f} |",
         f"| **HTTP / raw** | **{t['http_vs_raw']:.2f}** (target ≥ 0.8: "
         f"{'met' if result['targets']['HTTP throughput >= 0.8 x raw'] else '**missed**'}) |",
     ])

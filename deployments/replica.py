@@ -15,6 +15,7 @@ import os
 import time
 
 import numpy as np
+import torch
 from ray import serve
 from ray.serve import metrics
 
@@ -38,8 +39,6 @@ class ElasticReplica:
                  depth_namespace: str = "elasticlm", depth_ttl_s: float = 3.0, heartbeat_s: float = 0.5,
                  device: str = "auto", num_threads: int | None = None, degraded_window_s: float = 30.0,
                  forward_chunk: int = 8):
-        import torch
-
         from elastic_core.denser import ElasticDenser
         from elastic_core.model import resolve_device
         from elastic_core.profile import LatencyProfile, measure_profile
@@ -70,6 +69,8 @@ class ElasticReplica:
         self.depth = GlobalQueueDepth(redis_url, self.replica_id, depth_namespace, depth_ttl_s) if redis_url else None
         self.last_reading = DepthReading(0, 1, False)
         self._served = collections.deque()  # (time, texts, degraded) for the autoscaling signal
+        self.forward_s = 0.0                # cumulative model time and texts: forward throughput, utilization
+        self.forward_texts = 0
         self.degraded_window_s = degraded_window_s
         self._metrics()
         self._heartbeat_s = heartbeat_s
@@ -131,8 +132,11 @@ class ElasticReplica:
         sublm = self.choose(jobs, lengths, reading, waited_ms=(t0 - min(j.arrived for j in jobs)) * 1000)
         t_choose = time.perf_counter()
         predicted = self.batch_ms(sublm, lengths)
+        t_fwd = time.perf_counter()
         emb = await asyncio.to_thread(self._forward, seqs, sublm)
         t1 = time.perf_counter()
+        self.forward_s += t1 - t_fwd
+        self.forward_texts += len(seqs)
         actual = (t1 - t0) * 1000
         self._record(sublm, len(seqs), predicted, actual)
         timings = {"schedule_ms": (t_choose - t0) * 1000, "redis_ms": (t_sync - t0) * 1000,
@@ -191,7 +195,8 @@ class ElasticReplica:
         return {"replica_id": self.replica_id, "local_depth": self.local_depth, "pid": os.getpid(),
                 "global_depth": self.last_reading.global_depth, "live_replicas": self.last_reading.live_replicas,
                 "redis": self.last_reading.from_redis, "sublms": self.sublms, "target_ms": self.target_ms,
-                "profile_device": self.profile.device}
+                "profile_device": self.profile.device, "torch_threads": torch.get_num_threads(),
+                "forward_s": self.forward_s, "forward_texts": self.forward_texts}
 
     async def __del__(self):
         if self._heartbeat is not None:
