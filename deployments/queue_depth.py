@@ -8,7 +8,10 @@ and its share disappears within ``ttl_s``.
 
 If Redis is unreachable, ``sync`` falls back to the replica's local depth (as if it were alone),
 logs the transition once, keeps trying at most every ``retry_s`` and returns to the global signal
-as soon as Redis answers again.
+as soon as Redis answers again. A single slow answer (a time-out while the last global reading is
+younger than the TTL, e.g. an event loop stalled under load) is not an outage: the last global
+reading is kept, with this replica's own share updated. Falling back to the local depth there would
+make a loaded replica believe the queue is empty and pick larger SubLMs, the wrong way in a surge.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +69,8 @@ class GlobalQueueDepth:
         self._script = self._redis.register_script(_SYNC_SCRIPT)
         self._down_since: float | None = None
         self._next_try = 0.0
+        self._ttl_s = ttl_s
+        self._last: tuple[float, int, DepthReading] | None = None  # (when, own depth then, reading)
 
     @property
     def redis_ok(self) -> bool:
@@ -84,17 +90,28 @@ class GlobalQueueDepth:
             return DepthReading(local_depth, 1, False)
         try:
             total, live = await self._script(keys=self.keys, args=[replica_id, int(local_depth), self.ttl_ms])
+        except (RedisTimeoutError, TimeoutError):  # before OSError: TimeoutError is one
+            if self._down_since is None and self._last is not None and now - self._last[0] < self._ttl_s:
+                _, own_then, last = self._last
+                return DepthReading(max(0, last.global_depth - own_then + local_depth), last.live_replicas, True)
+            return self._fall_back(now, local_depth, "time-out")
         except (RedisError, OSError) as e:
-            if self._down_since is None:
-                self._down_since = now
-                logger.warning("Redis unreachable (%s): scheduling on the local queue depth until it returns", e)
-            self._next_try = now + self.retry_s
-            return DepthReading(local_depth, 1, False)
+            return self._fall_back(now, local_depth, e)
         if self._down_since is not None:
             logger.warning("Redis is back after %.1f s: scheduling on the global queue depth again",
                            now - self._down_since)
             self._down_since = None
-        return DepthReading(int(total), max(1, int(live)), True)
+        reading = DepthReading(int(total), max(1, int(live)), True)
+        if replica_id:
+            self._last = (now, int(local_depth), reading)
+        return reading
+
+    def _fall_back(self, now: float, local_depth: int, why) -> DepthReading:
+        if self._down_since is None:
+            self._down_since = now
+            logger.warning("Redis unreachable (%s): scheduling on the local queue depth until it returns", why)
+        self._next_try = now + self.retry_s
+        return DepthReading(local_depth, 1, False)
 
     async def leave(self) -> None:
         """Remove this replica's share now (graceful shutdown); a crash is covered by the TTL."""

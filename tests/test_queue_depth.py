@@ -73,3 +73,28 @@ def test_redis_outage_falls_back_to_local_depth_and_recovers(redis_server):
     assert down_ms < 500  # a dead Redis costs a short time-out, not a hang
     assert (cached.global_depth, cached.from_redis) == (4, False)
     assert (up.global_depth, up.live_replicas, up.from_redis, ok) == (43, 2, True, True)
+
+
+def test_a_slow_answer_keeps_the_last_global_view(redis_server):
+    """A time-out is not an outage: scheduling on the local depth would pick large SubLMs in a surge."""
+    import redis
+
+    async def scenario():
+        me = GlobalQueueDepth(redis_server.url, "me", ttl_s=5)
+        other = GlobalQueueDepth(redis_server.url, "other", ttl_s=5)
+        await other.sync(50)
+        first = await me.sync(2)
+        redis.Redis(host="127.0.0.1", port=redis_server.port).execute_command("CLIENT", "PAUSE", 300, "ALL")
+        t0 = time.perf_counter()
+        slow = await me.sync(5)  # Redis answers only after the pause: the 50 ms time-out fires first
+        slow_ms = (time.perf_counter() - t0) * 1000
+        ok_during = me.redis_ok
+        await asyncio.sleep(0.4)
+        after = await me.sync(5)
+        return first, slow, slow_ms, ok_during, after
+
+    first, slow, slow_ms, ok_during, after = run(scenario())
+    assert slow_ms < 200  # it did not wait out the 300 ms pause
+    assert (first.global_depth, first.live_replicas) == (52, 2)
+    assert (slow.global_depth, slow.live_replicas, slow.from_redis, ok_during) == (55, 2, True, True)
+    assert (after.global_depth, after.from_redis) == (55, True)
