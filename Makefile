@@ -11,8 +11,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
+# The peer server for comparisons (infinity-emb) lives in its own virtual environment: it pins older
+# transformers / sentence-transformers / numpy than this project uses.
+PEER_VENV := .venv-infinity
+PEER_BIN := $(PEER_VENV)/bin
+PEER_STAMP := $(PEER_VENV)/.installed
+PEER_CONSTRAINTS := loadtests/infinity-constraints.txt
+INFINITY_VERSION ?= 0.0.78
 
-.PHONY: setup run test profile eval-quick serve redis clean
+.PHONY: setup run test profile eval-quick serve redis clean peer
 
 setup: $(STAMP) redis
 
@@ -44,6 +51,17 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Peer server for load-test comparisons (not needed by `make test` or CI): infinity-emb with CPU torch,
+# kept by the constraints file. See loadtests/peer.py.
+peer: $(PEER_STAMP)
+
+$(PEER_STAMP): Makefile $(PEER_CONSTRAINTS)
+	test -x $(PEER_BIN)/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_BIN)/pip install -q --upgrade pip
+	$(PEER_BIN)/pip install -q -c $(PEER_CONSTRAINTS) "infinity-emb[server,torch]==$(INFINITY_VERSION)"
+	$(PEER_BIN)/pip check
+	touch $(PEER_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

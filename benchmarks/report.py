@@ -15,14 +15,15 @@ compare ratios within a table, not absolute numbers across tables.
 TITLES = {
     "core": "Quality and latency of the elastic checkpoint (issue 2): `benchmarks/core.py`",
     "serving": "Serving overheads and throughput (issue 4): `benchmarks/serving.py`",
+    "tasks": "ElasticRanker and GLUE classification (issue 3): `benchmarks/tasks.py`",
 }
 
 
-def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
+def write_section(name: str, markdown: str, doc: Path = DOC, header: str = HEADER, title: str | None = None) -> None:
     """Replace (or append) the section ``name`` of ``doc``, leaving the rest of the file as it is."""
     doc.parent.mkdir(parents=True, exist_ok=True)
-    text = doc.read_text() if doc.exists() else HEADER
-    block = f"<!-- {name}:start -->\n## {TITLES.get(name, name)}\n\n{markdown.strip()}\n<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else header
+    block = f"<!-- {name}:start -->\n## {title or TITLES.get(name, name)}\n\n{markdown.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)

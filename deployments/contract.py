@@ -31,6 +31,9 @@ class RequestError(Exception):
     def grpc_code(self) -> str:
         return self.GRPC_CODES.get(self.status, "INTERNAL")
 
+    def __reduce__(self):  # raised in a replica, it crosses a process boundary to the ingress
+        return RequestError, (self.status, self.message, self.error_type)
+
 
 @dataclass
 class EmbedJob:

@@ -94,6 +94,8 @@ class Ingress:
             return await self.replica.embed.remote(job)
         except BackPressureError:
             raise RequestError(503, "overloaded: every replica's queue is full; retry shortly", "Overloaded") from None
+        except RequestError as e:  # refused by the replica's admission (arrives wrapped by Ray)
+            raise RequestError(e.status, e.message, e.error_type) from None
 
     @staticmethod
     def _deadline(raw) -> float | None:

@@ -19,7 +19,7 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.contract import EmbedJob, EmbedResult
+from deployments.contract import EmbedJob, EmbedResult, RequestError
 from deployments.queue_depth import DepthReading, GlobalQueueDepth
 from elastic_core.schedule import batches_ahead, choose_sublm
 
@@ -38,7 +38,7 @@ class ElasticReplica:
                  batch_wait_timeout_s: float = 0.005, redis_url: str | None = None, profile_path: str | None = None,
                  depth_namespace: str = "elasticlm", depth_ttl_s: float = 3.0, heartbeat_s: float = 0.5,
                  device: str = "auto", num_threads: int | None = None, degraded_window_s: float = 30.0,
-                 forward_chunk: int = 8):
+                 forward_chunk: int = 8, sublms: list[str] | None = None, admission_factor: float = 1.0):
         from elastic_core.denser import ElasticDenser
         from elastic_core.model import resolve_device
         from elastic_core.profile import LatencyProfile, measure_profile
@@ -47,7 +47,11 @@ class ElasticReplica:
             torch.set_num_threads(num_threads)
         device = resolve_device(device)
         self.denser = ElasticDenser.from_checkpoint(checkpoint, device)
-        self.sublms = self.denser.sublms
+        # ``sublms`` restricts what this deployment may serve (largest first); one SubLM is a static
+        # deployment, e.g. the load tests' static-full and static-smallest baselines
+        self.sublms = [s for s in self.denser.sublms if sublms is None or s in sublms]
+        if not self.sublms or (sublms and len(self.sublms) != len(set(sublms))):
+            raise ValueError(f"sublms {sublms} must be a subset of the checkpoint's {self.denser.sublms}")
         self.target_ms = float(target_ms)
         self.max_batch_size = int(max_batch_size)
         # a batch runs as length-sorted sub-batches of this size: requests arrive with mixed lengths and
@@ -62,6 +66,10 @@ class ElasticReplica:
             self.profile = measure_profile(self.denser.model, batches=(1, 8, self.max_batch_size),
                                            seqs=(16, 64, 256), repeats=3, progress=False)
         self.local_depth = 0  # texts queued or running on this replica
+        # admission: a request that could not finish within admission_factor x its target even on the
+        # fastest SubLM allowed is refused at once (503) instead of queued; 0 turns it off
+        self.admission_factor = float(admission_factor)
+        self.mean_tokens = 64.0  # running mean of tokens per served text: the queue's assumed length mix
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # the URL (with its password) comes from the replica's environment unless given: on Kubernetes
         # it is a Secret mounted as $REDIS_URL and never appears in Serve's config or status
@@ -89,6 +97,7 @@ class ElasticReplica:
         self.m_actual = metrics.Histogram("elasticlm_batch_actual_ms", "measured batch time (ms)",
                                           boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500], tag_keys=tags)
         self.m_over = metrics.Counter("elasticlm_requests_over_target", "requests answered later than T")
+        self.m_shed = metrics.Counter("elasticlm_requests_shed", "requests refused: certain to miss their target")
 
     async def _beat(self):
         """Heartbeat: an idle replica still counts as live capacity for the others."""
@@ -113,6 +122,10 @@ class ElasticReplica:
         """The replica API both ingresses call."""
         n = len(job.input_ids)
         job.arrived = time.perf_counter()
+        if self.admission_factor and self.predicted_wait_ms(job) > self.admission_factor * self._target(job):
+            self.m_shed.inc()
+            raise RequestError(503, "overloaded: this request cannot be answered within its latency target; "
+                                    "retry shortly", "Overloaded")
         self.local_depth += n
         try:
             result = await self._embed_batch(job)
@@ -127,6 +140,7 @@ class ElasticReplica:
         t0 = time.perf_counter()
         seqs = [ids for j in jobs for ids in j.input_ids]
         lengths = [len(s) for s in seqs]
+        self.mean_tokens = 0.9 * self.mean_tokens + 0.1 * (sum(lengths) / len(lengths))
         reading = await self._read_depth()
         t_sync = time.perf_counter()
         sublm = self.choose(jobs, lengths, reading, waited_ms=(t0 - min(j.arrived for j in jobs)) * 1000)
@@ -150,6 +164,20 @@ class ElasticReplica:
             start += k
         return out
 
+    def _target(self, job: EmbedJob) -> float:
+        return min(self.target_ms, job.deadline_ms or self.target_ms)
+
+    def predicted_wait_ms(self, job: EmbedJob) -> float:
+        """Completion time of ``job`` if it joined the queue now and everything ran on the fastest SubLM
+        it allows: the texts ahead (at the recent mean length), then its own. An optimistic bound, so
+        only requests that are certain to miss are refused."""
+        fastest = self.sublms[-1]
+        if job.min_sublm and job.min_sublm in self.sublms:
+            fastest = job.min_sublm
+        chunk = self.forward_chunk
+        ahead = -(-self.local_depth // chunk) * self.profile.predict_ms(fastest, chunk, int(self.mean_tokens))
+        return ahead + self.batch_ms(fastest, [len(ids) for ids in job.input_ids])
+
     def batch_ms(self, sublm: str, lengths: list[int]) -> float:
         """Predicted time of a batch as it runs: the sum over its length-sorted sub-batches."""
         ordered = sorted(lengths, reverse=True)
@@ -159,9 +187,12 @@ class ElasticReplica:
     def choose(self, jobs: list[EmbedJob], lengths: list[int], reading: DepthReading, waited_ms: float = 0.0) -> str:
         """The schedule, fed with this batch: the strictest floor and the tightest deadline win.
         Batches queued ahead are assumed to look like this one (same length mix), scaled to their size."""
-        floors = [self.sublms.index(j.min_sublm) for j in jobs if j.min_sublm]
-        floor = self.sublms[max(floors)] if floors else None
-        target = min([self.target_ms] + [j.deadline_ms for j in jobs if j.deadline_ms])
+        ranks = self.denser.sublms  # floors are named in the checkpoint's order, whatever this deployment serves
+        floors = [ranks.index(j.min_sublm) for j in jobs if j.min_sublm]
+        allowed = [s for s in self.sublms if not floors or ranks.index(s) <= max(floors)]
+        # a floor above every SubLM this deployment serves: the largest it has
+        floor = (allowed[-1] if allowed else self.sublms[0]) if floors else None
+        target = min(self._target(j) for j in jobs)
         batch_texts = len(lengths)
         ahead = max(0, reading.global_depth - batch_texts)  # this batch's own texts are not ahead of it
         per_text = {s: self.batch_ms(s, lengths) / batch_texts for s in self.sublms}

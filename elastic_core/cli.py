@@ -17,12 +17,31 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "elastic-m
 
 
 def _cmd_train(args):
-    from .optimize import TrainConfig, train
+    if args.task == "rerank":
+        from .ranker import RankerTrainConfig, train_ranker
 
-    cfg = TrainConfig(out=args.out, state_dir=args.state_dir, data_dir=args.data_dir, steps=args.steps,
-                      batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, seed=args.seed,
-                      device=args.device)
-    print(train(cfg))
+        cfg = RankerTrainConfig(backbone=args.backbone, out=args.out, data_dir=args.data_dir, seed=args.seed,
+                                device=args.device, **_given(args, "steps", "lr", "max_length"))
+        print(train_ranker(cfg))
+    elif args.task == "glue":
+        from .classify import GlueTrainConfig, train_glue
+
+        cfg = GlueTrainConfig(task=args.glue_task, backbone=args.backbone, out=args.out, static=args.static,
+                              data_dir=args.data_dir, steps=args.steps, batch_size=args.batch_size or 32,
+                              max_length=args.max_length, seed=args.seed, device=args.device, **_given(args, "lr"))
+        print(train_glue(cfg))
+    else:
+        from .optimize import TrainConfig, train
+
+        cfg = TrainConfig(out=args.out or str(DEFAULT_CHECKPOINT), state_dir=args.state_dir, data_dir=args.data_dir,
+                          seed=args.seed, device=args.device,
+                          **_given(args, "steps", "batch_size", "max_length", "lr"))
+        print(train(cfg))
+
+
+def _given(args, *names) -> dict:
+    """The options the user set; the recipe's own defaults fill the rest."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def _cmd_profile(args):
@@ -44,16 +63,52 @@ def _cmd_profile(args):
 
 
 def _cmd_eval(args):
-    from .eval import eval_scifact
+    if args.task == "scifact":
+        from .eval import eval_scifact
 
-    result = eval_scifact(args.checkpoint, args.data_dir, args.max_docs, baselines=not args.no_baselines,
-                          progress=not args.json)
+        result = eval_scifact(args.checkpoint, args.data_dir, args.max_docs, baselines=not args.no_baselines,
+                              progress=not args.json)
+        table = format_eval_table
+    elif args.task == "rerank-scifact":
+        from .ranker import eval_rerank_scifact
+
+        result = eval_rerank_scifact(args.task_dir or _task_dir(args, "rerank"), args.checkpoint, args.data_dir,
+                                     (args.first_stage,), args.depth, args.max_queries,
+                                     progress=not args.json)[args.first_stage]
+        table = format_metrics_table
+    elif args.task == "rerank-dl19":
+        from .ranker import eval_rerank_dl19
+
+        result = eval_rerank_dl19(args.task_dir or _task_dir(args, "rerank"), args.data_dir, args.depth,
+                                  progress=not args.json)
+        table = format_metrics_table
+    else:
+        from .classify import eval_glue
+
+        static = {} if args.no_baselines else {s: Path(args.static_dir) / f"{args.glue_task}-static-{s}"
+                                               for s in ("w100", "w75", "w50", "w25")}
+        result = eval_glue(args.glue_task, args.task_dir or _task_dir(args, args.glue_task), args.data_dir, static,
+                           progress=not args.json)
+        table = format_metrics_table
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_eval_table(result))
+    print(json.dumps(result) if args.json else table(result))
+
+
+def _task_dir(args, task: str) -> Path:
+    return Path(args.checkpoint) / "tasks" / task
+
+
+def format_metrics_table(result: dict) -> str:
+    """Rows: every SubLM, then the baselines (``first_stage`` or each ``static`` size)."""
+    metrics = list(next(iter(result["sublms"].values())))
+    lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    rows = [(name, r) for name, r in result["sublms"].items()]
+    if "first_stage" in result:
+        rows.append((f"first stage alone ({result.get('first_stage_name', '')})", result["first_stage"]))
+    rows += [(f"static {name}", r) for name, r in result.get("static", {}).items()]
+    lines += [f"| {name} | " + " | ".join(f"{r[m]:.4f}" for m in metrics) + " |" for name, r in rows]
+    return "\n".join(lines)
 
 
 def format_eval_table(result: dict) -> str:
@@ -77,18 +132,34 @@ def _cmd_serve(args):
     return serve_main(args)
 
 
+def _cmd_loadtest(args):
+    # Locust runs in its own process (it must never share one with Ray); see loadtests/runner.py
+    from loadtests.runner import main as loadtest_main
+
+    return loadtest_main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="elasticlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="elastic optimization of all SubLMs (distillation from the teacher)")
-    p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--state-dir", default="runs/elastic-minilm-l6", help="resumable training state")
+    p = sub.add_parser("train", help="elastic optimization of all SubLMs: the retrieval backbone, the ranker "
+                                     "or a GLUE head")
+    p.add_argument("task", nargs="?", default="denser", choices=["denser", "rerank", "glue"],
+                   help="denser: distil the backbone from the teacher (default); rerank / glue: a task adapter "
+                        "on the backbone")
+    p.add_argument("--glue-task", default="sst2", choices=["sst2", "mrpc", "rte"])
+    p.add_argument("--static", choices=["w100", "w75", "w50", "w25"],
+                   help="glue: train only this SubLM (the static baseline)")
+    p.add_argument("--backbone", default=str(DEFAULT_CHECKPOINT), help="rerank / glue: the elastic checkpoint")
+    p.add_argument("--out", help="default: the checkpoint (denser), <backbone>/tasks/<task> (rerank / glue), "
+                                 "runs/glue/<task>-static-<sublm> (--static)")
+    p.add_argument("--state-dir", default="runs/elastic-minilm-l6", help="denser: resumable training state")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--steps", type=int, default=1400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128, help="token cap of the training texts")
-    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--steps", type=int, help="default: the task's recipe")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int, help="token cap of the training texts")
+    p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_train)
@@ -106,11 +177,18 @@ def main(argv=None):
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("eval", help="quality of every SubLM with baselines in the same run")
-    p.add_argument("task", choices=["scifact"])
+    p.add_argument("task", choices=["scifact", "rerank-scifact", "rerank-dl19", "glue"])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--task-dir", help="rerank / glue: the task adapter (default: <checkpoint>/tasks/<task>)")
+    p.add_argument("--glue-task", "--task", dest="glue_task", default="sst2", choices=["sst2", "mrpc", "rte"])
+    p.add_argument("--static-dir", default="runs/glue", help="glue: where the static baselines were trained")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--max-docs", type=int, help="judged docs + a seeded sample of the others, N in all")
-    p.add_argument("--no-baselines", action="store_true", help="skip the teacher and pruned-only baselines")
+    p.add_argument("--max-docs", type=int, help="scifact: judged docs + a seeded sample of the others, N in all")
+    p.add_argument("--first-stage", default="bm25", choices=["bm25", "dense"],
+                   help="rerank-scifact: BM25 (bm25s) or ElasticDenser's full SubLM")
+    p.add_argument("--depth", type=int, default=100, help="rerank: candidates reranked per query")
+    p.add_argument("--max-queries", type=int, help="rerank-scifact: a seeded sample of the test queries")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baselines (teacher, pruned-only, static)")
     p.add_argument("--out", help="also write the result JSON here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
@@ -127,7 +205,14 @@ def main(argv=None):
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("loadtest", help="Locust online simulation: elastic vs static vs infinity-emb under one shape")
+    from loadtests.runner import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_loadtest)
+
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     return args.func(args)
 
 

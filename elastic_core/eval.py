@@ -21,12 +21,13 @@ def ndcg_at_10(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
     return mean_measure(qrels, run, "ndcg_cut.10")
 
 
-def mean_measure(qrels, run, measure: str) -> float:
+def mean_measure(qrels, run, measure: str, relevance_level: int = 1) -> float:
     """Mean of a trec_eval measure (e.g. ``ndcg_cut.10``, ``recall.10``) over the judged queries;
-    a judged query missing from ``run`` scores 0."""
+    a judged query missing from ``run`` scores 0. Binary measures count grade >= ``relevance_level``
+    as relevant (TREC DL: 2); NDCG always uses the grades."""
     import pytrec_eval
 
-    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {measure})
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {measure}, relevance_level=relevance_level)
     per_query = evaluator.evaluate({q: run.get(q) or {"__none__": 0.0} for q in qrels})
     key = measure.replace(".", "_")
     return float(np.mean([v[key] for v in per_query.values()])) if per_query else 0.0

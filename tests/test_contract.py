@@ -47,3 +47,11 @@ def test_options_are_checked(validator):
 def test_status_to_grpc_code():
     assert RequestError(503, "x").grpc_code == "RESOURCE_EXHAUSTED"
     assert RequestError(422, "x").grpc_code == "INVALID_ARGUMENT"
+
+
+def test_request_error_survives_pickling():
+    """Replicas raise it (admission) and Ray ships it to the ingress by pickle."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(RequestError(503, "overloaded", "Overloaded")))
+    assert (e.status, e.message, e.error_type, e.grpc_code) == (503, "overloaded", "Overloaded", "RESOURCE_EXHAUSTED")

@@ -162,6 +162,18 @@ def test_quality_floor_and_client_deadline(stack):
     assert tight.headers["x-elasticlm-sublm"] == "w25" and tight_grpc.sublm == "w25"
 
 
+def test_a_request_that_cannot_make_its_deadline_is_refused_at_once(stack):
+    """Admission: 3 texts take 3 ms even on w25; a 2 ms budget is certain to be missed, so the replica
+    answers 503 / RESOURCE_EXHAUSTED immediately instead of serving it late."""
+    r = http_embed(stack, {"inputs": TEXTS}, {"x-elasticlm-deadline-ms": "2"})
+    assert r.status_code == 503 and "latency target" in r.json()["error"] and r.headers["retry-after"] == "1"
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS), [("x-elasticlm-deadline-ms", "2")])
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "latency target" in err.value.details()
+    # without the impossible budget the same request is served, even with a floor
+    assert http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"}).status_code == 200
+
+
 # ----------------------------------------------------------------------------- bad input, both ingresses
 LONG = "word " * 600  # > 256 tokens
 

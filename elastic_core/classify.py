@@ -1,0 +1,182 @@
+"""Elastic classification on GLUE (SST-2, MRPC, RTE): one task adapter + head per task, every SubLM.
+
+    elasticlm train glue --task sst2                 # elastic: all SubLMs per step (adapter in models/.../tasks/sst2)
+    elasticlm train glue --task sst2 --static w50    # the static baseline of one size (same recipe and budget)
+    elasticlm eval glue --task sst2 --json           # accuracy (and F1 for MRPC) per SubLM, static beside it
+
+QNLI is left out: only its dev set is here, and training on the set we report on is not allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_DATA_DIR, _read_tsv
+from .optimize import length_bucketed_batches
+from .tasks import (FitConfig, TaskConfig, TaskModel, fit, load_task, new_task_model, pad_encoded, predict_logits,
+                    save_task)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    folder: str
+    text_a: str
+    text_b: str | None
+    label: str
+    labels: tuple[str, ...]       # label values as written in the TSV, by class index
+    metrics: tuple[str, ...]
+    steps: int                    # default budget: each recipe runs in well under an hour on 2 CPU cores
+    max_length: int
+
+
+GLUE_TASKS = {
+    "sst2": GlueTask("SST-2", "sentence", None, "label", ("0", "1"), ("accuracy",), 1200, 64),
+    "mrpc": GlueTask("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), ("accuracy", "f1"), 345, 128),
+    "rte": GlueTask("RTE", "sentence1", "sentence2", "label", ("not_entailment", "entailment"), ("accuracy",), 234, 160),
+}
+LABEL_NAMES = {"sst2": ["negative", "positive"], "mrpc": ["not_equivalent", "equivalent"],
+               "rte": ["not_entailment", "entailment"]}
+
+
+def load_glue(task: str, split: str, data_dir: str | Path = DEFAULT_DATA_DIR):
+    """(texts_a, texts_b or None, labels as class indices) of ``glue/<TASK>/<split>.tsv``."""
+    spec = GLUE_TASKS[task]
+    rows = list(_read_tsv(Path(data_dir) / "glue" / spec.folder / f"{split}.tsv"))
+    a = [r[spec.text_a] for r in rows]
+    b = [r[spec.text_b] for r in rows] if spec.text_b else None
+    labels = [spec.labels.index(r[spec.label].strip()) for r in rows]
+    return a, b, labels
+
+
+def glue_metrics(task: str, labels, predictions) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out = {"accuracy": float(accuracy_score(labels, predictions))}
+    if "f1" in GLUE_TASKS[task].metrics:
+        out["f1"] = float(f1_score(labels, predictions))
+    return out
+
+
+class ElasticClassifier:
+    """``predict(texts, pairs=None, sublm=...)`` -> (label names, probabilities) from any SubLM."""
+
+    def __init__(self, model: TaskModel, tokenizer=None):
+        from .model import load_tokenizer
+
+        self.model = model
+        self.tokenizer = tokenizer or load_tokenizer(model.encoder.config)
+
+    @classmethod
+    def from_task_dir(cls, task_dir: str | Path, device="cpu") -> "ElasticClassifier":
+        return cls(load_task(task_dir, device))
+
+    @property
+    def sublms(self) -> list[str]:
+        return self.model.sublms
+
+    @property
+    def labels(self) -> list[str]:
+        return LABEL_NAMES.get(self.model.config.task, self.model.config.labels)
+
+    def tokenize(self, texts, pairs=None) -> dict:
+        return self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
+                              max_length=self.model.config.max_length)
+
+    def probabilities(self, texts, pairs=None, sublm: str | None = None, progress=None) -> np.ndarray:
+        logits = predict_logits(self.model, self.tokenize(texts, pairs), sublm or self.sublms[0],
+                                self.tokenizer.pad_token_id, progress=progress)
+        return torch.softmax(torch.from_numpy(logits), -1).numpy()
+
+    def predict(self, texts, pairs=None, sublm: str | None = None):
+        probs = self.probabilities(texts, pairs, sublm)
+        return [self.labels[i] for i in probs.argmax(-1)], probs
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class GlueTrainConfig:
+    task: str = "sst2"
+    backbone: str = "models/elastic-minilm-l6"
+    out: str | None = None          # default: <backbone>/tasks/<task> (elastic) or runs/glue/<task>-static-<s>
+    static: str | None = None       # train only this SubLM (the static baseline)
+    data_dir: str | None = None
+    steps: int | None = None        # default: the task's budget
+    batch_size: int = 32
+    lr: float = 5e-4
+    rank: int = 16
+    max_length: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+def default_task_dir(backbone: str | Path, task: str, static: str | None = None) -> Path:
+    if static:
+        return Path("runs") / "glue" / f"{task}-static-{static}"
+    return Path(backbone) / "tasks" / task
+
+
+def train_glue(cfg: GlueTrainConfig, progress: bool = True) -> Path:
+    from .model import load_config, load_tokenizer, resolve_device
+
+    spec = GLUE_TASKS[cfg.task]
+    device = resolve_device(cfg.device)
+    steps = cfg.steps or spec.steps
+    max_length = cfg.max_length or spec.max_length
+    backbone_cfg = load_config(cfg.backbone)
+    sublms = [cfg.static] if cfg.static else backbone_cfg.sublm_names
+    out = Path(cfg.out) if cfg.out else default_task_dir(cfg.backbone, cfg.task, cfg.static)
+    config = TaskConfig(task=cfg.task, kind="classify", labels=list(spec.labels), rank=cfg.rank,
+                        alpha=2.0 * cfg.rank, max_length=max_length, sublms=sublms, train=asdict(cfg) | {"steps": steps})
+    model = new_task_model(cfg.backbone, config, device)
+    tokenizer = load_tokenizer(backbone_cfg)
+    a, b, labels = load_glue(cfg.task, "train", cfg.data_dir or DEFAULT_DATA_DIR)
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    labels_t = torch.tensor(labels)
+    lengths = [len(x) for x in enc["input_ids"]]
+    batches: list[list[int]] = []
+
+    def make_batch(step):
+        # length-bucketed batches (a fresh seeded order per epoch): padding would cost 2-3x on SST-2
+        while step >= len(batches):
+            batches.extend(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + len(batches)))
+        idx = batches[step]
+        return pad_encoded(enc, idx, tokenizer.pad_token_id, device), labels_t[idx].to(device)
+
+    desc = f"{cfg.task} " + (f"static {cfg.static}" if cfg.static else "elastic optimization")
+    run_name = f"{cfg.task}-static-{cfg.static}" if cfg.static else f"{cfg.task}-elastic"
+    fit(model, make_batch, FitConfig(steps=steps, lr=cfg.lr, seed=cfg.seed), sublms, desc=desc, progress=progress,
+        log_path=Path("runs") / "glue" / f"{run_name}.jsonl")
+    # the backbone is referenced relative to the task directory, so the two move together
+    config.backbone = os.path.relpath(Path(cfg.backbone).resolve(), out.resolve())
+    save_task(model.cpu(), out)
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+def eval_glue(task: str, task_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR,
+              static_dirs: dict[str, Path] | None = None, progress: bool = True) -> dict:
+    """Dev-set metrics of every SubLM, and of each static baseline found, in one run."""
+    from tqdm.auto import tqdm
+
+    a, b, labels = load_glue(task, "dev", data_dir)
+    clf = ElasticClassifier.from_task_dir(task_dir)
+    static_dirs = {s: d for s, d in (static_dirs or {}).items() if (Path(d) / "task_config.json").exists()}
+    bar = tqdm(total=len(labels) * (len(clf.sublms) + len(static_dirs)), desc=f"{task} dev", unit="example",
+               disable=not progress)
+    result = {"task": task, "split": "dev", "examples": len(labels), "sublms": {}, "static": {}}
+    for sublm in clf.sublms:
+        probs = clf.probabilities(a, b, sublm, progress=bar)
+        result["sublms"][sublm] = glue_metrics(task, labels, probs.argmax(-1))
+    for sublm, d in static_dirs.items():
+        static = ElasticClassifier.from_task_dir(d)
+        probs = static.probabilities(a, b, sublm, progress=bar)
+        result["static"][sublm] = glue_metrics(task, labels, probs.argmax(-1))
+    bar.close()
+    if not result["static"]:
+        result.pop("static")
+    return result

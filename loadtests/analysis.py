@@ -1,0 +1,99 @@
+"""What a load-test run means, from the client's record file alone (no server-side access).
+
+Per configuration (``summarize``):
+  * SLO attainment: share of *all* requests sent that were answered OK within T (a shed or failed
+    request missed it);
+  * latency p50 / p95 / p99 of the answered requests, throughput (answered per second);
+  * shed (503 / RESOURCE_EXHAUSTED: the designed answer to overload) apart from failures (anything else);
+  * mean served quality: each answered request counts its SubLM's SciFact NDCG@10 (the eval table);
+  * effective accuracy: the same, but a request counts only if answered within T, averaged over all
+    requests sent: the "Model-Switching" metric, where a late answer is worth nothing.
+
+``timeline`` bins the same records per second for the plots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def read_records(path: str | Path) -> tuple[dict, list[dict], dict]:
+    """(run line, request lines, summary line) of a locustfile record file."""
+    run, summary, requests = {}, {}, []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            kind = rec.get("type")
+            if kind == "request":
+                requests.append(rec)
+            elif kind == "run":
+                run = rec
+            elif kind == "summary":
+                summary = rec
+    return run, requests, summary
+
+
+def summarize(requests: list[dict], target_ms: float, quality: dict[str, float], t0: float | None = None,
+              window: tuple[float, float] | None = None) -> dict:
+    """Metrics of one configuration. ``quality``: SubLM (or peer model) name -> NDCG@10.
+    ``window`` (seconds after ``t0``) restricts to requests started inside it."""
+    if window is not None:
+        start = t0 if t0 is not None else min(r["start_ts"] for r in requests)
+        requests = [r for r in requests if window[0] <= r["start_ts"] - start < window[1]]
+    n = len(requests)
+    ok = [r for r in requests if r["status"] == "ok"]
+    in_time = [r for r in ok if r["latency_ms"] <= target_ms]
+    lat = np.array([r["latency_ms"] for r in ok]) if ok else np.array([np.nan])
+    span = (max(r["start_ts"] + r["latency_ms"] / 1000 for r in requests) - min(r["start_ts"] for r in requests)) \
+        if requests else 0.0
+    unknown = sorted({r["sublm"] for r in ok} - set(quality))
+    if unknown:
+        raise KeyError(f"no quality figure for {unknown}; known: {sorted(quality)}")
+    mix = Counter(r["sublm"] for r in ok)
+    return {
+        "requests": n,
+        "ok": len(ok),
+        "shed": sum(r["status"] == "shed" for r in requests),
+        "failures": sum(r["status"] not in ("ok", "shed") for r in requests),
+        "slo_attainment": len(in_time) / n if n else float("nan"),
+        "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "throughput_rps": len(ok) / span if span else 0.0,
+        "texts_per_s": sum(r["n_texts"] for r in ok) / span if span else 0.0,
+        "mean_served_quality": float(np.mean([quality[r["sublm"]] for r in ok])) if ok else float("nan"),
+        "effective_accuracy": sum(quality[r["sublm"]] for r in in_time) / n if n else float("nan"),
+        "sublm_mix": {s: c / len(ok) for s, c in sorted(mix.items(), key=lambda kv: -kv[1])} if ok else {},
+        "client_lag_p99_ms": float(np.percentile([r.get("lag_ms", 0.0) for r in requests], 99)) if n else 0.0,
+    }
+
+
+def timeline(requests: list[dict], t0: float, bin_s: float = 1.0) -> dict:
+    """Per-bin offered and answered rates, latency percentiles and SubLM shares (by start time)."""
+    bins: dict[int, list[dict]] = defaultdict(list)
+    for r in requests:
+        bins[int((r["start_ts"] - t0) // bin_s)].append(r)
+    if not bins:
+        return {"t": [], "offered_rps": [], "ok_rps": [], "shed_rps": [], "p50_ms": [], "p99_ms": [], "sublm_share": {}}
+    idx = list(range(0, max(bins) + 1))
+    sublms = sorted({r["sublm"] for r in requests if r["status"] == "ok" and r["sublm"]})
+    out = {"t": [i * bin_s for i in idx], "offered_rps": [], "ok_rps": [], "shed_rps": [], "p50_ms": [], "p99_ms": [],
+           "sublm_share": {s: [] for s in sublms}}
+    for i in idx:
+        rs = bins.get(i, [])
+        ok = [r for r in rs if r["status"] == "ok"]
+        lat = [r["latency_ms"] for r in ok]
+        out["offered_rps"].append(len(rs) / bin_s)
+        out["ok_rps"].append(len(ok) / bin_s)
+        out["shed_rps"].append(sum(r["status"] == "shed" for r in rs) / bin_s)
+        out["p50_ms"].append(float(np.percentile(lat, 50)) if lat else None)
+        out["p99_ms"].append(float(np.percentile(lat, 99)) if lat else None)
+        mix = Counter(r["sublm"] for r in ok)
+        for s in sublms:
+            out["sublm_share"][s].append(mix[s] / len(ok) if ok else None)
+    return out

@@ -1,0 +1,535 @@
+"""Open-loop load for elasticlm (or a peer server) over HTTP and gRPC, with a per-request record.
+
+    .venv/bin/locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 \\
+        --shape spike --capacity-rps 20 --duration-s 120 --protocol mixed \\
+        --record-file runs/loadtest/spike.jsonl
+
+Offered load: ``loadtests/shapes.py`` (rate curves in units of ``--capacity-rps``; pacing explained in
+its docstring). ``PacedLoadShape`` only keeps a fixed pool of users alive; users take tickets from
+a shared schedule, so the requests *started* per second follow the curve whatever the latency.
+
+Users: ``HttpEmbedUser`` (TEI ``POST /embed``, or with ``--peer-openai`` an OpenAI-style
+``POST /embeddings`` of a peer such as infinity-emb) and ``GrpcEmbedUser``
+(``elasticlm.v1.ElasticLM/Embed``). Choose with ``--protocol http|grpc|mixed`` or by naming the
+classes on the command line; ``mixed`` splits one schedule between them (``--grpc-share``).
+
+Shedding: HTTP 503/429 and gRPC RESOURCE_EXHAUSTED are the server's designed answer to overload
+(bounded queues), not errors. Locust counts them as *successes* under their own name
+(``/embed [shed]``, ``grpc Embed [shed]``), so its failure count and exit code mean "broken", and its
+latency table keeps the fast shed answers apart from served ones; the record file has ``status: shed``.
+
+Record file (``--record-file``, JSON lines; everything an analysis needs, no server access):
+
+* first line ``{"type": "run", ...}``: ``started_at`` (epoch s of t = 0), ``shape`` (its parameters and
+  ``peak_rps``), ``capacity_rps``, ``shape_kw``, ``arrivals``, ``streams`` (share and users per protocol),
+  ``users_capped``, ``host``, ``grpc_target``, ``api``, texts and request options, ``seed``;
+* one ``{"type": "request", ...}`` line per finished request:
+  ``protocol`` (http | grpc), ``api`` (tei | openai | grpc), ``seq`` (ticket number within the protocol),
+  ``due_s`` (when the schedule wanted it, s after t = 0), ``start_ts`` (epoch s when sent),
+  ``lag_ms`` (start - due: > 0 means the generator fell behind), ``latency_ms``,
+  ``status`` (ok | shed | failed), ``code`` (HTTP status, 0 = no response; or gRPC status name),
+  ``sublm`` (the SubLM that served it; the peer's label with ``--peer-openai``; null unless ok),
+  ``kind`` (query | passage), ``n_texts``, ``n_chars``, ``prompt_tokens`` (gRPC only), ``bytes``,
+  ``offered_rps`` (the shape's total rate at ``due_s``), ``error`` (failed only);
+* last line ``{"type": "summary", ...}``: per protocol ``expected`` (integral of the shape),
+  ``started``, ``recorded``, ``in_flight_at_stop`` (killed at the end, never recorded),
+  ``late_over_100ms``, ``max_lag_ms``.
+
+Run one Locust process (no ``--processes``/workers: the schedule lives in the process), headless.
+
+Import order matters: locust first (gevent monkey-patching must precede ssl/grpc imports), gRPC's
+gevent integration before any channel, and never ray (its imports break under gevent's patching).
+"""
+
+# locust first: importing it monkey-patches the standard library for gevent, which must happen before
+# ssl, urllib3 or grpc are imported (afterwards it fails with RecursionError)
+from locust import LoadTestShape, User, constant, events, task  # noqa: I001
+from locust.contrib.fasthttp import FastHttpUser
+from locust.runners import MasterRunner, WorkerRunner
+
+import gevent
+import grpc
+import grpc.experimental.gevent
+
+# Without this, every blocking gRPC call holds the whole process: users would run one at a time.
+grpc.experimental.gevent.init_gevent()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402  (patched by gevent: a greenlet lock)
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a plain file by locust, from any directory
+    sys.path.insert(0, str(REPO))
+
+from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
+from elastic_core.data import DEFAULT_DATA_DIR  # noqa: E402  (plain file readers: no torch)
+from loadtests.shapes import SHAPES, ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
+from loadtests.texts import TextSampler  # noqa: E402
+
+logger = logging.getLogger("elasticlm.loadtest")
+
+SUBLM_HEADER = "x-elasticlm-sublm"            # deployments/ingress.py (not imported: it pulls in ray)
+DEADLINE_HEADER = "x-elasticlm-deadline-ms"
+MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
+SHED_HTTP = (429, 503)
+PROTOCOLS = ("http", "grpc")
+
+
+# --------------------------------------------------------------------------- options
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser):
+    g = parser.add_argument_group("elasticlm load shape")
+    g.add_argument("--shape", choices=SHAPES, default="constant", help="offered-load curve (default constant)")
+    g.add_argument("--capacity-rps", type=float, default=20.0,
+                   help="the deployment's measured capacity in requests/s: shapes are multiples of it")
+    g.add_argument("--duration-s", type=float, default=60.0,
+                   help="length of the offered load (replay: the trace is stretched to it; 0 keeps its own time)")
+    g.add_argument("--trace", default="", help="CSV of (seconds, requests_per_second) rows for --shape replay")
+    g.add_argument("--shape-kw", default="",
+                   help="shape multipliers as k=v,k=v, e.g. peak_frac=3,base_frac=0.2 (see loadtests.shapes.make_shape)")
+    g.add_argument("--arrivals", choices=("uniform", "poisson"), default="uniform",
+                   help="uniform: evenly spaced at the current rate (exact); poisson: exponential gaps, same rate")
+    g.add_argument("--max-users", type=int, default=400, help="cap on the pool of paced users")
+    g.add_argument("--latency-headroom-s", type=float, default=2.0,
+                   help="response time the pool absorbs at the peak rate without falling behind the schedule")
+    g.add_argument("--drain-s", type=float, default=10.0,
+                   help="after the schedule ends, wait up to this long for requests still in flight")
+
+    g = parser.add_argument_group("elasticlm requests")
+    g.add_argument("--protocol", choices=("http", "grpc", "mixed"), default=None,
+                   help="which users run (default: the user classes named on the command line, else http)")
+    g.add_argument("--grpc-share", type=float, default=0.5, help="with --protocol mixed: share of requests over gRPC")
+    g.add_argument("--grpc-target", default="127.0.0.1:9000", help="host:port of the gRPC proxy")
+    g.add_argument("--grpc-app", default="elasticlm", help="Serve application name (gRPC metadata 'application')")
+    g.add_argument("--grpc-channels", type=int, default=4, help="gRPC channels shared by the gRPC users")
+    g.add_argument("--request-timeout-s", type=float, default=30.0)
+    g.add_argument("--deadline-ms", type=float, default=None, help="send x-elasticlm-deadline-ms with every request")
+    g.add_argument("--min-sublm", default="", help="send a quality floor with every request, e.g. w50")
+    g.add_argument("--peer-openai", action="store_true",
+                   help="HTTP users call an OpenAI-compatible peer (infinity-emb): POST --peer-path")
+    g.add_argument("--peer-path", default="/embeddings")
+    g.add_argument("--peer-model", default="all-MiniLM-L6-v2", help="'model' sent to the peer")
+    g.add_argument("--peer-sublm", default="", help="SubLM recorded for peer responses (default: --peer-model)")
+
+    g = parser.add_argument_group("elasticlm texts and record")
+    g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), env_var="ELASTICLM_DATA_DIR",
+                   help="shared data directory (default ../shared/data; env ELASTICLM_DATA_DIR)")
+    g.add_argument("--passages", choices=("scifact", "dl19", "both"), default="both",
+                   help="passage source: SciFact abstracts, TREC DL 2019 passages, or both")
+    g.add_argument("--query-share", type=float, default=0.5,
+                   help="fraction of requests made of short queries (the rest: passages)")
+    g.add_argument("--texts-per-request", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0, help="texts and Poisson arrivals are reproducible per seed")
+    g.add_argument("--record-file", default="",
+                   help="per-request JSON lines (default runs/loadtest/records-<UTC time>.jsonl)")
+
+
+def _shape_kwargs(text: str) -> dict:
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--shape-kw: expected key=value, got {item!r}")
+        key, value = key.strip(), value.strip()
+        if value.lower() == "none":
+            kwargs[key] = None
+            continue
+        try:
+            kwargs[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            kwargs[key] = value
+    return kwargs
+
+
+# --------------------------------------------------------------------------- record file
+
+class Recorder:
+    """JSON lines, one per request. Greenlets of one process share it; a line is written whole under a
+    lock, and the buffer is flushed at most every second (and at the end) to keep I/O off the hot path."""
+
+    FLUSH_EVERY_S = 1.0
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._f is None:
+                return
+            self._f.write(line)
+            self.count += record.get("type") == "request"
+            if time.monotonic() - self._last_flush >= self.FLUSH_EVERY_S:
+                self._f.flush()
+                self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.flush()
+                self._f.close()
+                self._f = None
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class Stream:
+    """One protocol's share of the schedule and its pool of users."""
+
+    protocol: str
+    share: float
+    users: int
+    pacer: Pacer | None = None
+    started: int = 0
+    recorded: int = 0
+    in_flight_at_stop: int = 0
+    late_100ms: int = 0
+    max_lag_ms: float = 0.0
+
+
+@dataclass
+class Plan:
+    """What the command line asked for (built at init), and the live run (from test_start)."""
+
+    options: argparse.Namespace
+    shape: Shape
+    streams: dict[str, Stream]
+    user_classes: list
+    texts: TextSampler
+    peer: bool
+    capped: bool
+    clock_start: float | None = None   # time.monotonic() at test_start: every stream's t = 0
+    start_epoch: float | None = None   # the same instant, wall clock
+    recorder: Recorder | None = None
+    grpc_stubs: list = field(default_factory=list)
+    grpc_channels: list = field(default_factory=list)
+
+    @property
+    def total_users(self) -> int:
+        return sum(s.users for s in self.streams.values())
+
+    @property
+    def started(self) -> bool:
+        return self.clock_start is not None
+
+    def elapsed(self) -> float:
+        return 0.0 if self.clock_start is None else time.monotonic() - self.clock_start
+
+    def in_flight(self) -> int:
+        return sum(s.pacer.in_flight for s in self.streams.values() if s.pacer is not None)
+
+
+PLAN: Plan | None = None
+_user_serial = 0
+
+
+def _fail(message: str):
+    logger.error(message)
+    raise SystemExit(f"locustfile: {message}")
+
+
+def _protocols(environment) -> list[str]:
+    options = environment.parsed_options
+    named = list(getattr(options, "user_classes", None) or [])
+    by_name = {HttpEmbedUser.__name__: "http", GrpcEmbedUser.__name__: "grpc"}
+    if options.protocol:
+        wanted = list(PROTOCOLS) if options.protocol == "mixed" else [options.protocol]
+        if named and sorted(by_name.get(n, n) for n in named) != sorted(wanted):
+            _fail(f"--protocol {options.protocol} contradicts the user classes named on the command line: {named}")
+        return wanted
+    return [by_name[n] for n in named if n in by_name] or ["http"]
+
+
+@events.init.add_listener
+def _plan(environment, **_):
+    global PLAN
+    options = environment.parsed_options
+    if options is None:  # library use without the command line: nothing to plan
+        return
+    if isinstance(environment.runner, (MasterRunner, WorkerRunner)) or getattr(options, "processes", None):
+        _fail("run in a single process: the schedule is per process (no --master/--worker/--processes)")
+    try:
+        protocols = _protocols(environment)
+        if options.peer_openai and "grpc" in protocols:
+            raise ValueError("--peer-openai is HTTP only: use --protocol http")
+        if not 0.0 < options.grpc_share < 1.0 and len(protocols) == 2:
+            raise ValueError(f"--grpc-share must be in (0, 1) with --protocol mixed, got {options.grpc_share}")
+        kw = _shape_kwargs(options.shape_kw)
+        if options.shape == "replay":
+            kw.setdefault("trace", options.trace or None)
+        duration = options.duration_s if options.duration_s > 0 or options.shape != "replay" else None
+        shape = make_shape(options.shape, options.capacity_rps, duration, **kw)
+        texts = TextSampler(options.data_dir, options.passages, options.query_share, options.texts_per_request,
+                            options.seed)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    shares = {"http": 1.0 - options.grpc_share, "grpc": options.grpc_share} if len(protocols) == 2 else \
+        {protocols[0]: 1.0}
+    streams, capped = {}, False
+    for protocol, share in shares.items():
+        want = users_needed(shape.peak_rps() * share, options.latency_headroom_s, max_users=sys.maxsize)
+        cap = max(1, round(options.max_users * share))
+        capped |= want > cap
+        streams[protocol] = Stream(protocol, share, min(want, cap))
+    classes = {"http": HttpEmbedUser, "grpc": GrpcEmbedUser}
+    for protocol, cls in classes.items():
+        cls.fixed_count = streams[protocol].users if protocol in streams else 0
+    HttpEmbedUser.network_timeout = HttpEmbedUser.connection_timeout = options.request_timeout_s
+    PLAN = Plan(options, shape, streams, [classes[p] for p in streams], texts, options.peer_openai, capped)
+    if capped:
+        logger.warning("--max-users %d caps the pool below peak rate x --latency-headroom-s: slow responses "
+                       "will delay requests (see lag_ms in the record file)", options.max_users)
+    logger.info("shape %s over %.1f s, peak %.2f rps; users %s", shape.name, shape.duration_s, shape.peak_rps(),
+                {p: s.users for p, s in streams.items()})
+
+
+@events.test_start.add_listener
+def _start(environment, **_):
+    if PLAN is None:
+        return
+    o = PLAN.options
+    schedule = ArrivalSchedule(PLAN.shape, poisson=o.arrivals == "poisson", seed=o.seed)
+    split = SplitSchedule(schedule, {p: s.share for p, s in PLAN.streams.items()})
+    PLAN.clock_start, PLAN.start_epoch = time.monotonic(), time.time()
+    for protocol, stream in PLAN.streams.items():
+        stream.pacer = Pacer(split.streams[protocol])
+        stream.started = stream.recorded = stream.in_flight_at_stop = stream.late_100ms = 0
+        stream.max_lag_ms = 0.0
+        stream.pacer.start(PLAN.clock_start)
+    if "grpc" in PLAN.streams and not PLAN.grpc_stubs:
+        PLAN.grpc_channels = [grpc.insecure_channel(o.grpc_target) for _ in range(max(1, o.grpc_channels))]
+        PLAN.grpc_stubs = [elasticlm_pb2_grpc.ElasticLMStub(c) for c in PLAN.grpc_channels]
+    path = Path(o.record_file or f"runs/loadtest/records-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}.jsonl")
+    PLAN.recorder = Recorder(path)
+    PLAN.recorder.write({
+        "type": "run", "version": 1,
+        "started_at": PLAN.start_epoch,
+        "shape": PLAN.shape.describe(), "capacity_rps": o.capacity_rps, "shape_kw": o.shape_kw,
+        "arrivals": o.arrivals, "streams": {p: {"share": s.share, "users": s.users} for p, s in PLAN.streams.items()},
+        "users_capped": PLAN.capped, "max_users": o.max_users, "latency_headroom_s": o.latency_headroom_s,
+        "host": environment.host or HttpEmbedUser.host, "grpc_target": o.grpc_target if "grpc" in PLAN.streams else None,
+        "api": "openai" if PLAN.peer else "tei", "peer_model": o.peer_model if PLAN.peer else None,
+        "texts_per_request": o.texts_per_request, "query_share": o.query_share, "passages": o.passages,
+        "data_dir": str(o.data_dir), "seed": o.seed, "deadline_ms": o.deadline_ms, "min_sublm": o.min_sublm or None,
+        "request_timeout_s": o.request_timeout_s,
+    })
+    logger.info("recording every request to %s", path)
+
+
+@events.test_stopping.add_listener
+def _stopping(environment, **_):
+    # before Locust kills the users: afterwards nothing is in flight any more
+    if PLAN is not None and PLAN.started:
+        for stream in PLAN.streams.values():
+            stream.in_flight_at_stop = stream.pacer.in_flight
+
+
+@events.test_stop.add_listener
+def _stop(environment, **_):
+    if PLAN is None or PLAN.recorder is None:
+        return
+    recorder, PLAN.recorder = PLAN.recorder, None
+    streams = {}
+    for p, s in PLAN.streams.items():
+        streams[p] = {"expected": round(s.pacer.schedule.expected_count(0.0, PLAN.shape.duration_s), 3),
+                      "started": s.started, "recorded": s.recorded, "in_flight_at_stop": s.in_flight_at_stop,
+                      "late_over_100ms": s.late_100ms, "max_lag_ms": round(s.max_lag_ms, 3)}
+    recorder.write({"type": "summary", "ended_at": time.time(), "elapsed_s": round(PLAN.elapsed(), 3),
+                    "streams": streams})
+    recorder.close()
+    late = sum(s["late_over_100ms"] for s in streams.values())
+    if late:
+        logger.warning("%d requests started over 100 ms after their due time: the offered load fell behind "
+                       "the shape (raise --max-users or --latency-headroom-s, or the generator lacks CPU)", late)
+    logger.info("%d requests recorded in %s", recorder.count, recorder.path)
+
+
+@events.quit.add_listener
+def _quit(**_):
+    if PLAN is not None:
+        for channel in PLAN.grpc_channels:
+            channel.close()
+
+
+# --------------------------------------------------------------------------- users
+
+@dataclass(slots=True)
+class _Outcome:
+    status: str                  # ok | shed | failed
+    code: int | str              # HTTP status (0: no response) or gRPC status name
+    sublm: str | None
+    latency_ms: float
+    start_ts: float              # epoch seconds when the request was sent
+    bytes: int = 0
+    prompt_tokens: int | None = None
+    error: str | None = None
+
+
+class _PacedUser:
+    """Takes the next ticket of its protocol's schedule, waits until it is due, sends it, records it."""
+
+    protocol = ""
+    wait_time = constant(0)  # pacing happens in the task, from the shared schedule
+
+    def paced_request(self):
+        stream = PLAN.streams[self.protocol]
+        pacer = stream.pacer
+        ticket = pacer.claim()
+        if ticket is None:  # schedule over: idle until the shape stops the run
+            gevent.sleep(1.0)
+            return
+        wait = pacer.wait_s(ticket)
+        if wait > 0:
+            gevent.sleep(wait)
+        kind, texts = PLAN.texts.sample(self.protocol, ticket.seq)
+        lag_ms = (pacer.elapsed() - ticket.due_s) * 1000.0
+        stream.started += 1
+        stream.max_lag_ms = max(stream.max_lag_ms, lag_ms)
+        stream.late_100ms += lag_ms > 100.0
+        pacer.in_flight += 1
+        try:
+            outcome = self.send(kind, texts)
+        finally:  # a user killed at stop leaves no record, only the in-flight count of the summary
+            pacer.in_flight -= 1
+        if PLAN.recorder is None:  # the run is being stopped
+            return
+        stream.recorded += 1
+        PLAN.recorder.write({
+            "type": "request", "protocol": self.protocol, "api": self.api, "seq": ticket.seq,
+            "due_s": round(ticket.due_s, 6), "start_ts": outcome.start_ts, "lag_ms": round(lag_ms, 3),
+            "latency_ms": round(outcome.latency_ms, 3), "status": outcome.status, "code": outcome.code,
+            "sublm": outcome.sublm, "kind": kind, "n_texts": len(texts), "n_chars": sum(map(len, texts)),
+            "prompt_tokens": outcome.prompt_tokens, "bytes": outcome.bytes,
+            "offered_rps": round(PLAN.shape.rate_at(ticket.due_s), 6),
+            "error": None if outcome.error is None else outcome.error[:300],
+        })
+
+    def send(self, kind: str, texts: list[str]) -> _Outcome:
+        raise NotImplementedError
+
+
+class HttpEmbedUser(_PacedUser, FastHttpUser):
+    """TEI ``POST /embed`` (SubLM from the ``x-elasticlm-sublm`` header), or with ``--peer-openai``
+    an OpenAI-style ``POST /embeddings`` whose SubLM is recorded as ``--peer-sublm``."""
+
+    protocol = "http"
+    host = "http://127.0.0.1:8000"
+    fixed_count = 0
+
+    @task
+    def embed(self):
+        self.paced_request()
+
+    @property
+    def api(self) -> str:
+        return "openai" if PLAN.peer else "tei"
+
+    def send(self, kind, texts):
+        o = PLAN.options
+        headers = {}
+        if o.deadline_ms:
+            headers[DEADLINE_HEADER] = str(o.deadline_ms)
+        if PLAN.peer:
+            path, body = o.peer_path, {"model": o.peer_model, "input": texts}
+        else:
+            path, body = "/embed", {"inputs": texts, "kind": kind}
+            if o.min_sublm:
+                headers[MIN_SUBLM_HEADER] = o.min_sublm
+        with self.client.post(path, json=body, headers=headers, name=path, catch_response=True) as resp:
+            code = resp.status_code or 0
+            meta = resp.request_meta
+            status, sublm, error = "failed", None, None
+            if code in SHED_HTTP:
+                status = "shed"
+                meta["name"] = f"{path} [shed]"
+                resp.success()
+            elif 200 <= code < 300:
+                sublm = (o.peer_sublm or o.peer_model) if PLAN.peer else resp.headers.get(SUBLM_HEADER)
+                if sublm:
+                    status = "ok"
+                    resp.success()
+                else:
+                    error = f"HTTP {code} without a {SUBLM_HEADER} header"
+                    resp.failure(error)
+            else:
+                exc = meta.get("exception")
+                error = f"HTTP {code}: {(resp.text or '')[:200]}" if code else f"no response: {exc!r}"
+                resp.failure(error)
+            return _Outcome(status, code, sublm, meta.get("response_time") or 0.0, meta["start_time"],
+                            meta.get("response_length") or 0, None, error)
+
+
+class GrpcEmbedUser(_PacedUser, User):
+    """``elasticlm.v1.ElasticLM/Embed`` through the generated stubs; SubLM from the response."""
+
+    protocol = "grpc"
+    api = "grpc"
+    fixed_count = 0
+
+    @task
+    def embed(self):
+        self.paced_request()
+
+    def on_start(self):
+        global _user_serial
+        _user_serial += 1
+        self.stub = PLAN.grpc_stubs[_user_serial % len(PLAN.grpc_stubs)]  # channels multiplex: share a few
+
+    def send(self, kind, texts):
+        o = PLAN.options
+        metadata = [("application", o.grpc_app)]
+        if o.deadline_ms:
+            metadata.append((DEADLINE_HEADER, str(o.deadline_ms)))
+        request = elasticlm_pb2.EmbedRequest(inputs=texts, kind=kind, min_sublm=o.min_sublm)
+        start_ts, t0 = time.time(), time.perf_counter()
+        response, error, code = None, None, "OK"
+        try:
+            response, call = self.stub.Embed.with_call(request, metadata=metadata, timeout=o.request_timeout_s)
+        except grpc.RpcError as e:
+            code, error = e.code().name, f"{e.code().name}: {e.details()}"
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        name, exception, status, sublm, size, tokens = "Embed", None, "failed", None, 0, None
+        if response is not None:
+            sublm = response.sublm or dict(call.trailing_metadata() or ()).get(SUBLM_HEADER)
+            size, tokens = response.ByteSize(), response.prompt_tokens
+            if sublm:
+                status = "ok"
+            else:
+                error = "OK without a SubLM in the response"
+        elif code == "RESOURCE_EXHAUSTED":
+            status, name, error = "shed", "Embed [shed]", None
+        if status == "failed":
+            exception = RuntimeError(error)
+        events.request.fire(request_type="grpc", name=name, response_time=latency_ms, response_length=size,
+                            exception=exception, context={})
+        return _Outcome(status, code, sublm, latency_ms, start_ts, size, tokens, error)
+
+
+# --------------------------------------------------------------------------- the shape
+
+class PacedLoadShape(LoadTestShape):
+    """A fixed pool of paced users for the length of the shape, then a drain, then stop."""
+
+    def tick(self):
+        if PLAN is None:
+            return None
+        t, end = PLAN.elapsed(), PLAN.shape.duration_s
+        if PLAN.started and t >= end and (PLAN.in_flight() == 0 or t >= end + PLAN.options.drain_s):
+            return None
+        users = PLAN.total_users
+        # spawn the whole pool within about a second; >100/s only makes Locust warn
+        return users, float(min(max(users, 1), 100)), PLAN.user_classes

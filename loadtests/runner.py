@@ -1,0 +1,533 @@
+"""``elasticlm loadtest``: the online simulation. The same request stream, on the same machine, against
+  1. ``elastic``          the real deployment: Redis-shared queue depth, the schedule, elastic autoscaling;
+  2. ``static-full``      Ray Serve with only the full SubLM and Serve's ordinary autoscaling;
+  3. ``static-smallest``  the same with only the smallest SubLM;
+  4. ``infinity``         the peer server infinity-emb serving the teacher from its local directory
+                          (``make peer`` installs it in its own virtual environment).
+
+    elasticlm loadtest --shape spike                       # spike to 2.5 x the full SubLM's capacity
+    elasticlm loadtest --shape constant --shape-kw rps_frac=0.3 --configs elastic,static-full
+
+Capacity first: the full SubLM's saturation throughput is measured here (static-full driven by
+closed-loop clients that keep its batches full), and every shape is scaled to it,
+so "2.5 x capacity" means the same on a bigger machine. Each configuration starts clean (its own
+Redis, Ray and Serve, or its own infinity process), is warmed up, runs the shape, and is torn down;
+the runner owns every process it starts and stops them by PID (process group).
+
+Output: ``benchmarks/results/<run>.json``, PNG plots in ``docs/img/``, a section of ``docs/loadtests.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from loadtests.analysis import read_records, summarize, timeline
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("elastic", "static-full", "static-smallest", "infinity")
+LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
+
+
+# --------------------------------------------------------------------------- what runs
+def serve_variant(base: dict, name: str, sublms: list[str]) -> dict:
+    """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching)."""
+    cfg = copy.deepcopy(base)
+    (app,) = cfg["applications"]
+    if name == "elastic":
+        return cfg
+    app["args"]["sublms"] = [sublms[0] if name == "static-full" else sublms[-1]]
+    for d in app.get("deployments", []):
+        if d["name"] == "ElasticReplica" and "autoscaling_config" in d:
+            d["autoscaling_config"].pop("policy", None)  # Serve's ordinary queue-length autoscaling
+    return cfg
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+class ServeDeployment:
+    """``elasticlm serve`` with a given config, in its own process group, with a Redis owned here
+    (so the runner can read the live replica count from the replicas' heartbeats)."""
+
+    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
+        from deployments.local import RedisServer, free_port
+
+        self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
+        self.http_port, self.grpc_port = free_port(0), free_port(0)
+        self.redis = RedisServer(port=free_port(0))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 240.0) -> "ServeDeployment":
+        self.redis.start()
+        cmd = [sys.executable, "-m", "elastic_core.cli", "serve", "--config", str(self.config_path),
+               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--redis-url", self.redis.url, "--target-ms", str(self.target_ms)]
+        if self.num_cpus:
+            cmd += ["--num-cpus", str(self.num_cpus)]
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=REPO)
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(self.url + "/health"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text()[-3000:]
+                self.stop()
+                raise RuntimeError(f"elasticlm serve did not become healthy:\n{tail}")
+            time.sleep(1)
+        return self
+
+    def replicas(self) -> int:
+        """Replicas alive now: their heartbeats in Redis (each beats every 0.5 s, expires after 3 s)."""
+        import redis
+
+        return int(redis.Redis.from_url(self.redis.url, socket_timeout=1).hlen("elasticlm:heartbeat"))
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # elasticlm serve tears down Serve and Ray itself
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group
+            except ProcessLookupError:
+                pass
+        self.redis.stop()
+        deadline = time.monotonic() + 30
+        while not all(_port_is_free(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+class PeerDeployment:
+    """infinity-emb serving the teacher, given the same CPU threads and niceness as our replicas."""
+
+    def __init__(self, log_path: Path, threads: int = 2, nice: int = 15):
+        from elastic_core.model import teacher_dir
+        from loadtests.peer import InfinityServer, free_port
+
+        self.server = InfinityServer(teacher_dir(), free_port(), threads=threads, nice=nice, log_path=log_path)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    grpc_target = None
+
+    def start(self) -> "PeerDeployment":
+        self.server.start(timeout_s=180)
+        return self
+
+    def replicas(self) -> int:
+        return 1 if self.server.running() else 0
+
+    def stop(self):
+        self.server.stop()
+
+
+# --------------------------------------------------------------------------- one configuration
+@dataclass
+class LoadOptions:
+    shape: str = "spike"
+    duration_s: float = 120.0
+    shape_kw: str = ""
+    trace: str = ""
+    protocol: str = "http"
+    texts_per_request: int = 1
+    query_share: float = 0.5
+    data_dir: str | None = None
+    max_users: int = 400
+    seed: int = 0
+    extra: list[str] = field(default_factory=list)
+
+
+def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: LoadOptions, record: Path,
+               peer: bool, log_path: Path) -> None:
+    """Locust headless in its own process (gevent must never meet Ray); it stops when the shape ends."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
+           "--shape", opts.shape, "--capacity-rps", f"{capacity_rps:.3f}", "--duration-s", str(opts.duration_s),
+           "--record-file", str(record), "--texts-per-request", str(opts.texts_per_request),
+           "--query-share", str(opts.query_share), "--max-users", str(opts.max_users), "--seed", str(opts.seed),
+           "--only-summary", "--loglevel", "WARNING"]
+    if opts.shape_kw:
+        cmd += ["--shape-kw", opts.shape_kw]
+    if opts.trace:
+        cmd += ["--trace", opts.trace]
+    if opts.data_dir:
+        cmd += ["--data-dir", opts.data_dir]
+    if peer:
+        cmd += ["--peer-openai", "--protocol", "http"]
+    else:
+        cmd += ["--protocol", opts.protocol]
+        if grpc_target:
+            cmd += ["--grpc-target", grpc_target]
+    cmd += opts.extra
+    with open(log_path, "w") as log:
+        log.write(shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        try:
+            proc.wait(timeout=opts.duration_s + 120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=30)
+
+
+def warm_up(deployment, peer: bool, n: int = 20) -> None:
+    """A few requests before the clock starts: first calls pay one-time costs (allocations, caches)."""
+    import urllib.request
+
+    for i in range(n):
+        body = {"model": "all-MiniLM-L6-v2", "input": [f"warm-up request {i}"]} if peer else {"inputs": [f"warm-up {i}"]}
+        req = urllib.request.Request(deployment.url + ("/embeddings" if peer else "/embed"),
+                                     data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60):
+            pass
+
+
+def sample_replicas(deployment, stop: threading.Event, out: list, every_s: float = 1.0):
+    while not stop.wait(every_s):
+        try:
+            out.append((time.time(), deployment.replicas()))
+        except Exception:  # noqa: BLE001 - a missed sample is not worth failing the run for
+            pass
+
+
+def _deployment(kind: str, run_dir: Path, base_config: dict, sublms: list[str], target_ms: float,
+                num_cpus: int | None, label: str):
+    if kind == "infinity":
+        return PeerDeployment(run_dir / f"{label}.server.log")
+    cfg_path = run_dir / f"config.{label}.yaml"
+    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms), sort_keys=False))
+    return ServeDeployment(cfg_path, target_ms, run_dir / f"{label}.server.log", num_cpus)
+
+
+def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir: Path, base_config: dict,
+                      sublms: list[str], target_ms: float, num_cpus: int | None, log=print, label: str = "") -> Path:
+    """Start configuration ``kind`` clean, warm it up, run the shape, tear it down. Returns its record file."""
+    name = label or kind
+    peer = kind == "infinity"
+    deployment = _deployment(kind, run_dir, base_config, sublms, target_ms, num_cpus, label=name)
+    record = run_dir / f"{name}.records.jsonl"
+    replicas: list = []
+    stop = threading.Event()
+    log(f"[{name}] starting ...")
+    deployment.start()
+    try:
+        warm_up(deployment, peer)
+        sampler = threading.Thread(target=sample_replicas, args=(deployment, stop, replicas), daemon=True)
+        sampler.start()
+        log(f"[{name}] {opts.shape} at capacity {capacity_rps:.1f} req/s for {opts.duration_s:.0f} s ...")
+        run_locust(deployment.url, deployment.grpc_target, capacity_rps, opts, record, peer,
+                   run_dir / f"{name}.locust.log")
+    finally:
+        stop.set()
+        deployment.stop()
+        log(f"[{name}] stopped")
+    (run_dir / f"{name}.replicas.json").write_text(json.dumps(replicas))
+    return record
+
+
+async def _closed_loop(url: str, body, concurrency: int, warmup_s: float, measure_s: float) -> float:
+    """``concurrency`` clients, each sending its next request as soon as the last is answered: the
+    answered-request rate once warm is the saturation throughput. (An open-loop overload would spend
+    the CPU on refusing requests instead, and measure that.)"""
+    import asyncio
+
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    t_measure, t_end = start + warmup_s, start + warmup_s + measure_s
+    answered = 0
+
+    async def client(i: int, session):
+        nonlocal answered
+        seq = i
+        while loop.time() < t_end:
+            async with session.post(url, json=body(seq)) as r:
+                await r.read()
+                if r.status == 200 and t_measure <= loop.time() <= t_end:
+                    answered += 1
+            seq += concurrency
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
+    return answered / measure_s
+
+
+def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: dict, sublms: list[str],
+                     target_ms: float, num_cpus: int | None, concurrency: int = 32, warmup_s: float = 10.0,
+                     measure_s: float = 30.0, log=print) -> float:
+    """Saturation throughput (answered requests/s) of configuration ``name`` with the run's texts."""
+    import asyncio
+
+    from elastic_core.data import DEFAULT_DATA_DIR
+    from loadtests.texts import TextSampler
+
+    sampler = TextSampler(opts.data_dir or str(DEFAULT_DATA_DIR), "both", opts.query_share, opts.texts_per_request,
+                          opts.seed)
+    peer = name == "infinity"
+
+    def body(seq):
+        texts = sampler.sample("capacity", seq)[1]
+        return {"model": "all-MiniLM-L6-v2", "input": texts} if peer else {"inputs": texts}
+
+    deployment = _deployment(name, run_dir, base_config, sublms, target_ms, num_cpus, label=f"{name}.capacity")
+    log(f"[{name}] measuring capacity: {concurrency} closed-loop clients, {warmup_s:.0f} s + {measure_s:.0f} s ...")
+    deployment.start()
+    try:
+        warm_up(deployment, peer)
+        return asyncio.run(_closed_loop(deployment.url + ("/embeddings" if peer else "/embed"), body, concurrency,
+                                        warmup_s, measure_s))
+    finally:
+        deployment.stop()
+
+
+# --------------------------------------------------------------------------- the experiment
+def sublm_quality(core_results: Path = REPO / "benchmarks" / "results" / "core.json",
+                  peer_model: str = "all-MiniLM-L6-v2") -> dict[str, float]:
+    """SciFact NDCG@10 of each SubLM (and of the teacher, which the peer serves) from the core eval."""
+    core = json.loads(core_results.read_text())
+    quality = {s: row["ndcg@10"] for s, row in core["sublms"].items()}
+    quality[peer_model] = core["teacher"]["ndcg@10"]
+    return quality
+
+
+def check_targets(shape: str, configs: dict, quality: dict, capacity: float, peer_capacity: float | None,
+                  sublms: list[str]) -> dict:
+    """The issue's targets that this run can speak to, each with its measured figures."""
+    s = {name: c["summary"] for name, c in configs.items()}
+    out = {}
+    if "elastic" in s:
+        out["zero_failures"] = {"met": all(v["failures"] == 0 for k, v in s.items() if k != "infinity"),
+                                "failures": {k: v["failures"] for k, v in s.items()}}
+    if shape in ("spike", "step", "sinusoidal", "replay") and "elastic" in s:
+        e = s["elastic"]
+        out["elastic_slo_at_least_0.99"] = {"met": e["slo_attainment"] >= 0.99, "elastic": e["slo_attainment"]}
+        if "static-full" in s:
+            out["static_full_misses_slo"] = {"met": s["static-full"]["slo_attainment"] < 0.99,
+                                             "static-full": s["static-full"]["slo_attainment"]}
+        others = {k: v["effective_accuracy"] for k, v in s.items() if k != "elastic"}
+        out["elastic_effective_accuracy_at_least_every_static"] = {
+            "met": all(e["effective_accuracy"] >= v for v in others.values()),
+            "elastic": e["effective_accuracy"], **others}
+        out["elastic_quality_at_least_0.9_full"] = {
+            "met": e["mean_served_quality"] >= 0.9 * quality[sublms[0]],
+            "ratio": e["mean_served_quality"] / quality[sublms[0]]}
+    if shape == "constant" and "elastic" in s and "static-full" in s:
+        e, f = s["elastic"], s["static-full"]
+        out["steady_full_sublm_share"] = {"met": e["sublm_mix"].get(sublms[0], 0.0) >= 0.95,
+                                          "share": e["sublm_mix"].get(sublms[0], 0.0)}
+        out["steady_latency_within_10pct"] = {"met": e["p50_ms"] <= 1.1 * f["p50_ms"],
+                                              "p50_ratio": e["p50_ms"] / f["p50_ms"],
+                                              "p95_ratio": e["p95_ms"] / f["p95_ms"]}
+    if peer_capacity:
+        out["saturation_throughput_at_least_infinity"] = {"met": capacity >= peer_capacity,
+                                                          "ratio": capacity / peer_capacity,
+                                                          "static_full_rps": capacity, "infinity_rps": peer_capacity}
+    return out
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = doc["configs"]
+    fig, ax = plt.subplots(4, 1, figsize=(10, 13), sharex=True)
+    for name, c in configs.items():
+        tl = c["timeline"]
+        ax[0].plot(tl["t"], [v if v is not None else float("nan") for v in tl["p99_ms"]], label=name)
+        ax[3].plot(tl["t"], tl["ok_rps"], label=f"{name} answered")
+        ax[2].step([t for t, _ in c["replicas"]], [n for _, n in c["replicas"]], where="post", label=name)
+    first = next(iter(configs.values()))["timeline"]
+    ax[3].plot(first["t"], first["offered_rps"], "k--", label="offered")
+    ax[0].axhline(doc["target_ms"], color="red", ls=":", label=f"T = {doc['target_ms']:.0f} ms")
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("p99 latency per second (ms)")
+    if "elastic" in configs:
+        share = configs["elastic"]["timeline"]["sublm_share"]
+        t = configs["elastic"]["timeline"]["t"]
+        ax[1].stackplot(t, *[[v or 0.0 for v in share[s]] for s in share], labels=list(share))
+    ax[1].set_ylabel("elastic: SubLM share")
+    ax[2].set_ylabel("replicas")
+    ax[3].set_ylabel("requests / s")
+    ax[3].set_xlabel("seconds since start")
+    for a in ax:
+        a.legend(loc="upper right", fontsize=8)
+        a.grid(alpha=0.3)
+    fig.suptitle(f"{doc['run']}: {doc['shape'].get('shape', '')} "
+                 f"(capacity {doc['capacity_rps']:.1f} req/s)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def markdown(doc: dict, image: str) -> str:
+    head = ("| configuration | SLO attainment (≤ T) | p50 ms | p95 ms | p99 ms | answered req/s | shed | failures "
+            "| mean served quality | effective accuracy | SubLM mix |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, c in doc["configs"].items():
+        s = c["summary"]
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in s["sublm_mix"].items())
+        rows.append(f"| {name} | {s['slo_attainment']:.3f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} "
+                    f"| {s['throughput_rps']:.1f} | {s['shed']} | {s['failures']} | {s['mean_served_quality']:.4f} "
+                    f"| {s['effective_accuracy']:.4f} | {mix} |")
+    targets = "\n".join(f"- {'met' if v['met'] else '**missed**'}: `{k}` "
+                        f"({', '.join(f'{kk} {vv:.3f}' if isinstance(vv, float) else f'{kk} {vv}' for kk, vv in v.items() if kk != 'met')})"
+                        for k, v in doc["targets"].items())
+    peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
+    return (f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}).\n\n"
+            f"T = {doc['target_ms']:.0f} ms; shape `{json.dumps(doc['shape'])}`; "
+            f"{doc['texts_per_request']} text(s) per request; capacity (static-full saturation) "
+            f"{doc['capacity_rps']:.1f} req/s{peer}. Quality = SciFact NDCG@10 of the SubLM that answered "
+            f"(`benchmarks/results/core.json`).\n\n{head}\n" + "\n".join(rows) +
+            f"\n\nTargets:\n{targets}\n\n![{doc['run']}]({image})\n")
+
+
+LOADTESTS_HEADER = """# Load tests: elastic vs static vs infinity-emb
+
+Each section is written by `elasticlm loadtest` (`loadtests/runner.py`) from the client-side record
+files of one run: every configuration ran in turn on the same machine under the same request
+stream, started clean and torn down afterwards. Compare configurations within a section.
+Metric definitions: `loadtests/analysis.py`.
+"""
+
+
+def run_experiment(args, log=print) -> dict:
+    from benchmarks.report import write_section
+    from elastic_core.model import load_config
+    from loadtests.peer import infinity_available
+
+    base = yaml.safe_load(Path(args.config).read_text())
+    (app,) = base["applications"]
+    checkpoint = app["args"].get("checkpoint") or str(REPO / "models" / "elastic-minilm-l6")
+    sublms = load_config(checkpoint).sublm_names
+    target_ms = float(args.target_ms or app["args"].get("target_ms", 150.0))
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
+    if "infinity" in configs and not infinity_available():
+        log("infinity-emb is not installed (make peer): skipping that configuration")
+        configs.remove("infinity")
+    opts = LoadOptions(shape=args.shape, duration_s=args.duration_s, shape_kw=args.shape_kw, trace=args.trace,
+                       protocol=args.protocol, texts_per_request=args.texts_per_request, query_share=args.query_share,
+                       data_dir=args.data_dir, max_users=args.max_users, seed=args.seed)
+    run_name = args.name or f"loadtest-{args.shape}"
+    run_dir = Path(args.run_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    quality = sublm_quality()
+
+    capacity = args.capacity_rps or measure_capacity("static-full", opts, run_dir, base, sublms, target_ms,
+                                                     args.num_cpus, args.probe_concurrency, log=log)
+    log(f"capacity of the full SubLM: {capacity:.1f} req/s")
+    peer_capacity = None
+    if args.peer_capacity and "infinity" in configs:
+        peer_capacity = measure_capacity("infinity", opts, run_dir, base, sublms, target_ms, args.num_cpus,
+                                         args.probe_concurrency, log=log)
+        log(f"capacity of infinity-emb: {peer_capacity:.1f} req/s")
+
+    results = {}
+    for name in configs:
+        record = run_configuration(name, opts, capacity, run_dir, base, sublms, target_ms, args.num_cpus, log)
+        run, requests, summary = read_records(record)
+        t0 = run["started_at"]
+        replicas = json.loads((run_dir / f"{name}.replicas.json").read_text())
+        results[name] = {"summary": summarize(requests, target_ms, quality), "timeline": timeline(requests, t0),
+                         "replicas": [(round(t - t0, 2), n) for t, n in replicas], "locust": summary,
+                         "record_file": str(record)}
+        s = results[name]["summary"]
+        log(f"[{name}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
+            f"failures {s['failures']}  quality {s['mean_served_quality']:.4f}  eff. acc {s['effective_accuracy']:.4f}")
+    shape = json.loads(json.dumps(run["shape"])) if results else {}
+    doc = {"run": run_name, "command": "elasticlm loadtest " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.platform()}",
+           "target_ms": target_ms, "capacity_rps": capacity, "peer_capacity_rps": peer_capacity, "shape": shape,
+           "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
+           "configs": results}
+    doc["targets"] = check_targets(args.shape, results, quality, capacity, peer_capacity, sublms)
+    out = Path(args.out_dir) / f"{run_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    docs = Path(args.docs_dir)
+    image = docs / "img" / f"{run_name}.png"
+    plot(doc, image)
+    write_section(run_name, markdown(doc, f"img/{image.name}"), doc=docs / "loadtests.md",
+                  header=LOADTESTS_HEADER, title=f"`{run_name}`: {args.shape}, {', '.join(results)}")
+    log(f"wrote {out}, {image} and {docs / 'loadtests.md'}")
+    return doc
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shape", default="spike", choices=["constant", "step", "spike", "sinusoidal", "replay"])
+    p.add_argument("--duration-s", type=float, default=120.0)
+    p.add_argument("--shape-kw", default="", help="shape multipliers, e.g. 'peak_frac=2.5,base_frac=0.3'")
+    p.add_argument("--trace", default="", help="CSV of (seconds, requests per second) for --shape replay")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--capacity-rps", type=float, help="skip the capacity measurement and use this")
+    p.add_argument("--probe-concurrency", type=int, default=32,
+                   help="closed-loop clients of the capacity measurement (>= the replica's batch size)")
+    p.add_argument("--peer-capacity", action="store_true", help="also measure infinity-emb's saturation throughput")
+    p.add_argument("--config", default=str(REPO / "cluster" / "config.local.yaml"), help="the base Serve config")
+    p.add_argument("--target-ms", type=float, help="T (default: the config's target_ms)")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc", "mixed"])
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--query-share", type=float, default=0.5)
+    p.add_argument("--max-users", type=int, default=400)
+    p.add_argument("--data-dir")
+    p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="run name (default loadtest-<shape>)")
+    p.add_argument("--run-dir", default="runs/loadtest", help="record files and server logs")
+    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="the result JSON")
+    p.add_argument("--docs-dir", default=str(REPO / "docs"), help="loadtests.md and img/<run>.png")
+
+
+def main(args) -> int:
+    run_experiment(args)
+    return 0

@@ -1,0 +1,110 @@
+"""The experiment runner: its analysis on hand-made records, the configurations it derives, and one
+short end-to-end run against a real deployment (the smallest configuration, a few seconds of load)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from deployments.local import DEFAULT_CONFIG, load_serve_config
+from loadtests.analysis import summarize, timeline
+from loadtests.runner import check_targets, serve_variant
+
+QUALITY = {"w100": 0.64, "w50": 0.60, "w25": 0.56}
+SUBLMS = ["w100", "w75", "w50", "w25"]
+
+
+def _req(t, latency, status="ok", sublm="w100", texts=1):
+    return {"type": "request", "start_ts": 1000.0 + t, "latency_ms": latency, "status": status,
+            "sublm": sublm if status == "ok" else None, "n_texts": texts, "lag_ms": 0.0}
+
+
+def test_summary_counts_shed_and_late_requests_as_slo_misses():
+    reqs = [_req(0.0, 50), _req(0.5, 120, sublm="w50"), _req(1.0, 400), _req(1.5, 5, "shed"), _req(2.0, 30, "failed")]
+    s = summarize(reqs, target_ms=150, quality=QUALITY)
+    assert (s["requests"], s["ok"], s["shed"], s["failures"]) == (5, 3, 1, 1)
+    assert s["slo_attainment"] == pytest.approx(2 / 5)
+    assert s["mean_served_quality"] == pytest.approx((0.64 + 0.60 + 0.64) / 3)
+    # effective accuracy: only answers within T count, averaged over everything sent
+    assert s["effective_accuracy"] == pytest.approx((0.64 + 0.60) / 5)
+    assert s["sublm_mix"] == {"w100": pytest.approx(2 / 3), "w50": pytest.approx(1 / 3)}
+    assert s["p50_ms"] == pytest.approx(120)
+
+
+def test_summary_refuses_a_sublm_without_a_quality_figure():
+    with pytest.raises(KeyError, match="w75"):
+        summarize([_req(0, 10, sublm="w75")], 150, QUALITY)
+
+
+def test_timeline_bins_offered_answered_and_sublm_shares_per_second():
+    reqs = [_req(0.1, 10), _req(0.2, 10, "shed"), _req(1.1, 10, sublm="w25"), _req(1.2, 30), _req(3.5, 10)]
+    tl = timeline(reqs, t0=1000.0)
+    assert tl["t"] == [0, 1, 2, 3]
+    assert tl["offered_rps"] == [2, 2, 0, 1] and tl["ok_rps"] == [1, 2, 0, 1] and tl["shed_rps"] == [1, 0, 0, 0]
+    assert tl["sublm_share"]["w25"] == [0.0, 0.5, None, 0.0]
+    assert tl["p50_ms"][2] is None
+
+
+def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    full, small, elastic = (serve_variant(base, n, SUBLMS) for n in ("static-full", "static-smallest", "elastic"))
+    assert full["applications"][0]["args"]["sublms"] == ["w100"]
+    assert small["applications"][0]["args"]["sublms"] == ["w25"]
+    assert "sublms" not in elastic["applications"][0]["args"]
+    for cfg in (full, small):
+        replica = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "ElasticReplica")
+        assert "policy" not in replica["autoscaling_config"]
+        assert replica["autoscaling_config"]["max_replicas"] >= 1
+    assert "policy" in next(d for d in elastic["applications"][0]["deployments"]
+                            if d["name"] == "ElasticReplica")["autoscaling_config"]
+    assert "sublms" not in base["applications"][0]["args"]  # the base config is not modified
+    for cfg in (full, small, elastic):  # Ray's own schema accepts them
+        load_serve_config_from_dict(cfg)
+
+
+def load_serve_config_from_dict(cfg):
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(cfg)
+
+
+def test_targets_compare_elastic_with_every_static_configuration():
+    base = {"failures": 0, "sublm_mix": {"w100": 1.0}, "p50_ms": 50.0, "p95_ms": 90.0}
+    configs = {"elastic": {"summary": {**base, "slo_attainment": 0.995, "effective_accuracy": 0.60,
+                                       "mean_served_quality": 0.60}},
+               "static-full": {"summary": {**base, "slo_attainment": 0.70, "effective_accuracy": 0.45,
+                                           "mean_served_quality": 0.64}},
+               "static-smallest": {"summary": {**base, "slo_attainment": 1.0, "effective_accuracy": 0.56,
+                                               "mean_served_quality": 0.56}}}
+    t = check_targets("spike", configs, QUALITY, 10.0, 8.0, SUBLMS)
+    assert all(v["met"] for v in t.values()), t
+    configs["static-smallest"]["summary"]["effective_accuracy"] = 0.61
+    configs["elastic"]["summary"]["failures"] = 1
+    t = check_targets("spike", configs, QUALITY, 10.0, 12.0, SUBLMS)
+    assert not t["elastic_effective_accuracy_at_least_every_static"]["met"]
+    assert not t["zero_failures"]["met"]
+    assert not t["saturation_throughput_at_least_infinity"]["met"]
+
+
+def test_runner_end_to_end_on_the_smallest_configuration(tmp_path, checkpoint_dir):
+    """One configuration, a 10 s spike at a rate this machine serves easily: the runner starts the
+    deployment, drives Locust, tears everything down and writes the JSON, the plot and the table."""
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    base["applications"][0]["args"]["checkpoint"] = str(checkpoint_dir)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(base))
+    load_serve_config(config)
+    cmd = [sys.executable, "-m", "elastic_core.cli", "loadtest", "--shape", "spike", "--duration-s", "10",
+           "--capacity-rps", "4", "--configs", "static-smallest", "--config", str(config), "--name", "e2e",
+           "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "results"),
+           "--docs-dir", str(tmp_path / "docs"), "--num-cpus", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "e2e.json").read_text())
+    s = doc["configs"]["static-smallest"]["summary"]
+    assert s["requests"] >= 15 and s["failures"] == 0 and s["sublm_mix"] == {"w25": 1.0}
+    assert doc["configs"]["static-smallest"]["replicas"], "no replica count was sampled"
+    assert (tmp_path / "docs" / "img" / "e2e.png").stat().st_size > 10_000
+    assert "| static-smallest |" in (tmp_path / "docs" / "loadtests.md").read_text()

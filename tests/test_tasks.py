@@ -1,0 +1,172 @@
+"""ElasticRanker and the GLUE heads: the adapter machinery, the training step, the metrics, and the
+committed task weights on hand-made cases."""
+
+import pytest
+import torch
+
+from elastic_core.classify import ElasticClassifier, glue_metrics, load_glue
+from elastic_core.model import load_checkpoint
+from elastic_core.ranker import ElasticRanker, bm25_run, load_dl19, retrieval_metrics, top
+from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
+                                new_task_model, pad_encoded, save_task)
+
+from conftest import DATA_DIR, SENTENCES
+
+SUBLMS = ["w100", "w75", "w50", "w25"]
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(checkpoint_dir):
+    path = checkpoint_dir / "tasks" / "sst2"
+    if not (path / "adapter.safetensors").exists():
+        pytest.fail(f"no SST-2 head at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rerank_dir(checkpoint_dir):
+    path = checkpoint_dir / "tasks" / "rerank"
+    if not (path / "adapter.safetensors").exists():
+        pytest.fail(f"no ranker at {path}")
+    return path
+
+
+# --------------------------------------------------------------------------- adapters
+def test_a_fresh_adapter_leaves_the_backbone_unchanged_and_merging_is_exact(checkpoint_dir, batch):
+    backbone = load_checkpoint(checkpoint_dir)
+    adapted = add_adapters(load_checkpoint(checkpoint_dir), rank=4, alpha=8)
+    with torch.no_grad():
+        for s in SUBLMS:  # B starts at zero: training starts exactly at the backbone
+            assert torch.allclose(adapted(**batch, sublm=s), backbone(**batch, sublm=s), atol=1e-5)
+        for layer in adapted.layers:  # give the update some weight, then fold it in
+            for lin in (layer.query, layer.ffn_out):
+                lin.parametrizations.weight[0].B.normal_(std=0.05)
+        unmerged = {s: adapted(**batch, sublm=s) for s in SUBLMS}
+        merge_adapters(adapted)
+        for s in SUBLMS:
+            assert torch.allclose(adapted(**batch, sublm=s), unmerged[s], atol=1e-4)
+            assert not torch.allclose(unmerged[s], backbone(**batch, sublm=s), atol=1e-3)
+
+
+def test_only_the_adapter_biases_norms_and_head_train(checkpoint_dir):
+    model = new_task_model(checkpoint_dir, TaskConfig(task="t", kind="classify", labels=["a", "b"], rank=4))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" in trainable and "encoder.layers.0.query.bias" in trainable
+    assert "encoder.layers.0.query.parametrizations.weight.0.B" in trainable
+    assert "encoder.layers.0.query.parametrizations.weight.original" not in trainable
+    assert "encoder.word_embeddings.weight" not in trainable
+    n_trainable = sum(p.numel() for k, p in model.named_parameters() if k in trainable)
+    assert n_trainable < 0.1 * sum(p.numel() for p in model.parameters())
+
+
+def test_elastic_task_steps_lower_every_sublms_loss_and_the_saved_head_reloads(checkpoint_dir, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = new_task_model(checkpoint_dir, TaskConfig(task="t", kind="classify", labels=["a", "b"], rank=4,
+                                                      backbone=str(checkpoint_dir.resolve())))
+    enc = tokenizer(SENTENCES, truncation=True)
+    batch = pad_encoded(enc, list(range(len(SENTENCES))), tokenizer.pad_token_id)
+    targets = torch.tensor([0, 0, 1, 1, 0, 1])
+
+    def losses():
+        with torch.no_grad():
+            return {s: choice_loss(model(**batch, sublm=s), targets).item() for s in SUBLMS}
+
+    before = losses()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(4):
+        seen = elastic_task_step(model, batch, targets, optimizer, SUBLMS)
+    assert list(seen) == SUBLMS  # every step traverses every SubLM
+    after = losses()
+    assert all(after[s] < before[s] for s in SUBLMS)
+    save_task(model.eval(), tmp_path)
+    reloaded = load_task(tmp_path)
+    with torch.no_grad():
+        for s in SUBLMS:
+            assert torch.allclose(reloaded(**batch, sublm=s), model(**batch, sublm=s), atol=2e-2)
+
+
+def test_group_loss_prefers_the_positive_and_distillation_pulls_toward_the_teacher():
+    targets = torch.zeros(2, dtype=torch.long)  # the positive is choice 0 of each group
+    good, bad = torch.tensor([[3.0, 0, 0], [2.0, -1, 0]]), torch.tensor([[0.0, 3, 0], [-1.0, 2, 0]])
+    assert choice_loss(good, targets) < choice_loss(bad, targets)
+    assert choice_loss(good, targets, teacher_logits=good) < choice_loss(good, targets, teacher_logits=bad)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_retrieval_metrics_on_hand_made_runs():
+    qrels = {"q1": {"a": 1, "b": 0}, "q2": {"c": 2, "d": 1}}
+    run = {"q1": {"x": 3.0, "a": 2.0, "b": 1.0}, "q2": {"c": 2.0, "d": 1.0}}
+    m = retrieval_metrics(qrels, run)
+    assert m["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["recall@10"] == pytest.approx(1.0)
+    ideal_q1 = 1 / 1.0  # one relevant doc at rank 2 vs rank 1
+    assert m["ndcg@10"] == pytest.approx(((1 / torch.log2(torch.tensor(3.0)).item()) / ideal_q1 + 1.0) / 2)
+    # TREC DL binarization: only grade >= 2 counts for MRR and recall
+    m2 = retrieval_metrics(qrels, {"q1": run["q1"], "q2": {"d": 2.0, "c": 1.0}}, relevance_level=2)
+    assert m2["mrr@10"] == pytest.approx((0 + 1 / 2) / 2)
+    # MRR@10 ignores hits below rank 10
+    deep = {"q1": {f"x{i}": 100.0 - i for i in range(10)} | {"a": 0.0}}
+    assert retrieval_metrics({"q1": qrels["q1"]}, deep)["mrr@10"] == 0.0
+    assert list(top({"q": {"a": 1.0, "b": 3.0, "c": 2.0}}, 2)["q"]) == ["b", "c"]
+
+
+def test_glue_metrics_on_hand_made_labels():
+    assert glue_metrics("sst2", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+    m = glue_metrics("mrpc", [1, 0, 1, 1], [1, 1, 0, 1])  # tp 2, fp 1, fn 1
+    assert m["accuracy"] == 0.5 and m["f1"] == pytest.approx(2 / 3)
+
+
+def test_bm25_first_stage_ranks_the_matching_document_first():
+    corpus = {"d1": "vitamin d deficiency weakens bones", "d2": "the stock market fell on monday",
+              "d3": "guitar music on stage"}
+    run = bm25_run(corpus, {"q": "stock market crash"}, k=3)
+    assert next(iter(top(run, 1)["q"])) == "d2"
+
+
+def test_data_readers_use_train_and_dev_only_and_dl19_candidates_are_bm25():
+    a, b, labels = load_glue("mrpc", "train", DATA_DIR)
+    assert len(a) == len(b) == len(labels) == 3668 and set(labels) == {0, 1}
+    queries, passages, run, qrels = load_dl19(DATA_DIR)
+    assert len(queries) == 43 and all(len(docs) == 100 for docs in run.values())
+    assert all(p in passages for docs in run.values() for p in docs)
+
+
+# --------------------------------------------------------------------------- the committed task weights
+RANKING_CASES = [
+    ("does vitamin d deficiency cause bone loss",
+     "Vitamin D deficiency leads to reduced calcium absorption and progressive loss of bone mineral density.",
+     "The central bank raised interest rates by a quarter point to curb inflation."),
+    ("how do vaccines produce immunity",
+     "Vaccines expose the immune system to an antigen so that it forms memory B and T cells against the pathogen.",
+     "The guitarist tuned his instrument before the concert started."),
+    ("what is the capital of france",
+     "Paris is the capital and most populous city of France.",
+     "Photosynthesis converts light energy into chemical energy in plants."),
+]
+
+
+def test_ranker_puts_the_relevant_passage_first_for_every_sublm(rerank_dir):
+    ranker = ElasticRanker.from_task_dir(rerank_dir)
+    assert ranker.sublms == SUBLMS
+    for sublm in SUBLMS:
+        for query, relevant, irrelevant in RANKING_CASES:
+            scores = ranker.score(query, [irrelevant, relevant], sublm=sublm)
+            assert scores[1] > scores[0], (sublm, query, scores)
+
+
+def test_sst2_head_predicts_clear_sentences_for_every_sublm(sst2_dir):
+    clf = ElasticClassifier.from_task_dir(sst2_dir)
+    texts = ["a wonderful , moving and beautifully acted film", "an utterly boring and pointless mess",
+             "one of the best movies of the year", "the worst script i have ever seen"]
+    for sublm in SUBLMS:
+        labels, probs = clf.predict(texts, sublm=sublm)
+        assert labels == ["positive", "negative", "positive", "negative"], (sublm, probs)
+
+
+def test_task_models_keep_the_backbones_speed_structure(sst2_dir, checkpoint_dir):
+    """Merged adapters are plain weights: same shapes, same SubLM set as the backbone."""
+    model = load_task(sst2_dir)
+    backbone = load_checkpoint(checkpoint_dir)
+    assert model.encoder.config.sublms == backbone.config.sublms
+    assert {k: v.shape for k, v in model.encoder.state_dict().items()} == \
+        {k: v.shape for k, v in backbone.state_dict().items()}
