@@ -18,7 +18,7 @@ import torch
 
 from .data import DEFAULT_DATA_DIR, _read_tsv
 from .optimize import length_bucketed_batches
-from .tasks import (FitConfig, TaskConfig, TaskModel, fit, load_task, new_task_model, pad_encoded, predict_logits,
+from .tasks import (FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, pad_encoded, predict_logits,
                     save_task)
 
 
@@ -62,22 +62,8 @@ def glue_metrics(task: str, labels, predictions) -> dict[str, float]:
     return out
 
 
-class ElasticClassifier:
+class ElasticClassifier(TaskPredictor):
     """``predict(texts, pairs=None, sublm=...)`` -> (label names, probabilities) from any SubLM."""
-
-    def __init__(self, model: TaskModel, tokenizer=None):
-        from .model import load_tokenizer
-
-        self.model = model
-        self.tokenizer = tokenizer or load_tokenizer(model.encoder.config)
-
-    @classmethod
-    def from_task_dir(cls, task_dir: str | Path, device="cpu") -> "ElasticClassifier":
-        return cls(load_task(task_dir, device))
-
-    @property
-    def sublms(self) -> list[str]:
-        return self.model.sublms
 
     @property
     def labels(self) -> list[str]:

@@ -24,28 +24,13 @@ import numpy as np
 import torch
 
 from .data import DEFAULT_DATA_DIR, BeirDataset, _read_jsonl, load_scifact
-from .tasks import (FitConfig, TaskConfig, TaskModel, fit, load_task, new_task_model, pad_encoded, predict_logits,
-                    save_task)
+from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, pad_encoded, predict_logits, save_task
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 
 
-class ElasticRanker:
+class ElasticRanker(TaskPredictor):
     """``score(query, passages, sublm=...)`` -> one relevance score per passage (higher: more relevant)."""
-
-    def __init__(self, model: TaskModel, tokenizer=None):
-        from .model import load_tokenizer
-
-        self.model = model
-        self.tokenizer = tokenizer or load_tokenizer(model.encoder.config)
-
-    @classmethod
-    def from_task_dir(cls, task_dir: str | Path, device="cpu") -> "ElasticRanker":
-        return cls(load_task(task_dir, device))
-
-    @property
-    def sublms(self) -> list[str]:
-        return self.model.sublms
 
     @property
     def max_length(self) -> int:

@@ -258,10 +258,22 @@ def fit(model: TaskModel, make_batch, fit_cfg: FitConfig, sublms: list[str], gro
     return log
 
 
-def task_tokenizer(model: TaskModel):
-    return load_tokenizer(model.encoder.config)
+class TaskPredictor:
+    """What ElasticRanker and ElasticClassifier share: a loaded task model, its tokenizer, its SubLMs."""
+
+    def __init__(self, model: TaskModel, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer or load_tokenizer(model.encoder.config)
+
+    @classmethod
+    def from_task_dir(cls, task_dir: str | Path, device="cpu"):
+        return cls(load_task(task_dir, device))
+
+    @property
+    def sublms(self) -> list[str]:
+        return self.model.sublms
 
 
 __all__ = ["TaskConfig", "TaskModel", "LowRankUpdate", "add_adapters", "merge_adapters", "new_task_model",
            "save_task", "load_task", "pad_encoded", "predict_logits", "choice_loss", "elastic_task_step",
-           "FitConfig", "fit"]
+           "FitConfig", "fit", "TaskPredictor"]

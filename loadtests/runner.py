@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from loadtests.analysis import read_records, summarize, timeline
+from loadtests.peer import port_is_free
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("elastic", "static-full", "static-smallest", "infinity")
@@ -53,17 +54,6 @@ def serve_variant(base: dict, name: str, sublms: list[str]) -> dict:
         if d["name"] == "ElasticReplica" and "autoscaling_config" in d:
             d["autoscaling_config"].pop("policy", None)  # Serve's ordinary queue-length autoscaling
     return cfg
-
-
-def _port_is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _healthy(url: str) -> bool:
@@ -135,7 +125,7 @@ class ServeDeployment:
                 pass
         self.redis.stop()
         deadline = time.monotonic() + 30
-        while not all(_port_is_free(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
+        while not all(port_is_free(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 

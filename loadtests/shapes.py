@@ -271,15 +271,20 @@ def _validate_points(points: list[tuple[float, float]], where: str) -> None:
         raise ValueError(f"{where}: a trace needs at least 2 points (the last one marks the end), got {len(points)}")
     previous = None
     for i, (t, r) in enumerate(points):
-        if not (math.isfinite(t) and math.isfinite(r)):
-            raise ValueError(f"{where}: point {i} ({t}, {r}) is not finite")
-        if t < 0:
-            raise ValueError(f"{where}: point {i}: seconds must be >= 0, got {t}")
-        if r < 0:
-            raise ValueError(f"{where}: point {i}: requests_per_second must be >= 0, got {r}")
-        if previous is not None and t <= previous:
-            raise ValueError(f"{where}: point {i}: seconds must increase strictly, got {t} after {previous}")
+        _check_point(f"{where}: point {i}", t, r, previous)
         previous = t
+
+
+def _check_point(where: str, t: float, r: float, previous_t: float | None) -> None:
+    """One (seconds, requests per second) point: finite, non-negative, after the previous one."""
+    if not (math.isfinite(t) and math.isfinite(r)):
+        raise ValueError(f"{where}: values must be finite, got ({t}, {r})")
+    if t < 0:
+        raise ValueError(f"{where}: seconds must be >= 0, got {t}")
+    if r < 0:
+        raise ValueError(f"{where}: requests_per_second must be >= 0, got {r}")
+    if previous_t is not None and t <= previous_t:
+        raise ValueError(f"{where}: seconds must increase strictly, got {t} after {previous_t}")
 
 
 def _number(cell: str) -> float | None:
@@ -309,14 +314,7 @@ def read_trace_csv(path: str | Path) -> list[tuple[float, float]]:
             if t is None or r is None:
                 bad = cells[0] if t is None else cells[1]
                 raise ValueError(f"{where}: not a number: {bad!r}")
-            if not (math.isfinite(t) and math.isfinite(r)):
-                raise ValueError(f"{where}: values must be finite, got {cells}")
-            if t < 0:
-                raise ValueError(f"{where}: seconds must be >= 0, got {t}")
-            if r < 0:
-                raise ValueError(f"{where}: requests_per_second must be >= 0, got {r}")
-            if previous_t is not None and t <= previous_t:
-                raise ValueError(f"{where}: seconds must increase strictly, got {t} after {previous_t}")
+            _check_point(where, t, r, previous_t)
             points.append((t, r))
             previous_t = t
     if len(points) < 2:

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,7 @@ import psutil
 import pytest
 
 from deployments.local import free_port
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+from loadtests.peer import port_is_free
 
 
 def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path):

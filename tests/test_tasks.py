@@ -15,20 +15,21 @@ from conftest import DATA_DIR, SENTENCES
 SUBLMS = ["w100", "w75", "w50", "w25"]
 
 
+def _committed(checkpoint_dir, task):
+    path = checkpoint_dir / "tasks" / task
+    if not (path / "adapter.safetensors").exists():
+        pytest.fail(f"no {task} weights at {path}")
+    return path
+
+
 @pytest.fixture(scope="module")
 def sst2_dir(checkpoint_dir):
-    path = checkpoint_dir / "tasks" / "sst2"
-    if not (path / "adapter.safetensors").exists():
-        pytest.fail(f"no SST-2 head at {path}")
-    return path
+    return _committed(checkpoint_dir, "sst2")
 
 
 @pytest.fixture(scope="module")
 def rerank_dir(checkpoint_dir):
-    path = checkpoint_dir / "tasks" / "rerank"
-    if not (path / "adapter.safetensors").exists():
-        pytest.fail(f"no ranker at {path}")
-    return path
+    return _committed(checkpoint_dir, "rerank")
 
 
 # --------------------------------------------------------------------------- adapters
