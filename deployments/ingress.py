@@ -91,11 +91,12 @@ class Ingress:
         job = self.validator.embed_job(inputs, truncate=truncate, min_sublm=min_sublm, kind=kind,
                                        deadline_ms=deadline_ms)
         try:
-            return await self.replica.embed.remote(job)
+            result = await self.replica.embed.remote(job)
         except BackPressureError:
             raise RequestError(503, "overloaded: every replica's queue is full; retry shortly", "Overloaded") from None
-        except RequestError as e:  # refused by the replica's admission (arrives wrapped by Ray)
-            raise RequestError(e.status, e.message, e.error_type) from None
+        if isinstance(result, RequestError):  # refused by the replica's admission
+            raise result
+        return result
 
     @staticmethod
     def _deadline(raw) -> float | None:

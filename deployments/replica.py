@@ -118,14 +118,16 @@ class ElasticReplica:
         self.last_reading = reading
         return reading
 
-    async def embed(self, job: EmbedJob) -> EmbedResult:
-        """The replica API both ingresses call."""
+    async def embed(self, job: EmbedJob) -> EmbedResult | RequestError:
+        """The replica API both ingresses call: the result, or the refusal of an overloaded replica."""
         n = len(job.input_ids)
         job.arrived = time.perf_counter()
         if self.admission_factor and self.predicted_wait_ms(job) > self.admission_factor * self._target(job):
             self.m_shed.inc()
-            raise RequestError(503, "overloaded: this request cannot be answered within its latency target; "
-                                    "retry shortly", "Overloaded")
+            # returned, not raised: under overload this is the common path, and Ray would log a
+            # traceback for every raised one; the ingress raises it
+            return RequestError(503, "overloaded: this request cannot be answered within its latency target; "
+                                     "retry shortly", "Overloaded")
         self.local_depth += n
         try:
             result = await self._embed_batch(job)

@@ -43,10 +43,13 @@ LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 
 
 # --------------------------------------------------------------------------- what runs
-def serve_variant(base: dict, name: str, sublms: list[str]) -> dict:
-    """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching)."""
+def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = True) -> dict:
+    """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching).
+    ``admission=False`` queues everything (up to the Serve queues): for measuring saturation throughput."""
     cfg = copy.deepcopy(base)
     (app,) = cfg["applications"]
+    if not admission:
+        app["args"]["admission_factor"] = 0
     if name == "elastic":
         return cfg
     app["args"]["sublms"] = [sublms[0] if name == "static-full" else sublms[-1]]
@@ -97,12 +100,14 @@ class ServeDeployment:
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + timeout_s
-        while not _healthy(self.url + "/health"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text()[-3000:]
-                self.stop()
-                raise RuntimeError(f"elasticlm serve did not become healthy:\n{tail}")
-            time.sleep(1)
+        try:
+            while not _healthy(self.url + "/health"):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"elasticlm serve did not become healthy:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        except BaseException:  # not healthy, or the runner is being stopped: leave nothing behind
+            self.stop()
+            raise
         return self
 
     def replicas(self) -> int:
@@ -198,9 +203,13 @@ def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: Lo
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         try:
             proc.wait(timeout=opts.duration_s + 120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=30)
+        finally:  # ran over, or the runner is being stopped: Locust goes too
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def warm_up(deployment, peer: bool, n: int = 20) -> None:
@@ -224,11 +233,11 @@ def sample_replicas(deployment, stop: threading.Event, out: list, every_s: float
 
 
 def _deployment(kind: str, run_dir: Path, base_config: dict, sublms: list[str], target_ms: float,
-                num_cpus: int | None, label: str):
+                num_cpus: int | None, label: str, admission: bool = True):
     if kind == "infinity":
         return PeerDeployment(run_dir / f"{label}.server.log")
     cfg_path = run_dir / f"config.{label}.yaml"
-    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms), sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms, admission), sort_keys=False))
     return ServeDeployment(cfg_path, target_ms, run_dir / f"{label}.server.log", num_cpus)
 
 
@@ -304,7 +313,9 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
         texts = sampler.sample("capacity", seq)[1]
         return {"model": "all-MiniLM-L6-v2", "input": texts} if peer else {"inputs": texts}
 
-    deployment = _deployment(name, run_dir, base_config, sublms, target_ms, num_cpus, label=f"{name}.capacity")
+    # saturation throughput: everything is queued, nothing refused for being late (as infinity-emb does)
+    deployment = _deployment(name, run_dir, base_config, sublms, target_ms, num_cpus, label=f"{name}.capacity",
+                             admission=False)
     log(f"[{name}] measuring capacity: {concurrency} closed-loop clients, {warmup_s:.0f} s + {measure_s:.0f} s ...")
     deployment.start()
     try:
@@ -519,5 +530,9 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    def stop(signum, _frame):  # unwind, so every deployment's ``finally`` tears it down
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     run_experiment(args)
     return 0

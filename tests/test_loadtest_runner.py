@@ -60,6 +60,10 @@ def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
     assert "policy" in next(d for d in elastic["applications"][0]["deployments"]
                             if d["name"] == "ElasticReplica")["autoscaling_config"]
     assert "sublms" not in base["applications"][0]["args"]  # the base config is not modified
+    # the capacity probe measures saturation: nothing refused for being late
+    probe = serve_variant(base, "static-full", SUBLMS, admission=False)
+    assert probe["applications"][0]["args"]["admission_factor"] == 0
+    assert "admission_factor" not in full["applications"][0]["args"]
     for cfg in (full, small, elastic):  # Ray's own schema accepts them
         load_serve_config_from_dict(cfg)
 
