@@ -9,6 +9,10 @@ Per configuration (``summarize``):
   * effective accuracy: the same, but a request counts only if answered within T, averaged over all
     requests sent: the "Model-Switching" metric, where a late answer is worth nothing.
 
+Latency is counted from when the request was *due* (open loop): ``lag_ms`` (the generator started it
+late because every user was still waiting on the server) plus ``latency_ms``. A client whose
+requests queue up behind a slow server sees both; for a server that keeps up, lag is ~0.
+
 ``timeline`` bins the same records per second for the plots.
 """
 
@@ -39,6 +43,11 @@ def read_records(path: str | Path) -> tuple[dict, list[dict], dict]:
     return run, requests, summary
 
 
+def response_ms(r: dict) -> float:
+    """From when the request was due to its answer."""
+    return r["latency_ms"] + r.get("lag_ms", 0.0)
+
+
 def summarize(requests: list[dict], target_ms: float, quality: dict[str, float], t0: float | None = None,
               window: tuple[float, float] | None = None) -> dict:
     """Metrics of one configuration. ``quality``: SubLM (or peer model) name -> NDCG@10.
@@ -48,8 +57,8 @@ def summarize(requests: list[dict], target_ms: float, quality: dict[str, float],
         requests = [r for r in requests if window[0] <= r["start_ts"] - start < window[1]]
     n = len(requests)
     ok = [r for r in requests if r["status"] == "ok"]
-    in_time = [r for r in ok if r["latency_ms"] <= target_ms]
-    lat = np.array([r["latency_ms"] for r in ok]) if ok else np.array([np.nan])
+    in_time = [r for r in ok if response_ms(r) <= target_ms]
+    lat = np.array([response_ms(r) for r in ok]) if ok else np.array([np.nan])
     span = (max(r["start_ts"] + r["latency_ms"] / 1000 for r in requests) - min(r["start_ts"] for r in requests)) \
         if requests else 0.0
     unknown = sorted({r["sublm"] for r in ok} - set(quality))
@@ -74,10 +83,11 @@ def summarize(requests: list[dict], target_ms: float, quality: dict[str, float],
 
 
 def timeline(requests: list[dict], t0: float, bin_s: float = 1.0) -> dict:
-    """Per-bin offered and answered rates, latency percentiles and SubLM shares (by start time)."""
+    """Per-bin offered and answered rates, latency percentiles and SubLM shares, by when each request
+    was due (so "offered" is the shape's rate even if the generator fell behind)."""
     bins: dict[int, list[dict]] = defaultdict(list)
     for r in requests:
-        bins[int((r["start_ts"] - t0) // bin_s)].append(r)
+        bins[int((r["start_ts"] - r.get("lag_ms", 0.0) / 1000 - t0) // bin_s)].append(r)
     if not bins:
         return {"t": [], "offered_rps": [], "ok_rps": [], "shed_rps": [], "p50_ms": [], "p99_ms": [], "sublm_share": {}}
     idx = list(range(0, max(bins) + 1))
@@ -87,7 +97,7 @@ def timeline(requests: list[dict], t0: float, bin_s: float = 1.0) -> dict:
     for i in idx:
         rs = bins.get(i, [])
         ok = [r for r in rs if r["status"] == "ok"]
-        lat = [r["latency_ms"] for r in ok]
+        lat = [response_ms(r) for r in ok]
         out["offered_rps"].append(len(rs) / bin_s)
         out["ok_rps"].append(len(ok) / bin_s)
         out["shed_rps"].append(sum(r["status"] == "shed" for r in rs) / bin_s)

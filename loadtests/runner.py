@@ -464,18 +464,23 @@ def run_experiment(args, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     quality = sublm_quality()
 
-    capacity = args.capacity_rps or measure_capacity("static-full", opts, run_dir, base, sublms, target_ms,
-                                                     args.num_cpus, args.probe_concurrency, log=log)
-    log(f"capacity of the full SubLM: {capacity:.1f} req/s")
-    peer_capacity = None
-    if args.peer_capacity and "infinity" in configs:
-        peer_capacity = measure_capacity("infinity", opts, run_dir, base, sublms, target_ms, args.num_cpus,
-                                         args.probe_concurrency, log=log)
-        log(f"capacity of infinity-emb: {peer_capacity:.1f} req/s")
+    previous = json.loads((Path(args.out_dir) / f"{run_name}.json").read_text()) if args.reanalyze else None
+    if previous:  # the record files of an earlier run, analysed again: nothing is started
+        capacity, peer_capacity, configs = previous["capacity_rps"], previous["peer_capacity_rps"], list(previous["configs"])
+    else:
+        capacity = args.capacity_rps or measure_capacity("static-full", opts, run_dir, base, sublms, target_ms,
+                                                         args.num_cpus, args.probe_concurrency, log=log)
+        log(f"capacity of the full SubLM: {capacity:.1f} req/s")
+        peer_capacity = None
+        if args.peer_capacity and "infinity" in configs:
+            peer_capacity = measure_capacity("infinity", opts, run_dir, base, sublms, target_ms, args.num_cpus,
+                                             args.probe_concurrency, log=log)
+            log(f"capacity of infinity-emb: {peer_capacity:.1f} req/s")
 
     results = {}
     for name in configs:
-        record = run_configuration(name, opts, capacity, run_dir, base, sublms, target_ms, args.num_cpus, log)
+        record = run_dir / f"{name}.records.jsonl" if previous else \
+            run_configuration(name, opts, capacity, run_dir, base, sublms, target_ms, args.num_cpus, log)
         run, requests, summary = read_records(record)
         t0 = run["started_at"]
         replicas = json.loads((run_dir / f"{name}.replicas.json").read_text())
@@ -486,7 +491,8 @@ def run_experiment(args, log=print) -> dict:
         log(f"[{name}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
             f"failures {s['failures']}  quality {s['mean_served_quality']:.4f}  eff. acc {s['effective_accuracy']:.4f}")
     shape = json.loads(json.dumps(run["shape"])) if results else {}
-    doc = {"run": run_name, "command": "elasticlm loadtest " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
+    command = previous["command"] if previous else "elasticlm loadtest " + " ".join(args.argv)
+    doc = {"run": run_name, "command": command, "date": previous["date"] if previous else time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.platform()}",
            "target_ms": target_ms, "capacity_rps": capacity, "peer_capacity_rps": peer_capacity, "shape": shape,
            "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
@@ -527,6 +533,8 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", default="runs/loadtest", help="record files and server logs")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="the result JSON")
     p.add_argument("--docs-dir", default=str(REPO / "docs"), help="loadtests.md and img/<run>.png")
+    p.add_argument("--reanalyze", action="store_true",
+                   help="rebuild the JSON, plot and table of run --name from its record files; start nothing")
 
 
 def main(args) -> int:

@@ -33,6 +33,14 @@ def test_summary_counts_shed_and_late_requests_as_slo_misses():
     assert s["p50_ms"] == pytest.approx(120)
 
 
+def test_a_request_the_generator_started_late_counts_its_lag():
+    """Open loop: latency runs from when the request was due, not from when a free user sent it."""
+    late = {**_req(0.0, 100), "lag_ms": 400.0}
+    s = summarize([_req(0.0, 100), late], target_ms=150, quality=QUALITY)
+    assert s["slo_attainment"] == 0.5 and s["p99_ms"] > 450
+    assert timeline([late], t0=999.0)["t"] == [0]  # binned by due time (1000 - 0.4 s)
+
+
 def test_summary_refuses_a_sublm_without_a_quality_figure():
     with pytest.raises(KeyError, match="w75"):
         summarize([_req(0, 10, sublm="w75")], 150, QUALITY)
