@@ -122,7 +122,10 @@ class ElasticReplica:
         """The replica API both ingresses call: the result, or the refusal of an overloaded replica."""
         n = len(job.input_ids)
         job.arrived = time.perf_counter()
-        if self.admission_factor and self.predicted_wait_ms(job) > self.admission_factor * self._target(job):
+        # an idle replica always tries (refusing could not help anyone), unless the client's own
+        # deadline is impossible even so
+        busy = self.local_depth > 0 or job.deadline_ms is not None
+        if self.admission_factor and busy and self.predicted_wait_ms(job) > self.admission_factor * self._target(job):
             self.m_shed.inc()
             # returned, not raised: under overload this is the common path, and Ray would log a
             # traceback for every raised one; the ingress raises it
