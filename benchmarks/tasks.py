@@ -47,9 +47,12 @@ def main():
     tasks = Path(args.checkpoint) / "tasks"
     skip = set(filter(None, args.skip.split(",")))
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    result = {"command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} x{os.cpu_count()} CPUs", "glue": previous.get("glue", {}),
-              "rerank": previous.get("rerank", {})}
+    # a skipped part keeps its previous figures, and the command and date that produced them
+    command = {"command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()} x{os.cpu_count()} CPUs"}
+    result = {"runs": {part: previous.get("runs", {}).get(part) if part in skip else command
+                       for part in ("rerank", "glue")},
+              "glue": previous.get("glue", {}), "rerank": previous.get("rerank", {})}
     if "glue" not in skip:
         for task in GLUE:
             if (tasks / task / "adapter.safetensors").exists():
@@ -90,9 +93,11 @@ def targets(r: dict) -> dict:
 
 
 def markdown(r: dict) -> str:
-    parts = [f"Command: `{r['command']}` ({r['machine']}, {r['date']}). Task heads: LoRA adapters + linear head on "
-             "the shared elastic backbone (`elastic_core/tasks.py`), merged at load time, so each task SubLM runs "
-             "at the backbone SubLM's speed (latency table above)."]
+    runs = "; ".join(f"{part}: `{run['command']}` ({run['machine']}, {run['date']})"
+                     for part, run in r["runs"].items() if run)
+    parts = [f"Commands, {runs}. Task heads: LoRA adapters + linear head on the shared elastic backbone "
+             "(`elastic_core/tasks.py`), merged at load time, so each task SubLM runs at the backbone SubLM's "
+             "speed (latency table above)."]
     for name, runs in (("SciFact test", r["rerank"].get("scifact", {})),):
         for stage, res in runs.items():
             parts.append(_rerank_table(f"ElasticRanker on {name}, reranking the {res['first_stage_name']} top-"
@@ -105,11 +110,13 @@ def markdown(r: dict) -> str:
         metrics = list(next(iter(res["sublms"].values())))
         lines = [f"**GLUE {task.upper()} dev ({res['examples']} examples)**", "",
                  "| SubLM | " + " | ".join(f"elastic {m}" for m in metrics) + " | " +
-                 " | ".join(f"static {m}" for m in metrics) + " |", "|---|" + "---|" * (2 * len(metrics))]
+                 " | ".join(f"static {m}" for m in metrics) + " | elastic − static accuracy |",
+                 "|---|" + "---|" * (2 * len(metrics) + 1)]
         for s, row in res["sublms"].items():
             st = res.get("static", {}).get(s)
+            gap = f"{100 * (row['accuracy'] - st['accuracy']):+.2f} points" if st else ""
             lines.append(f"| {s} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + " | " +
-                         " | ".join(f"{st[m]:.4f}" if st else "not trained" for m in metrics) + " |")
+                         " | ".join(f"{st[m]:.4f}" if st else "not trained" for m in metrics) + f" | {gap} |")
         parts.append("\n".join(lines))
     parts.append("Targets:\n" + "\n".join(
         f"- {'met' if v['met'] else '**missed**'}: {k} (" +

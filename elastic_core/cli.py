@@ -21,14 +21,15 @@ def _cmd_train(args):
         from .ranker import RankerTrainConfig, train_ranker
 
         cfg = RankerTrainConfig(backbone=args.backbone, out=args.out, data_dir=args.data_dir, seed=args.seed,
-                                device=args.device, **_given(args, "steps", "lr", "max_length"))
+                                device=args.device, **_given(args, "steps", "lr", "rank", "max_length"))
         print(train_ranker(cfg))
     elif args.task == "glue":
         from .classify import GlueTrainConfig, train_glue
 
         cfg = GlueTrainConfig(task=args.glue_task, backbone=args.backbone, out=args.out, static=args.static,
                               data_dir=args.data_dir, steps=args.steps, batch_size=args.batch_size or 32,
-                              max_length=args.max_length, seed=args.seed, device=args.device, **_given(args, "lr"))
+                              max_length=args.max_length, seed=args.seed, device=args.device,
+                              **_given(args, "lr", "rank"))
         print(train_glue(cfg))
     else:
         from .optimize import TrainConfig, train
@@ -160,6 +161,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, help="token cap of the training texts")
     p.add_argument("--lr", type=float)
+    p.add_argument("--rank", type=int, help="rerank / glue: LoRA rank of the task adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_train)

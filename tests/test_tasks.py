@@ -1,10 +1,12 @@
 """ElasticRanker and the GLUE heads: the adapter machinery, the training step, the metrics, and the
 committed task weights on hand-made cases."""
 
+import json
+
 import pytest
 import torch
 
-from elastic_core.classify import ElasticClassifier, glue_metrics, load_glue
+from elastic_core.classify import GLUE_TASKS, ElasticClassifier, GlueTrainConfig, glue_metrics, load_glue, train_glue
 from elastic_core.model import load_checkpoint
 from elastic_core.ranker import ElasticRanker, bm25_run, load_dl19, retrieval_metrics, top
 from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
@@ -132,6 +134,24 @@ def test_data_readers_use_train_and_dev_only_and_dl19_candidates_are_bm25():
     assert all(p in passages for docs in run.values() for p in docs)
 
 
+def test_glue_training_uses_the_tasks_recipe_and_its_output_reloads(checkpoint_dir, tmp_path):
+    """``elasticlm train glue`` end to end on a 12-sentence SST-2: recipe defaults, log, saved head."""
+    sst2 = tmp_path / "data" / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    rows = [("a joy to watch", 1), ("dull and lifeless", 0), ("warm and funny", 1), ("a tedious bore", 0)] * 3
+    (sst2 / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    out = train_glue(GlueTrainConfig(task="sst2", backbone=str(checkpoint_dir), static="w50", steps=3,
+                                     batch_size=4, data_dir=str(tmp_path / "data"), out=str(tmp_path / "head"),
+                                     log_dir=str(tmp_path / "logs")), progress=False)
+    config = json.loads((out / "task_config.json").read_text())
+    recipe = GLUE_TASKS["sst2"]
+    assert config["rank"] == recipe.rank and config["train"]["lr"] == recipe.lr and config["sublms"] == ["w50"]
+    log = [json.loads(line) for line in (tmp_path / "logs" / "sst2-static-w50.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["w50"] > 0 for r in log)
+    labels, probs = ElasticClassifier.from_task_dir(out).predict(["a joy to watch"], sublm="w50")
+    assert labels[0] in ("positive", "negative") and probs.shape == (1, 2)
+
+
 # --------------------------------------------------------------------------- the committed task weights
 RANKING_CASES = [
     ("does vitamin d deficiency cause bone loss",
@@ -162,6 +182,17 @@ def test_sst2_head_predicts_clear_sentences_for_every_sublm(sst2_dir):
     for sublm in SUBLMS:
         labels, probs = clf.predict(texts, sublm=sublm)
         assert labels == ["positive", "negative", "positive", "negative"], (sublm, probs)
+
+
+def test_mrpc_head_tells_a_paraphrase_from_an_unrelated_sentence_for_every_sublm(checkpoint_dir):
+    clf = ElasticClassifier.from_task_dir(_committed(checkpoint_dir, "mrpc"))
+    first = ["The company said its profit rose 10 percent in the third quarter.",
+             "The senator voted against the bill on Tuesday."]
+    second = ["Third-quarter profit climbed 10 percent, the company said.",
+              "Heavy rain flooded several streets in the city center."]
+    for sublm in SUBLMS:
+        labels, probs = clf.predict(first, second, sublm=sublm)
+        assert labels == ["equivalent", "not_equivalent"], (sublm, probs)
 
 
 def test_task_models_keep_the_backbones_speed_structure(sst2_dir, checkpoint_dir):
