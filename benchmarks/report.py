@@ -14,7 +14,7 @@ compare ratios within a table, not absolute numbers across tables.
 """
 TITLES = {
     "core": "Quality and latency of the elastic checkpoint (issue 2): `benchmarks/core.py`",
-    "serving": "Serving overheads and throughput (issue 4): `benchmarks/serving.py`",
+    "serving": "The serving core: raw model, this stack and infinity-emb (issues 4, 10): `benchmarks/serving.py`",
     "tasks": "ElasticRanker and GLUE classification (issue 3): `benchmarks/tasks.py`",
 }
 

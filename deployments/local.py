@@ -25,16 +25,43 @@ GRPC_SERVICERS = [
     "deployments.grpc_api.servicer.add_ElasticLMServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+# How Ray Serve runs this stack. Each replica answers HTTP and gRPC itself (direct ingress) and Serve's
+# bundled HAProxy, on the HTTP and gRPC ports, balances over the replicas (least connections); the
+# replica's code runs on its main event loop. Measured on 2 cores: 1.5 ms of CPU per request outside the
+# model on this path, 8 through Serve's Python proxy (docs/benchmarks.md, serving knobs).
+# Ray reads these when each of its processes starts: set them before Ray starts (`elasticlm serve` does;
+# on Kubernetes cluster/kuberay/rayservice.yaml sets them on every node).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # a stopping replica stays open this long so HAProxy can take it out first (default 30 s); one
+    # machine reloads HAProxy in well under a second
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+    # HAProxy logs every request to a socket that an actor parses into request metrics: ~5 % of the
+    # throughput at 64 x 1 here; the replicas count requests themselves instead
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
+
+
+_HANDED_OUT: set[int] = set()
 
 
 def free_port(preferred: int) -> int:
-    for port in (preferred, 0):
+    """A port free right now: ``preferred`` if it is, else one the OS picks. A port is released as soon
+    as it is found, so the OS may offer it again: never hand the same one out twice in one process
+    (a stack's HTTP port must not also become its Redis port)."""
+    for port in (preferred, *[0] * 20):
+        if port and port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
             except OSError:
                 continue
+            found = s.getsockname()[1]
+        if found not in _HANDED_OUT:
+            _HANDED_OUT.add(found)
+            return found
     raise RuntimeError("no free port")
 
 
@@ -98,10 +125,21 @@ def app_from_config(config, overrides: dict | None = None):
     return app_cfg, bind_app(args, options)
 
 
+def serve_environment() -> dict[str, str]:
+    """``SERVE_ENV``, plus ports of HAProxy's own (stats, metrics) that are free on this machine, so two
+    stacks on one machine (a test beside `elasticlm serve`) never share them."""
+    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(0)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(0))}
+
+
 def start_ray(num_cpus: int | None = None):
+    """A local Ray instance whose processes all see ``serve_environment()`` (what the environment
+    already sets wins: e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs Serve's Python proxy instead)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in serve_environment().items():
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
@@ -140,7 +178,20 @@ def _die_with_parent():
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def busy_ports(host: str, *ports: int) -> list[int]:
+    from loadtests.peer import port_is_free
+
+    return [p for p in ports if not port_is_free(p, host)]
+
+
 def main(args) -> int:
+    # a second stack on the same ports would come up "fine" (HAProxy listens with SO_REUSEPORT) and
+    # take half of the first one's traffic: refuse at once instead
+    taken = busy_ports(args.host, args.http_port, args.grpc_port)
+    if taken:
+        print(f"elasticlm serve: port {', '.join(map(str, taken))} on {args.host} is already in use "
+              "(another elasticlm serve?); stop it or choose --http-port / --grpc-port", file=sys.stderr, flush=True)
+        return 2
     config = load_serve_config(args.config)
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
     redis_server = None

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from elastic_core.schedule import DepthReading
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,13 +49,6 @@ for i = 1, #beats, 2 do
 end
 return {total, live}
 """
-
-
-@dataclass(frozen=True)
-class DepthReading:
-    global_depth: int     # texts queued or running on all live replicas (this one included)
-    live_replicas: int
-    from_redis: bool      # False: Redis unreachable, this is the local depth only
 
 
 class GlobalQueueDepth:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batching import pad
 from .data import DEFAULT_DATA_DIR, _read_tsv
 from .optimize import length_bucketed_batches
-from .tasks import (FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, pad_encoded, predict_logits,
+from .tasks import (FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits,
                     save_task)
 
 
@@ -138,7 +139,9 @@ def train_glue(cfg: GlueTrainConfig, progress: bool = True) -> Path:
         while step >= len(batches):
             batches.extend(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + len(batches)))
         idx = batches[step]
-        return pad_encoded(enc, idx, tokenizer.pad_token_id, device), labels_t[idx].to(device)
+        batch = pad([enc["input_ids"][i] for i in idx], tokenizer.pad_token_id,
+                    [enc["token_type_ids"][i] for i in idx], device)
+        return batch, labels_t[idx].to(device)
 
     desc = f"{cfg.task} " + (f"static {cfg.static}" if cfg.static else "elastic optimization")
     run_name = f"{cfg.task}-static-{cfg.static}" if cfg.static else f"{cfg.task}-elastic"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batching import Chunking, run_chunked
 from .model import ElasticEncoder, load_checkpoint, load_tokenizer
 
 KINDS = ("query", "passage")
@@ -45,29 +46,16 @@ class ElasticDenser:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         sublm = sublm or self.sublms[0]
         enc = self.tokenize(texts)
-        return self.encode_tokenized(enc["input_ids"], sublm, batch_size, progress)
+        return self.encode_tokenized(enc["input_ids"], sublm, Chunking(batch_size), progress)
 
-    @torch.inference_mode()
-    def encode_tokenized(self, input_ids: list[list[int]], sublm: str, batch_size: int = 32,
+    def forward(self, sublm: str, input_ids: list[list[int]], token_type_ids=None,
+                chunking: Chunking = Chunking()) -> np.ndarray:
+        """The serving engine's runner interface (``elastic_core.engine.Runner``)."""
+        return self.encode_tokenized(input_ids, sublm, chunking)
+
+    def encode_tokenized(self, input_ids: list[list[int]], sublm: str, chunking: Chunking = Chunking(),
                          progress=None) -> np.ndarray:
-        """Embeddings of already-tokenized texts; batches are sorted by length to waste no padding."""
-        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
-        out = np.empty((len(input_ids), self.model.config.hidden_size), dtype=np.float32)
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids, mask = pad_batch([input_ids[i] for i in idx], pad, self.device)
-            out[idx] = self.model.embed(ids, mask, sublm=sublm).float().cpu().numpy()
-            if progress is not None:
-                progress.update(len(idx))
-        return out
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, device="cpu"):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.as_tensor(s)
-        mask[r, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+        """Embeddings of already-tokenized texts, run as length-sorted chunks (``elastic_core.batching``)."""
+        return run_chunked(input_ids, lambda b: self.model.embed(b["input_ids"], b["attention_mask"], sublm=sublm,
+                                                                 packed=chunking.packed),
+                           self.tokenizer.pad_token_id, chunking, device=self.device, progress=progress)

@@ -41,24 +41,18 @@ def dense_run(query_ids, query_emb, doc_ids, doc_emb, k: int = 100) -> dict[str,
             for q, vals, idx in zip(query_ids, top.values, top.indices)}
 
 
-@torch.inference_mode()
 def encode_with_hf(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 32, progress=None):
     """The teacher exactly as shipped: HF AutoModel, mean pooling, L2 normalization."""
     from transformers import AutoModel, AutoTokenizer
 
+    from .batching import Chunking, run_chunked
     from .model import mean_pool_normalize
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModel.from_pretrained(str(model_dir)).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out[idx] = mean_pool_normalize(model(**b).last_hidden_state, b["attention_mask"]).numpy()
-        if progress is not None:
-            progress.update(len(idx))
-    return out
+    ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    return run_chunked(ids, lambda b: mean_pool_normalize(model(**b).last_hidden_state, b["attention_mask"]),
+                       tok.pad_token_id, Chunking(batch_size), progress=progress)
 
 
 def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,

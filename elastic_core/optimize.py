@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .denser import pad_batch
+from .batching import pad
 from .model import (ElasticEncoder, load_bert, load_tokenizer, mean_pool_normalize, permute_by_importance,
                     resolve_device, save_checkpoint, score_importance, width_sublms)
 
@@ -100,8 +100,7 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int) -> l
 
 
 def collate(encoded: dict, idx: list[int], pad_id: int, device) -> dict:
-    ids, mask = pad_batch([encoded["input_ids"][i] for i in idx], pad_id, device)
-    return {"input_ids": ids, "attention_mask": mask}
+    return pad([encoded["input_ids"][i] for i in idx], pad_id, device=device)
 
 
 # --------------------------------------------------------------------------- the recipe

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
+import bisect
 import json
+import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .model import ElasticEncoder
@@ -46,15 +47,56 @@ def time_forward_ms(model: ElasticEncoder, sublm: str, batch: int, seq: int, rep
 
 
 def measure_profile(model: ElasticEncoder, batches=(1, 8, 32), seqs=(32, 128, 256), repeats: int = 10,
-                    progress: bool = True) -> "LatencyProfile":
+                    progress: bool = True, warmup: int = 2) -> "LatencyProfile":
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     grid = [(s, b, q) for s in model.config.sublm_names for b in batches for q in seqs]
     entries = []
     for sublm, b, q in tqdm(grid, desc="profile", unit="point", disable=not progress):
-        entries.append({"sublm": sublm, "batch": b, "seq": q, "ms": round(time_forward_ms(model, sublm, b, q, repeats), 3)})
+        ms = time_forward_ms(model, sublm, b, q, repeats, warmup)
+        entries.append({"sublm": sublm, "batch": b, "seq": q, "ms": round(ms, 3)})
     return LatencyProfile(device=device_name(device), entries=entries)
+
+
+def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str | Path | None, batches, seqs,
+                   repeats: int = 2, warmup: int = 1) -> "LatencyProfile":
+    """The profile of ``model`` on this device, measured once and kept in ``cache_dir``.
+
+    A serving replica needs t_k measured on its own device, but measuring takes seconds of the CPU it
+    is about to serve with, every time a replica starts. The table is keyed by what it depends on:
+    the checkpoint (path, size, modification time), the device and its thread count, torch's version
+    and the grid. Contention that differs from the idle measurement is what calibration
+    (``ElasticSchedule``) corrects online, cached or not."""
+    import hashlib
+
+    weights = Path(checkpoint) / "model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    key = json.dumps([str(Path(checkpoint).resolve()), stat.st_size if stat else 0, stat.st_mtime if stat else 0,
+                      device_name(next(model.parameters()).device), torch.__version__, list(batches), list(seqs),
+                      repeats], sort_keys=True)
+    path = Path(cache_dir).expanduser() / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" \
+        if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            return LatencyProfile.load(path)
+        except (ValueError, KeyError, json.JSONDecodeError):
+            pass  # a damaged cache entry is measured again
+    profile = measure_profile(model, batches, seqs, repeats=repeats, progress=False, warmup=warmup)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_suffix(f".{os.getpid()}.tmp")
+        profile.save(staged)
+        staged.replace(path)  # atomic: a replica starting beside this one never reads half a file
+    return profile
+
+
+def _bracket(points: list[float], x: float) -> tuple[int, float]:
+    """(i, w): x lies between points[i] and points[i + 1] at fraction w; below the first point: (0, 0)."""
+    if x <= points[0] or len(points) == 1:
+        return 0, 0.0
+    i = min(bisect.bisect_right(points, x) - 1, len(points) - 2)
+    return i, (x - points[i]) / (points[i + 1] - points[i])
 
 
 @dataclass
@@ -69,28 +111,32 @@ class LatencyProfile:
     entries: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        self._grid: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._grid: dict[str, tuple[list[float], list[float], list[list[float]]]] = {}
         for sublm in dict.fromkeys(e["sublm"] for e in self.entries):
             rows = [e for e in self.entries if e["sublm"] == sublm]
-            bs = np.array(sorted({e["batch"] for e in rows}), dtype=float)
-            ss = np.array(sorted({e["seq"] for e in rows}), dtype=float)
-            ms = np.full((len(bs), len(ss)), np.nan)
-            for e in rows:
-                ms[np.searchsorted(bs, e["batch"]), np.searchsorted(ss, e["seq"])] = e["ms"]
-            if np.isnan(ms).any():
+            bs = sorted({float(e["batch"]) for e in rows})
+            ss = sorted({float(e["seq"]) for e in rows})
+            ms = {(float(e["batch"]), float(e["seq"])): float(e["ms"]) for e in rows}
+            if len(ms) != len(bs) * len(ss):
                 raise ValueError(f"profile for {sublm} is not a full batch x seq grid")
-            self._grid[sublm] = (bs, ss, ms)
+            self._grid[sublm] = (bs, ss, [[ms[b, q] for q in ss] for b in bs])
 
     @property
     def sublms(self) -> list[str]:
         return list(self._grid)
 
     def predict_ms(self, sublm: str, batch: int, seq: int) -> float:
+        """Called for every chunk of every candidate SubLM per batch and per admitted request: plain
+        Python bilinear interpolation (a few microseconds), not numpy on tiny arrays."""
         bs, ss, ms = self._grid[sublm]
         scale = max(1.0, batch / bs[-1]) * max(1.0, seq / ss[-1])
-        b, s = min(batch, bs[-1]), min(seq, ss[-1])
-        per_seq = np.array([np.interp(b, bs, ms[:, j]) for j in range(len(ss))])
-        return float(np.interp(s, ss, per_seq) * scale)
+        i, wb = _bracket(bs, min(float(batch), bs[-1]))
+        j, ws = _bracket(ss, min(float(seq), ss[-1]))
+        lo = ms[i][j] + (ms[i][j + 1] - ms[i][j]) * ws if ws else ms[i][j]
+        if not wb:
+            return lo * scale
+        hi = ms[i + 1][j] + (ms[i + 1][j + 1] - ms[i + 1][j]) * ws if ws else ms[i + 1][j]
+        return (lo + (hi - lo) * wb) * scale
 
     def to_json(self) -> dict:
         return {"device": self.device, "entries": self.entries}

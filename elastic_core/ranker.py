@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batching import pad
 from .data import DEFAULT_DATA_DIR, BeirDataset, _read_jsonl, load_scifact
-from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, pad_encoded, predict_logits, save_task
+from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits, save_task
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 
@@ -142,7 +143,7 @@ def train_ranker(cfg: RankerTrainConfig, progress: bool = True) -> Path:
                 queries.append(ds.queries[q])
                 passages.append(ds.corpus[d])
         enc = tokenizer(queries, passages, truncation="only_second", max_length=cfg.max_length)
-        batch = pad_encoded(enc, list(range(len(queries))), tokenizer.pad_token_id, device)
+        batch = pad(enc["input_ids"], tokenizer.pad_token_id, enc["token_type_ids"], device)
         return batch, torch.zeros(len(chosen), dtype=torch.long, device=device)  # the positive is choice 0
 
     if any(len(negatives[q]) < cfg.negatives for q, _ in positives):

@@ -1,40 +1,50 @@
 """The elastic schedule: per batch, the largest SubLM whose predicted completion fits the target.
 
-The paper's rule for one request with q requests queued ahead is ``(q + 1) * t_k <= T``: a request
-waits for the q ahead of it and then its own inference, all at the cost t_k of SubLM k.
+The rule (``choose_sublm``) is the ElasticLM paper's: with q requests queued, run the largest SubLM k
+with ``(q + 1) * t_k <= T``: the queue drains within T if every request in it runs on k.
 
-Generalised to batches and to R replicas sharing one global queue of depth Q (requests queued or
-running on all live replicas, this batch excluded): each replica drains about Q / R requests in
-batches of up to B, so ``q = ceil(Q / (R * B))`` batches lie ahead, each costing about
-t_k(B, seq). The batch now being scheduled costs t_k(b, seq) and has already waited
-``elapsed`` ms, so SubLM k is feasible when
+``ElasticSchedule`` applies it to a replica that serves batches. One queue-wait model predicts
 
-    elapsed + q * t_k(B, seq) + t_k(b, seq) <= T
+* the time of a batch as it runs: the sum of ``t_k(texts, padded length)`` over its length-sorted
+  chunks (``elastic_core.batching.Chunking``), read from the latency profile measured on the device;
+* the time to drain ``n`` queued texts: batches of at most ``max_batch_texts`` at their mean length;
 
-which is the paper's ``(q + 1) * t_k <= T`` when b = B and nothing has waited yet. The largest
-feasible SubLM wins; when none fits, the smallest allowed one runs (it drains the queue fastest;
-shedding excess load is the bounded queue's job, not the schedule's). A client may raise the floor
-(``min_sublm``) and tighten T (a deadline); the floor wins over the deadline.
+and that one model serves three decisions:
+
+* **choice** (per batch): SubLM k is feasible when
+  ``waited + t_k(this batch) + drain_k(texts queued behind it) <= T``, where the texts behind it are
+  this replica's share of the *global* queue depth (Redis: all live replicas, this batch excluded).
+  With every batch of one text and nothing waited this is exactly ``(q + 1) * t_k <= T``.
+* **admission** (per request, before it is tokenized): a request is refused at once when even the
+  fastest SubLM it allows could not finish it in time: the running batch's remaining time plus
+  draining the local queue with the request in it exceeds ``admission_factor x T``. An optimistic
+  bound, so only requests that are certain to miss are refused; an idle replica never refuses on T.
+* **calibration** (per batch, after it ran): the profile was measured on an idle device; under load
+  the same batch runs slower. Every prediction is scaled by measured / profiled time per SubLM, a
+  ratio of two EWMAs (so a long batch weighs more than a one-text straggler; SubLMs not yet seen
+  use the ratio over all), and choice and admission stay right under contention.
+
+Pure logic: no Ray, no Redis, no torch. ``deployments/replica.py`` only feeds it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-
-def batches_ahead(global_queue_depth: float, live_replicas: int, max_batch_size: int) -> int:
-    """q: batches queued ahead of this one on this replica, given the depth shared by all replicas."""
-    return math.ceil(max(0.0, global_queue_depth) / (max(1, live_replicas) * max(1, max_batch_size)))
+from .batching import Chunking
+from .profile import LatencyProfile
 
 
-def choose_sublm(sublms_largest_first: Sequence[str], predict_ms: Callable[[str, int], float], *,
-                 batch_size: int, max_batch_size: int, queue_ahead_batches: int, target_ms: float,
-                 elapsed_ms: float = 0.0, min_sublm: str | None = None) -> str:
-    """The largest SubLM with ``elapsed + q * t_k(B) + t_k(b) <= T``.
+def choose_sublm(sublms_largest_first: Sequence[str], completion_ms: Callable[[str], float], target_ms: float,
+                 min_sublm: str | None = None) -> str:
+    """The rule: the largest SubLM whose predicted completion is within ``target_ms``.
 
-    ``predict_ms(sublm, batch)`` is t_k at the batch's sequence length (from ``LatencyProfile``).
-    ``min_sublm`` is the quality floor: SubLMs smaller than it are never chosen.
+    ``completion_ms(k)`` is the predicted time until the last queued request is answered if
+    everything runs on k (the paper: ``(q + 1) * t_k``). When no SubLM fits, the smallest allowed
+    one runs: it drains the queue fastest (refusing work is admission's job, not the schedule's).
+    ``min_sublm`` is a quality floor: SubLMs smaller than it are never chosen.
     """
     names = list(sublms_largest_first)
     if min_sublm is not None:
@@ -42,7 +52,129 @@ def choose_sublm(sublms_largest_first: Sequence[str], predict_ms: Callable[[str,
             raise ValueError(f"unknown SubLM {min_sublm!r}; choose one of {names}")
         names = names[: names.index(min_sublm) + 1]
     for name in names:
-        predicted = elapsed_ms + queue_ahead_batches * predict_ms(name, max_batch_size) + predict_ms(name, batch_size)
-        if predicted <= target_ms:
+        if completion_ms(name) <= target_ms:
             return name
     return names[-1]
+
+
+@dataclass(frozen=True)
+class DepthReading:
+    """The global queue depth as one replica sees it (``deployments/queue_depth.py`` reads it from Redis)."""
+
+    global_depth: int     # texts queued or running on all live replicas (this one included)
+    live_replicas: int
+    from_redis: bool      # False: Redis unreachable or not configured, this is the local depth only
+
+
+@dataclass(frozen=True)
+class Choice:
+    sublm: str
+    predicted_ms: float   # the chosen SubLM's predicted time for this batch (calibrated)
+    profiled_ms: float    # the same from the profile alone; actual / profiled feeds calibration
+
+
+@dataclass
+class ElasticSchedule:
+    profile: LatencyProfile
+    sublms: list[str]                 # what this replica may serve, largest first
+    ranking: list[str] | None = None  # every SubLM of the checkpoint, largest first (floors name these)
+    max_batch_texts: int = 64
+    chunking: Chunking = Chunking()
+    admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
+    calibration_alpha: float = 0.1    # EWMA weight of the newest batch; 0: predict from the profile alone
+    calibration_bounds: tuple[float, float] = (0.25, 8.0)
+    mean_tokens: float = 64.0         # running mean length of served texts: the queue's assumed mix
+    _seen: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)  # EWMAs [measured, profiled]
+
+    def __post_init__(self):
+        missing = [s for s in self.sublms if s not in self.profile.sublms]
+        if not self.sublms or missing:
+            raise ValueError(f"the latency profile has no entries for {missing or 'any SubLM'}")
+        self.ranking = list(self.ranking or self.sublms)
+        if any(s not in self.ranking for s in self.sublms):
+            raise ValueError(f"SubLMs {self.sublms} are not all in the ranking {self.ranking}")
+
+    # ----------------------------------------------------------------- the queue-wait model
+    def factor(self, sublm: str) -> float:
+        """Calibration: measured / profiled time, per SubLM (1.0 before anything ran)."""
+        measured, profiled = self._seen.get(sublm) or self._seen.get("*") or (1.0, 1.0)
+        lo, hi = self.calibration_bounds
+        return min(hi, max(lo, measured / profiled))
+
+    def profiled_ms(self, sublm: str, lengths: Sequence[int]) -> float:
+        return sum(self.profile.predict_ms(sublm, n, seq) for n, seq in self.chunking.shapes(lengths))
+
+    def batch_ms(self, sublm: str, lengths: Sequence[int]) -> float:
+        """Predicted time of one batch of texts of these token lengths, as it runs (calibrated)."""
+        return self.profiled_ms(sublm, lengths) * self.factor(sublm) if lengths else 0.0
+
+    def drain_ms(self, sublm: str, texts: float, tokens: float | None = None) -> float:
+        """Predicted time to serve ``texts`` queued texts (``tokens`` in all; default: the running mean
+        length) in batches of at most ``max_batch_texts``."""
+        texts = max(0.0, texts)
+        if texts <= 0:
+            return 0.0
+        length = max(1, round((tokens / texts) if tokens else self.mean_tokens))
+        full, rest = divmod(math.ceil(texts), self.max_batch_texts)
+        return full * self.batch_ms(sublm, [length] * self.max_batch_texts) + self.batch_ms(sublm, [length] * rest)
+
+    # ----------------------------------------------------------------- decisions
+    def allowed(self, min_sublm: str | None) -> list[str]:
+        """The SubLMs a quality floor allows; a floor above everything this replica serves leaves its largest."""
+        if min_sublm is None:
+            return self.sublms
+        rank = self.ranking.index(min_sublm)
+        return [s for s in self.sublms if self.ranking.index(s) <= rank] or self.sublms[:1]
+
+    def strictest(self, floors: Sequence[str | None]) -> str | None:
+        """A batch runs on one SubLM, so of its requests' floors the largest SubLM named wins."""
+        named = [f for f in floors if f]
+        return min(named, key=self.ranking.index) if named else None
+
+    def choose(self, lengths: Sequence[int], reading: DepthReading, target_ms: float, waited_ms: float = 0.0,
+               min_sublm: str | None = None) -> Choice:
+        """The SubLM for this batch. Texts behind it: this replica's share of the global depth."""
+        behind = max(0, reading.global_depth - len(lengths)) / max(1, reading.live_replicas)
+        sublm = choose_sublm(self.allowed(min_sublm),
+                             lambda k: waited_ms + self.batch_ms(k, lengths) + self.drain_ms(k, behind),
+                             target_ms)
+        profiled = self.profiled_ms(sublm, lengths)
+        return Choice(sublm, profiled * self.factor(sublm), profiled)
+
+    def admits(self, texts: int, tokens: float, queued_texts: int, queued_tokens: float, running_left_ms: float,
+               target_ms: float, min_sublm: str | None = None, idle: bool = False, client_deadline: bool = False) -> bool:
+        """Whether a request of ``texts`` texts (``tokens`` in all) can still be answered within
+        ``admission_factor x target_ms`` on the fastest SubLM it allows, behind the running batch and
+        the local queue. An idle replica always tries, unless the client's own deadline is impossible
+        even for this request alone: refusing could help no one."""
+        if not self.admission_factor or (idle and not client_deadline):
+            return True
+        fastest = self.allowed(min_sublm)[-1]
+        if idle:
+            completion = self.drain_ms(fastest, texts, tokens)
+        else:
+            completion = running_left_ms + self.drain_ms(fastest, queued_texts + texts, queued_tokens + tokens)
+        return completion <= self.admission_factor * target_ms
+
+    # ----------------------------------------------------------------- learning from what ran
+    def observe(self, sublm: str, lengths: Sequence[int], actual_ms: float) -> None:
+        """Feed back one batch's measured time (and its lengths, for the queue's mean length)."""
+        if not lengths:
+            return
+        self.mean_tokens = 0.9 * self.mean_tokens + 0.1 * (sum(lengths) / len(lengths))
+        profiled = self.profiled_ms(sublm, lengths)
+        if profiled <= 0 or actual_ms <= 0 or not self.calibration_alpha:
+            return
+        lo, hi = self.calibration_bounds
+        actual_ms = min(hi * profiled, max(lo * profiled, actual_ms))  # one stalled batch cannot poison the EWMA
+        a = self.calibration_alpha
+        for key in (sublm, "*"):
+            seen = self._seen.setdefault(key, [actual_ms, profiled])
+            seen[0] += a * (actual_ms - seen[0])
+            seen[1] += a * (profiled - seen[1])
+
+    def calibration(self) -> dict[str, float]:
+        return {s: self.factor(s) for s in self.sublms}
+
+
+__all__ = ["choose_sublm", "DepthReading", "Choice", "ElasticSchedule"]

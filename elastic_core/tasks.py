@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .batching import Chunking, run_chunked
 from .model import ElasticEncoder, load_checkpoint, load_tokenizer
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -109,8 +110,8 @@ class TaskModel(nn.Module):
     def sublms(self) -> list[str]:
         return self.encoder.config.sublm_names
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, sublm=None):
-        states = self.encoder(input_ids, attention_mask, token_type_ids, sublm)
+    def forward(self, input_ids, attention_mask, token_type_ids=None, sublm=None, packed: bool = False):
+        states = self.encoder(input_ids, attention_mask, token_type_ids, sublm, packed=packed)
         m = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)
         return self.head(pooled)
@@ -153,36 +154,12 @@ def load_task(task_dir: str | Path, device="cpu", backbone_dir: str | Path | Non
 
 
 # --------------------------------------------------------------------------- batches
-def pad_encoded(enc: dict, idx: list[int], pad_id: int, device="cpu") -> dict:
-    """Tokenizer output rows ``idx`` -> padded tensors (ids, mask and token types of sentence pairs)."""
-    rows = [enc["input_ids"][i] for i in idx]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    types = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(idx):
-        n = len(rows[r])
-        ids[r, :n] = torch.as_tensor(rows[r])
-        mask[r, :n] = 1
-        if "token_type_ids" in enc:
-            types[r, :n] = torch.as_tensor(enc["token_type_ids"][i])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device)}
-
-
-@torch.inference_mode()
-def predict_logits(model: TaskModel, enc: dict, sublm: str, pad_id: int, batch_size: int = 32,
+def predict_logits(model: TaskModel, enc: dict, sublm: str, pad_id: int, chunking: Chunking = Chunking(),
                    progress=None) -> np.ndarray:
-    """Logits of every tokenized example, batched by length (no padding wasted)."""
-    n = len(enc["input_ids"])
-    order = sorted(range(n), key=lambda i: len(enc["input_ids"][i]), reverse=True)
+    """Logits of every tokenized example (sentence pairs keep their token types), in length-sorted chunks."""
     device = next(model.parameters()).device
-    out = np.empty((n, len(model.config.labels)), dtype=np.float32)
-    for s in range(0, n, batch_size):
-        idx = order[s:s + batch_size]
-        out[idx] = model(**pad_encoded(enc, idx, pad_id, device), sublm=sublm).float().cpu().numpy()
-        if progress is not None:
-            progress.update(len(idx))
-    return out
+    return run_chunked(enc["input_ids"], lambda b: model(**b, sublm=sublm, packed=chunking.packed), pad_id,
+                       chunking, enc.get("token_type_ids"), device, progress)
 
 
 # --------------------------------------------------------------------------- elastic optimization
@@ -275,5 +252,5 @@ class TaskPredictor:
 
 
 __all__ = ["TaskConfig", "TaskModel", "LowRankUpdate", "add_adapters", "merge_adapters", "new_task_model",
-           "save_task", "load_task", "pad_encoded", "predict_logits", "choice_loss", "elastic_task_step",
+           "save_task", "load_task", "predict_logits", "choice_loss", "elastic_task_step",
            "FitConfig", "fit", "TaskPredictor"]

@@ -73,10 +73,12 @@ class ServeDeployment:
     """``elasticlm serve`` with a given config, in its own process group, with a Redis owned here
     (so the runner can read the live replica count from the replicas' heartbeats)."""
 
-    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
+    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None,
+                 env: dict[str, str] | None = None):
         from deployments.local import RedisServer, free_port
 
         self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
+        self.env = env or {}
         self.http_port, self.grpc_port = free_port(0), free_port(0)
         self.redis = RedisServer(port=free_port(0))
         self.proc: subprocess.Popen | None = None
@@ -96,7 +98,7 @@ class ServeDeployment:
                "--redis-url", self.redis.url, "--target-ms", str(self.target_ms)]
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + timeout_s
@@ -267,35 +269,6 @@ def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir
     return record
 
 
-async def _closed_loop(url: str, body, concurrency: int, warmup_s: float, measure_s: float) -> float:
-    """``concurrency`` clients, each sending its next request as soon as the last is answered: the
-    answered-request rate once warm is the saturation throughput. (An open-loop overload would spend
-    the CPU on refusing requests instead, and measure that.)"""
-    import asyncio
-
-    import aiohttp
-
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    t_measure, t_end = start + warmup_s, start + warmup_s + measure_s
-    answered = 0
-
-    async def client(i: int, session):
-        nonlocal answered
-        seq = i
-        while loop.time() < t_end:
-            async with session.post(url, json=body(seq)) as r:
-                await r.read()
-                if r.status == 200 and t_measure <= loop.time() <= t_end:
-                    answered += 1
-            seq += concurrency
-
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
-    return answered / measure_s
-
-
 def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: dict, sublms: list[str],
                      target_ms: float, num_cpus: int | None, concurrency: int = 32, warmup_s: float = 10.0,
                      measure_s: float = 30.0, log=print) -> float:
@@ -303,6 +276,7 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
     import asyncio
 
     from elastic_core.data import DEFAULT_DATA_DIR
+    from loadtests.closed_loop import closed_loop
     from loadtests.texts import TextSampler
 
     sampler = TextSampler(opts.data_dir or str(DEFAULT_DATA_DIR), "both", opts.query_share, opts.texts_per_request,
@@ -320,8 +294,8 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
     deployment.start()
     try:
         warm_up(deployment, peer)
-        return asyncio.run(_closed_loop(deployment.url + ("/embeddings" if peer else "/embed"), body, concurrency,
-                                        warmup_s, measure_s))
+        return asyncio.run(closed_loop(deployment.url + ("/embeddings" if peer else "/embed"), body, concurrency,
+                                       warmup_s, measure_s)).rps
     finally:
         deployment.stop()
 

@@ -8,6 +8,9 @@ import yaml
 
 from ray.serve.schema import ServeDeploySchema
 
+from deployments.config import ReplicaConfig
+from deployments.local import SERVE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["cluster/config.yaml", "cluster/config.local.yaml"]
 
@@ -25,12 +28,22 @@ def test_serve_config_is_valid_and_importable(path):
     for fn in config.grpc_options.grpc_servicer_functions:
         assert callable(_import(fn))
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"ElasticReplica", "Ingress"}
+    assert set(deployments) == {"ElasticReplica"}  # one deployment: each replica answers HTTP and gRPC itself
     replica = deployments["ElasticReplica"]
-    assert replica.max_ongoing_requests >= app.args["max_batch_size"]   # the schedule must see the queue
+    config = ReplicaConfig.from_args(app.args)                           # every arg is a known setting
+    assert replica.max_ongoing_requests >= config.max_batch_texts        # the batching loop must see the queue
     assert replica.max_queued_requests > 0                               # bounded: overload is shed
-    policy = replica.autoscaling_config["policy"]
-    assert callable(_import(policy["policy_function"])(**policy["policy_kwargs"]))
+    if "autoscaling_config" in replica.model_fields_set:
+        policy = replica.autoscaling_config["policy"]
+        assert callable(_import(policy["policy_function"])(**policy["policy_kwargs"]))
+
+
+def test_replica_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"unknown replica settings \['max_batch_size'\]"):
+        ReplicaConfig.from_args({"max_batch_size": 32})
+    with pytest.raises(ValueError, match="target_ms=0"):
+        ReplicaConfig.from_args({"target_ms": 0})
+    assert ReplicaConfig.from_args({"checkpoint": None}).checkpoint.endswith("elastic-minilm-l6")
 
 
 def test_gpu_config_places_several_replicas_per_gpu():
@@ -49,5 +62,8 @@ def test_rayservice_embeds_the_cluster_config_and_redis_secret():
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
         assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
+        # the serving path `elasticlm serve` runs (and measured) is what every node runs
+        for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"):
+            assert env[name]["value"] == SERVE_ENV[name]
     redis_docs = list(yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()))
     assert {d["kind"] for d in redis_docs} == {"Secret", "Deployment", "Service"}

@@ -13,17 +13,22 @@ def validator(tokenizer):
 
 
 def test_a_single_string_becomes_one_input(validator):
-    job = validator.embed_job("hello world")
-    assert len(job.input_ids) == 1 and job.kind == "passage" and job.min_sublm is None
-    assert job.num_tokens == len(job.input_ids[0]) == 4  # [CLS] hello world [SEP]
+    request = validator.embed_request("hello world")
+    assert request.texts == ["hello world"] and request.kind == "passage" and request.min_sublm is None
+    assert validator.tokenize(request.texts) == [[101, 7592, 2088, 102]]  # [CLS] hello world [SEP]
+
+
+def test_the_rust_tokenizer_matches_the_transformers_one(validator, tokenizer):
+    texts = ["Ünïcödé  text\twith tabs", "A moving, beautifully acted film!", "token " * 40]
+    assert validator.tokenize(texts) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
 
 
 def test_truncation_by_default_and_rejection_on_request(validator):
     long = "token " * 40
-    assert len(validator.embed_job([long]).input_ids[0]) == 16
+    assert len(validator.tokenize([long])[0]) == 16
     with pytest.raises(RequestError) as e:
-        validator.embed_job([long], truncate=False)
-    assert e.value.status == 413 and e.value.grpc_code == "INVALID_ARGUMENT" and "inputs[0] has 42 tokens" in e.value.message
+        validator.tokenize(["fine", long], truncate=False)
+    assert e.value.status == 413 and e.value.grpc_code == "INVALID_ARGUMENT" and "inputs[1] has 42 tokens" in e.value.message
 
 
 @pytest.mark.parametrize("inputs,status,needle", [
@@ -32,16 +37,22 @@ def test_truncation_by_default_and_rejection_on_request(validator):
 ])
 def test_bad_inputs(validator, inputs, status, needle):
     with pytest.raises(RequestError) as e:
-        validator.embed_job(inputs)
+        validator.embed_request(inputs)
     assert e.value.status == status and needle in e.value.message
 
 
 def test_options_are_checked(validator):
-    assert validator.embed_job(["a"], min_sublm="w50", kind="query", deadline_ms=20).min_sublm == "w50"
+    assert validator.embed_request(["a"], min_sublm="w50", kind="query", deadline_ms=20).min_sublm == "w50"
     for kwargs, needle in [({"min_sublm": "w10"}, "min_sublm"), ({"kind": "doc"}, "kind"),
-                           ({"deadline_ms": 0}, "deadline"), ({"deadline_ms": -5}, "deadline")]:
+                           ({"deadline_ms": 0}, "deadline"), ({"deadline_ms": -5}, "deadline"),
+                           ({"deadline_ms": float("nan")}, "deadline"), ({"deadline_ms": float("inf")}, "deadline")]:
         with pytest.raises(RequestError, match=needle):
-            validator.embed_job(["a"], **kwargs)
+            validator.embed_request(["a"], **kwargs)
+
+
+def test_token_estimate_needs_no_tokenizer_and_is_capped(validator):
+    assert validator.estimate_tokens(["a" * 40]) == 12
+    assert validator.estimate_tokens(["a" * 400, "b"]) == 16 + 2
 
 
 def test_status_to_grpc_code():
@@ -50,7 +61,7 @@ def test_status_to_grpc_code():
 
 
 def test_request_error_survives_pickling():
-    """Replicas raise it (admission) and Ray ships it to the ingress by pickle."""
+    """It may cross a process boundary (a deployment-handle call)."""
     import pickle
 
     e = pickle.loads(pickle.dumps(RequestError(503, "overloaded", "Overloaded")))

@@ -97,3 +97,19 @@ def test_checkpoint_round_trip(teacher, batch, tmp_path):
         torch.testing.assert_close(exact.embed(**batch, sublm="w50"), ref)
         half = load_checkpoint(tmp_path / "fp16").embed(**batch, sublm="w50")
         assert torch.nn.functional.cosine_similarity(half, ref).min() > 0.999
+
+
+def test_packed_inference_computes_the_same_function(checkpoint_dir, tokenizer):
+    """Projections and FFN on real tokens only (Packing): identical embeddings for every SubLM, and the
+    importance masks, which need the padded layout, are refused."""
+    model = load_checkpoint(checkpoint_dir)
+    batch = tokenizer(["a", "a much longer sentence about packing tokens together", "mid length text"],
+                      padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        for sublm in model.config.sublm_names:
+            padded = model.embed(batch["input_ids"], batch["attention_mask"], sublm=sublm)
+            packed = model.embed(batch["input_ids"], batch["attention_mask"], sublm=sublm, packed=True)
+            torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padded layout"):
+        model(batch["input_ids"], batch["attention_mask"], packed=True,
+              head_mask=torch.ones(3, model.config.num_layers, model.config.num_heads))

@@ -1,29 +1,28 @@
-"""The schedule rule and the latency table it reads (pure logic)."""
+"""The schedule rule, the schedule object (cost, choice, admission, calibration) and the latency table
+it reads: pure logic, no Ray, no Redis."""
 
 import pytest
 
+from elastic_core.batching import Chunking
 from elastic_core.profile import LatencyProfile
-from elastic_core.schedule import batches_ahead, choose_sublm
+from elastic_core.schedule import DepthReading, ElasticSchedule, choose_sublm
 
 NAMES = ["w100", "w75", "w50", "w25"]
 MS_PER_ITEM = {"w100": 4.0, "w75": 3.0, "w50": 2.0, "w25": 1.0}
 
 
-def predict(name, batch):
-    return MS_PER_ITEM[name] * batch
-
-
-def choose(q, target=200.0, batch=8, **kw):
-    return choose_sublm(NAMES, predict, batch_size=batch, max_batch_size=8, queue_ahead_batches=q,
-                        target_ms=target, **kw)
+# ----------------------------------------------------------------------------- the rule
+def paper(q, target=200.0, t_batch=8, **kw):
+    """(q + 1) * t_k <= T with t_k = ms per item x batch."""
+    return choose_sublm(NAMES, lambda k: (q + 1) * MS_PER_ITEM[k] * t_batch, target, **kw)
 
 
 def test_idle_picks_the_full_model():
-    assert choose(0) == "w100"
+    assert paper(0) == "w100"
 
 
 def test_deeper_queue_picks_smaller_sublms():
-    picks = [choose(q) for q in range(0, 30)]
+    picks = [paper(q) for q in range(0, 30)]
     order = [NAMES.index(p) for p in picks]
     assert order == sorted(order)  # never grows back as the queue deepens
     assert picks[0] == "w100" and picks[-1] == "w25" and {"w75", "w50"} <= set(picks)
@@ -31,32 +30,128 @@ def test_deeper_queue_picks_smaller_sublms():
 
 def test_paper_rule_boundary():
     # (q + 1) * t_k <= T with t_w100 = 32 ms per batch: q = 5 fits 192 <= 200, q = 6 does not
-    assert choose(5) == "w100"
-    assert choose(6) == "w75"
+    assert paper(5) == "w100"
+    assert paper(6) == "w75"
 
 
 def test_nothing_fits_runs_the_smallest_allowed():
-    assert choose(1000) == "w25"
-    assert choose(1000, min_sublm="w50") == "w50"
-
-
-def test_quality_floor_and_deadline():
-    assert choose(0, target=10.0) == "w25"
-    assert choose(0, target=10.0, min_sublm="w75") == "w75"
-    assert choose(0, elapsed_ms=190.0) == "w25"  # time already spent waiting counts
+    assert paper(1000) == "w25"
+    assert paper(1000, min_sublm="w50") == "w50"
     with pytest.raises(ValueError, match="unknown SubLM"):
-        choose(0, min_sublm="w10")
+        paper(0, min_sublm="w10")
 
 
-def test_batches_ahead_is_shared_over_live_replicas():
-    assert batches_ahead(0, 3, 8) == 0
-    assert batches_ahead(1, 1, 8) == 1
-    assert batches_ahead(16, 1, 8) == 2
-    assert batches_ahead(16, 2, 8) == 1
-    assert batches_ahead(17, 2, 8) == 2
-    assert batches_ahead(-3, 0, 8) == 0
+# ----------------------------------------------------------------------------- the schedule object
+def linear_profile(sublms=NAMES):
+    """t_k(batch, seq) = ms per item x batch x seq / 32: exact under interpolation."""
+    entries = [{"sublm": s, "batch": b, "seq": q, "ms": MS_PER_ITEM[s] * b * q / 32}
+               for s in sublms for b in (1, 8, 64) for q in (32, 128)]
+    return LatencyProfile(device="test", entries=entries)
 
 
+def schedule(**kw):
+    kw = {"max_batch_texts": 8, "chunking": Chunking(max_texts=4), **kw}
+    return ElasticSchedule(linear_profile(), list(kw.pop("sublms", NAMES)), ranking=NAMES, **kw)
+
+
+def idle(depth=0, replicas=1):
+    return DepthReading(global_depth=depth, live_replicas=replicas, from_redis=True)
+
+
+def test_batch_cost_sums_length_sorted_chunks():
+    padded = schedule(chunking=Chunking(max_texts=4, packed=False))
+    # chunks of 4: [64, 64, 32, 32] padded to 64, then [32]: 4 texts x 64 + 1 x 32 tokens at 4 ms per 32
+    assert padded.batch_ms("w100", [32, 64, 32, 64, 32]) == pytest.approx(4.0 * (4 * 64 + 1 * 32) / 32)
+    # packed, the first chunk costs its mean length (48)
+    assert schedule().batch_ms("w100", [32, 64, 32, 64, 32]) == pytest.approx(4.0 * (4 * 48 + 1 * 32) / 32)
+    assert schedule().batch_ms("w100", []) == 0.0
+
+
+def test_drain_is_full_batches_then_the_rest():
+    s = schedule()
+    one_batch = s.batch_ms("w50", [32] * 8)
+    assert s.drain_ms("w50", 8, 8 * 32) == pytest.approx(one_batch)
+    assert s.drain_ms("w50", 19, 19 * 32) == pytest.approx(2 * one_batch + s.batch_ms("w50", [32] * 3))
+    assert s.drain_ms("w50", 0) == 0.0
+
+
+def test_choice_follows_this_replicas_share_of_the_global_depth():
+    s = schedule(mean_tokens=32)
+    batch = [32] * 8  # w100: 32 ms per batch of 8
+    assert s.choose(batch, idle(depth=8), target_ms=100).sublm == "w100"
+    # 16 texts behind this batch on one replica: w100 = 32 + 2 * 32 = 96 fits 100; 24 behind: 128 does not
+    assert s.choose(batch, idle(depth=8 + 16), target_ms=100).sublm == "w100"
+    assert s.choose(batch, idle(depth=8 + 24), target_ms=100).sublm == "w75"
+    # the same depth spread over 3 live replicas is 8 texts each: w100 again
+    assert s.choose(batch, idle(depth=8 + 24, replicas=3), target_ms=100).sublm == "w100"
+    # what the batch already waited counts against T
+    assert s.choose(batch, idle(depth=8), target_ms=100, waited_ms=90).sublm == "w25"
+    choice = s.choose(batch, idle(depth=8), target_ms=100)
+    assert choice.predicted_ms == pytest.approx(32.0) == choice.profiled_ms
+
+
+def test_the_strictest_floor_of_a_batch_wins():
+    """A batch mixing floors w75 and w25 must never run on w25: the w75 request would be served below its floor."""
+    s = schedule()
+    floor = s.strictest(["w25", None, "w75"])
+    assert floor == "w75"
+    assert s.choose([32] * 8, idle(depth=10_000), target_ms=1, min_sublm=floor).sublm == "w75"
+    assert s.strictest([None, None]) is None
+
+
+def test_a_floor_above_what_a_static_deployment_serves_leaves_its_largest():
+    small = schedule(sublms=["w25"])
+    assert small.allowed("w50") == ["w25"]
+    assert small.choose([32], idle(), target_ms=1000, min_sublm="w50").sublm == "w25"
+    assert schedule(sublms=["w100", "w50"]).allowed("w75") == ["w100"]
+
+
+def test_admission_refuses_only_what_even_the_fastest_sublm_cannot_make():
+    s = schedule(mean_tokens=32)
+    # w25 drains 8 texts of 32 tokens in 8 ms: 40 queued + 8 of its own = 6 batches = 48 ms
+    assert s.admits(8, 8 * 32, queued_texts=40, queued_tokens=40 * 32, running_left_ms=10, target_ms=58)
+    assert not s.admits(8, 8 * 32, queued_texts=40, queued_tokens=40 * 32, running_left_ms=10, target_ms=57)
+    # a floor makes the fastest allowed SubLM slower
+    assert not s.admits(8, 8 * 32, queued_texts=40, queued_tokens=40 * 32, running_left_ms=10, target_ms=58,
+                        min_sublm="w50")
+    # an idle replica always tries ...
+    assert s.admits(64, 64 * 128, 0, 0, 0, target_ms=1, idle=True)
+    # ... unless the client's own deadline is impossible even alone
+    assert not s.admits(64, 64 * 128, 0, 0, 0, target_ms=1, idle=True, client_deadline=True)
+    assert schedule(admission_factor=0).admits(8, 256, 10_000, 320_000, 1e6, target_ms=1)
+
+
+def test_calibration_scales_predictions_to_what_the_device_measures():
+    s = schedule()
+    batch = [32] * 8
+    profiled = s.batch_ms("w100", batch)
+    for _ in range(40):  # under contention every batch takes twice its profiled time
+        s.observe("w100", batch, 2 * profiled)
+    assert s.factor("w100") == pytest.approx(2.0, rel=1e-3)
+    assert s.batch_ms("w100", batch) == pytest.approx(2 * profiled, rel=1e-3)
+    assert s.factor("w25") == pytest.approx(2.0, rel=1e-3)  # not yet seen: the contention seen on the others
+    for _ in range(40):
+        s.observe("w25", batch, 0.5 * s.profiled_ms("w25", batch))
+    assert s.factor("w25") == pytest.approx(0.5, rel=1e-2) and s.factor("w100") == pytest.approx(2.0, rel=1e-3)
+    s.observe("w50", batch, 1e9)  # a stalled batch cannot make the model believe anything
+    assert s.factor("w50") <= 8.0
+    # calibrated predictions move the choice: w100 no longer fits where it did
+    assert s.choose(batch, idle(depth=8 + 16), target_ms=100).sublm != "w100"
+
+
+def test_the_running_mean_length_follows_served_batches():
+    s = schedule(mean_tokens=64)
+    for _ in range(60):
+        s.observe("w50", [16] * 8, 1.0)
+    assert s.mean_tokens == pytest.approx(16, abs=0.1)
+
+
+def test_profile_must_cover_the_sublms_served():
+    with pytest.raises(ValueError, match="no entries"):
+        ElasticSchedule(linear_profile(["w100"]), ["w100", "w50"])
+
+
+# ----------------------------------------------------------------------------- the latency table
 def _profile():
     entries = [{"sublm": s, "batch": b, "seq": q, "ms": MS_PER_ITEM[s] * b * q / 32}
                for s in NAMES for b in (1, 8, 32) for q in (32, 128)]
@@ -69,7 +164,9 @@ def test_profile_interpolates_and_extrapolates():
     assert p.predict_ms("w100", 8, 32) == pytest.approx(32.0)
     assert p.predict_ms("w100", 20, 32) == pytest.approx(80.0)        # between batch 8 and 32
     assert p.predict_ms("w100", 8, 80) == pytest.approx(80.0)         # between seq 32 and 128
+    assert p.predict_ms("w100", 20, 80) == pytest.approx(200.0)       # between both
     assert p.predict_ms("w100", 64, 256) == pytest.approx(4 * 32 * 128 / 32 * 4)  # beyond: in proportion
+    assert p.predict_ms("w100", 1, 8) == pytest.approx(4.0)           # below the grid: its edge
     assert p.predict_ms("w25", 8, 32) < p.predict_ms("w50", 8, 32)
 
 

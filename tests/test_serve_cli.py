@@ -47,3 +47,18 @@ def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path
     alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
     assert all(port_is_free(p) for p in (http_port, grpc_port, redis_port))
+
+
+def test_serve_refuses_a_busy_port_at_once(tmp_path):
+    """A second stack on the same port would come up silently beside the first: exit non-zero, naming it."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "elastic_core.cli", "serve", "--http-port", str(port),
+                               "--grpc-port", str(free_port(0))], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and f"port {port}" in proc.stderr
+    assert time.monotonic() - started < 10

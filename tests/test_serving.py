@@ -1,12 +1,14 @@
-"""The serving stack end to end: real Ray Serve (HTTP + gRPC proxies), real Redis server.
+"""The serving stack end to end: real Ray Serve (replicas answering HTTP and gRPC behind Serve's HAProxy,
+as `elasticlm serve` runs it), a real Redis server.
 
 The latency table is pinned to a synthetic profile (t_k = 10/6/3/1 ms per text for w100/w75/w50/w25,
-T = 1000 ms) so the expected SubLM for a given global depth is exact whatever the machine's speed:
-each expected SubLM fits with >= 200 ms to spare for time spent waiting, each larger one misses by
->= 300 ms. The global depth is driven through Redis by a "ghost" replica entry.
+T = 1000 ms) and calibration is off, so the expected SubLM for a given global depth is exact whatever
+the machine's speed: each expected SubLM fits with >= 200 ms to spare for time spent waiting, each
+larger one misses by >= 100 ms. The global depth is driven through Redis by a "ghost" replica entry.
 """
 
 import asyncio
+import base64
 import json
 import time
 
@@ -18,11 +20,10 @@ import redis
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.serve.config import gRPCOptions  # noqa: E402
 
-from deployments.app import bind_app  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
-from deployments.local import GRPC_SERVICERS, RedisServer, free_port  # noqa: E402
+from deployments.local import RedisServer, free_port, load_serve_config, start_ray, start_serve  # noqa: E402
+from deployments.local import DEFAULT_CONFIG  # noqa: E402
 from deployments.queue_depth import GlobalQueueDepth  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
 
@@ -41,20 +42,18 @@ def stack(tmp_path_factory, checkpoint_dir):
     profile = tmp / "profile.json"
     profile.write_text(json.dumps({"device": "synthetic", "entries": [
         {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
-        for b in (1, 32) for q in (8, 512)]}))
+        for b in (1, 64) for q in (8, 512)]}))
     redis_server = RedisServer(port=free_port(0)).start()
     http_port, grpc_port = free_port(0), free_port(0)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
-    app = bind_app({"checkpoint": str(checkpoint_dir), "redis_url": redis_server.url, "target_ms": TARGET_MS,
-                    "profile_path": str(profile), "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0,
-                    "num_threads": 1},
-                   {"ElasticReplica": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 4,
-                                       "ray_actor_options": {"num_cpus": 1}},
-                    "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}})
-    serve.run(app, name=APP, route_prefix="/")
+    start_ray(num_cpus=2)
+    # the local config's deployment, one replica, with this test's settings
+    config = load_serve_config(DEFAULT_CONFIG)
+    (app,) = config.applications
+    app.args = {**app.args, "checkpoint": str(checkpoint_dir), "target_ms": TARGET_MS, "profile_path": str(profile),
+                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0}
+    (replica,) = app.deployments
+    replica.num_replicas, replica.autoscaling_config = 1, None
+    start_serve(config, "127.0.0.1", http_port, grpc_port, redis_server.url)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     grpc.channel_ready_future(channel).result(timeout=30)
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
@@ -91,8 +90,8 @@ def grpc_embed(stack, request, metadata=()):
     return stack["grpc"].Embed.with_call(request, metadata=[("application", APP), *metadata], timeout=60)
 
 
-def replica_stats():
-    return serve.get_deployment_handle("ElasticReplica", APP).stats.remote().result(timeout_s=30)
+def replica_stats(**kw):
+    return serve.get_deployment_handle("ElasticReplica", APP).stats.remote(**kw).result(timeout_s=30)
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -105,12 +104,16 @@ def test_http_returns_the_reported_sublms_output(stack, denser):
     np.testing.assert_allclose(np.array(r.json()), denser.encode(TEXTS, sublm=sublm), atol=1e-4)
 
 
-def test_openai_route_matches(stack, denser):
+def test_openai_route_matches_in_float_and_base64(stack, denser):
     r = httpx.post(f"{stack['http']}/v1/embeddings", json={"input": TEXTS[0]}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["data"][0]["index"] == 0 and body["usage"]["prompt_tokens"] > 0
-    np.testing.assert_allclose(body["data"][0]["embedding"], denser.encode(TEXTS[:1], sublm=body["sublm"])[0],
+    expected = denser.encode(TEXTS[:1], sublm=body["sublm"])[0]
+    np.testing.assert_allclose(body["data"][0]["embedding"], expected, atol=1e-4)
+    packed = httpx.post(f"{stack['http']}/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "base64"},
+                        timeout=60).json()
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), "<f4"), expected,
                                atol=1e-4)
 
 
@@ -121,21 +124,42 @@ def test_grpc_returns_the_reported_sublms_output(stack, denser):
     np.testing.assert_allclose(got, denser.encode(TEXTS, sublm=response.sublm), atol=1e-4)
 
 
-def test_grpc_health_service(stack):
+def test_health_and_info(stack):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     reply = health_pb2_grpc.HealthStub(stack["channel"]).Check(health_pb2.HealthCheckRequest(),
                                                                metadata=[("application", APP)], timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert httpx.get(f"{stack['http']}/health", timeout=30).json()["status"] == "ok"
-    assert "/embed" in httpx.get(f"{stack['http']}/openapi.json", timeout=30).json()["paths"]
+    info = httpx.get(f"{stack['http']}/info", timeout=30).json()
+    assert info["sublms"] == ["w100", "w75", "w50", "w25"] and info["max_inputs"] == MAX_INPUTS
+    assert info["target_ms"] == TARGET_MS and info["max_input_tokens"] == 256
+    assert {"/embed", "/v1/embeddings", "/info"} <= set(httpx.get(f"{stack['http']}/openapi.json", timeout=30)
+                                                        .json()["paths"])
+
+
+def test_concurrent_requests_share_batches(stack):
+    """Through real Serve: requests that arrive while the model is busy run together in the next batch."""
+    before = replica_stats()["batches"]
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{stack['http']}/embed", json={"inputs": [LONG, t]})
+                                          for t in TEXTS * 8])
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    stats = replica_stats(records=True)
+    batches = stats["records"][-(stats["batches"] - before):]
+    assert sum(b["texts"] for b in batches) == 48
+    assert max(b["texts"] for b in batches) >= 12, [b["texts"] for b in batches]
+    assert all(b["texts"] == b["waiting_texts"] for b in batches)  # every cut took what was waiting
 
 
 # ----------------------------------------------------------------------------- the schedule
 @pytest.mark.parametrize("depth,expected", [(0, "w100"), (230, "w75"), (420, "w50"), (920, "w25")])
 def test_schedule_follows_the_global_depth_in_redis(stack, denser, depth, expected):
-    # 2 live replicas (real + ghost), B = 32: q = ceil(depth / 64) = 0, 4, 7, 15 batches ahead; the largest k
-    # with q * 32 * t_k + 3 * t_k <= 1000 ms (3 texts in this batch)
+    # 2 live replicas (real + ghost): B = depth / 2 texts behind this batch of 3; the largest k with
+    # (3 + B) * t_k <= 1000 ms
     set_ghost_depth(stack["redis_client"], depth)
     try:
         r = http_embed(stack, {"inputs": TEXTS})
@@ -197,12 +221,14 @@ def test_http_bad_input(stack, body, status, needle):
     assert needle in r.json()["error"]
 
 
-def test_http_malformed_json_and_header(stack):
+def test_http_malformed_json_header_and_encoding(stack):
     r = httpx.post(f"{stack['http']}/embed", content=b'{"inputs": ', headers={"content-type": "application/json"},
                    timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = http_embed(stack, {"inputs": ["x"]}, {"x-elasticlm-deadline-ms": "soon"})
     assert r.status_code == 400 and "x-elasticlm-deadline-ms" in r.json()["error"]
+    r = httpx.post(f"{stack['http']}/v1/embeddings", json={"input": "x", "encoding_format": "int8"}, timeout=30)
+    assert r.status_code == 400 and "encoding_format" in r.json()["error"]
 
 
 def test_http_long_input_is_truncated_by_default(stack):
@@ -249,10 +275,12 @@ def test_bad_requests_never_hurt_good_ones(stack, denser):
 
 # ----------------------------------------------------------------------------- overload
 def test_overload_is_shed_with_503_and_retry_after(stack):
-    """40 concurrent heavy requests against a replica that holds 4 running + 4 queued."""
+    """40 concurrent heavy requests with a 100 ms budget: the replica admits what its queue can still
+    answer in time (8 texts take 8 ms even on w25) and refuses the rest at once, before tokenizing."""
     async def flood():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{stack['http']}/embed", json={"inputs": [LONG] * MAX_INPUTS})
+            return await asyncio.gather(*[client.post(f"{stack['http']}/embed", json={"inputs": [LONG] * MAX_INPUTS},
+                                                      headers={"x-elasticlm-deadline-ms": "100"})
                                           for _ in range(40)])
 
     responses = asyncio.run(flood())

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from elastic_core.batching import pad
 from elastic_core.classify import GLUE_TASKS, ElasticClassifier, GlueTrainConfig, glue_metrics, load_glue, train_glue
 from elastic_core.model import load_checkpoint
 from elastic_core.ranker import ElasticRanker, bm25_run, load_dl19, retrieval_metrics, top
 from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
-                                new_task_model, pad_encoded, save_task)
+                                new_task_model, save_task)
 
 from conftest import DATA_DIR, SENTENCES
 
@@ -67,7 +68,7 @@ def test_elastic_task_steps_lower_every_sublms_loss_and_the_saved_head_reloads(c
     model = new_task_model(checkpoint_dir, TaskConfig(task="t", kind="classify", labels=["a", "b"], rank=4,
                                                       backbone=str(checkpoint_dir.resolve())))
     enc = tokenizer(SENTENCES, truncation=True)
-    batch = pad_encoded(enc, list(range(len(SENTENCES))), tokenizer.pad_token_id)
+    batch = pad(enc["input_ids"], tokenizer.pad_token_id, enc["token_type_ids"])
     targets = torch.tensor([0, 0, 1, 1, 0, 1])
 
     def losses():

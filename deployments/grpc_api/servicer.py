@@ -2,7 +2,7 @@
 
 It registers the generated handlers, except that a request that does not decode as an
 ``EmbedRequest`` becomes ``None`` instead of failing inside gRPC (which would answer INTERNAL):
-``Ingress.Embed`` then answers INVALID_ARGUMENT naming the problem, as HTTP answers 400 for
+``ElasticReplica.Embed`` (deployments/ingress.py) then answers INVALID_ARGUMENT naming the problem, as HTTP answers 400 for
 malformed JSON. Serve's proxy keeps each handler's deserializer, so this is all it takes.
 """
 

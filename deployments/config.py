@@ -1,0 +1,74 @@
+"""``ReplicaConfig``: everything one replica is configured with, in one place.
+
+The Serve YAML's ``args:`` are exactly these fields (``build_app`` checks them, naming any unknown
+key), ``elasticlm serve`` and the load-test runner edit the same YAML, and the replica reads this
+object: defaults live here and nowhere else. Deployment options (replicas, autoscaling, CPUs/GPUs,
+queue limits) stay in the YAML's ``deployments:`` list, as Ray Serve intends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    # the model
+    checkpoint: str = DEFAULT_CHECKPOINT
+    model_name: str = "elastic-minilm-l6"          # reported to clients (OpenAI "model", /info)
+    device: str = "auto"                           # "auto": the GPU when there is one
+    num_threads: int | None = None                 # torch threads; Ray pins OMP to the actor's num_cpus otherwise
+    sublms: list[str] | None = None                # SubLMs served (largest first); one = a static deployment
+    profile_path: str | None = None                # a saved `elasticlm profile --out` table; None: measure at start
+    profile_cache: str | None = "~/.cache/elasticlm"  # measured tables, per device and checkpoint; None: always measure
+    # the schedule
+    target_ms: float = 150.0                       # latency target T per request (a client may send a tighter one)
+    admission_factor: float = 1.0                  # refuse at once what even the fastest SubLM would answer after
+                                                   # factor x T; 0: queue everything (saturation benchmarks)
+    calibration_alpha: float = 0.1                 # EWMA weight of each batch in measured / profiled time;
+                                                   # 0: predict from the profile alone
+    # batching
+    max_batch_texts: int = 64                      # texts the loop takes per batch, at most
+    max_batch_tokens: int = 16384                  # tokens the loop takes per batch, at most
+    chunk_texts: int = 64                          # a batch runs as length-sorted, packed chunks of at most this
+    chunk_tokens: int | None = 8192                # many texts and padded tokens (attention still sees padding)
+    # the shared queue depth
+    redis_url: str | None = None                   # None: $REDIS_URL of the replica's environment; unset: local only
+    depth_namespace: str = "elasticlm"
+    depth_ttl_s: float = 3.0
+    heartbeat_s: float = 0.5
+    degraded_window_s: float = 30.0                # the autoscaling signal: share of recent texts on a reduced SubLM
+    # request limits
+    max_inputs: int = 256                          # texts per request
+    max_input_chars: int = 100_000                 # characters per text
+    drain_s: float = 10.0                          # on shutdown, finish accepted requests for at most this long
+
+    def __post_init__(self):
+        positive = ["target_ms", "max_batch_texts", "max_batch_tokens", "chunk_texts", "max_inputs",
+                    "max_input_chars", "depth_ttl_s", "heartbeat_s"]
+        bad = [f"{name}={getattr(self, name)!r}" for name in positive if not getattr(self, name) > 0]
+        if self.admission_factor < 0:
+            bad.append(f"admission_factor={self.admission_factor!r} (must be >= 0)")
+        if not 0 <= self.calibration_alpha <= 1:
+            bad.append(f"calibration_alpha={self.calibration_alpha!r} (must be in [0, 1])")
+        if bad:
+            raise ValueError("invalid replica settings: " + ", ".join(bad))
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "ReplicaConfig":
+        """The YAML's ``args:``; an unknown key is an error that names it (a typo must not pass silently)."""
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown replica settings {unknown}; the settings are {sorted(known)}")
+        if args.get("checkpoint") in (None, ""):
+            args.pop("checkpoint", None)
+        return cls(**args)
+
+    def replace(self, **changes) -> "ReplicaConfig":
+        return dataclasses.replace(self, **changes)
