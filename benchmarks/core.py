@@ -1,12 +1,17 @@
 """Quality and latency of the elastic checkpoint, side by side with its baselines, in one run.
 
-    .venv/bin/python benchmarks/core.py                 # full SciFact test corpus (~15 min on 2 CPU cores)
-    .venv/bin/python benchmarks/core.py --max-docs 1000 # quicker, judged docs + a sample
+    .venv/bin/python benchmarks/core.py                 # SciFact + TREC DL 2019 + latency (~25 min on 2 CPU cores)
+    .venv/bin/python benchmarks/core.py --max-docs 1000 # quicker, judged SciFact docs + a sample
+    .venv/bin/python benchmarks/core.py --reuse-scifact # only DL19 again; SciFact and latency from --out
 
+Quality on two sets: SciFact (its corpus is in the backbone's training text) and TREC DL 2019 (held out:
+never trained on; dense reranking of each judged query's candidates, graded NDCG@10).
 Writes benchmarks/results/core.json, docs/benchmarks.md (the "core" section) and
-docs/img/pareto_scifact.png, and prints the table. Targets (issue 2):
-  NDCG@10: w100 >= 0.99 x teacher, w50 >= 0.95 x teacher, w25 >= 0.85 x teacher; asym w50 >= 0.97 x w100;
-  every SubLM > pruned-only of its size; latency(w25) / latency(w100) <= 0.35 at batch 32, seq 128.
+docs/img/pareto_scifact.png, and prints the table. Targets:
+  SciFact NDCG@10 (issue 2): w100 >= 0.99 x teacher, w50 >= 0.95 x teacher, w25 >= 0.85 x teacher;
+  asym w50 >= 0.97 x w100; every SubLM > pruned-only of its size; latency(w25) / latency(w100) <= 0.35
+  at batch 32, seq 128. DL19 NDCG@10 (issue 14): w100 >= 0.99 x teacher, w50 >= 0.95 x w100,
+  w25 >= 0.85 x w100, every SubLM > pruned-only.
 """
 
 from __future__ import annotations
@@ -55,25 +60,36 @@ def main():
     parser.add_argument("--max-docs", type=int)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "core.json"))
+    parser.add_argument("--reuse-scifact", action="store_true",
+                        help="keep --out's SciFact figures and latency (same checkpoint); measure DL19 only")
     args = parser.parse_args()
 
     import torch
 
     from elastic_core.data import DEFAULT_DATA_DIR
-    from elastic_core.eval import eval_scifact
+    from elastic_core.eval import eval_dl19_dense, eval_scifact
     from elastic_core.model import load_checkpoint, sublm_cost
     from elastic_core.profile import device_name, time_forward_ms
 
-    quality = eval_scifact(args.checkpoint, args.data_dir or DEFAULT_DATA_DIR, args.max_docs)
+    saved = json.loads(Path(args.out).read_text()) if args.reuse_scifact else None
     model = load_checkpoint(args.checkpoint)
     cfg = model.config
-    # latency: our SubLMs and the HF teacher, interleaved round by round so that machine noise hits all alike
-    rounds = {name: [] for name in cfg.sublm_names + ["teacher_hf"]}
-    for _ in range(3):
-        for name in cfg.sublm_names:
-            rounds[name].append(time_forward_ms(model, name, 32, 128, repeats=args.repeats))
-        rounds["teacher_hf"].append(hf_teacher_latency_ms(32, 128, args.repeats))
+    if saved:
+        quality = {"teacher": saved["teacher"], "corpus_docs": saved["corpus_docs"], "queries": saved["queries"],
+                   "sublms": saved["sublms"], "pruned_only": saved["pruned_only"]}
+        rounds = saved["latency_rounds_ms"]
+        command = saved["command"] + " (SciFact, latency); python benchmarks/core.py --reuse-scifact (DL19)"
+    else:
+        quality = eval_scifact(args.checkpoint, args.data_dir or DEFAULT_DATA_DIR, args.max_docs)
+        # latency: our SubLMs and the HF teacher, interleaved round by round so that machine noise hits all alike
+        rounds = {name: [] for name in cfg.sublm_names + ["teacher_hf"]}
+        for _ in range(3):
+            for name in cfg.sublm_names:
+                rounds[name].append(time_forward_ms(model, name, 32, 128, repeats=args.repeats))
+            rounds["teacher_hf"].append(hf_teacher_latency_ms(32, 128, args.repeats))
+        command = " ".join(["python benchmarks/core.py", *sys.argv[1:]])
     latency = {k: statistics.median(v) for k, v in rounds.items()}
+    dl19 = eval_dl19_dense(args.checkpoint, args.data_dir or DEFAULT_DATA_DIR)
 
     teacher = quality["teacher"]["ndcg@10"]
     full = quality["sublms"][cfg.sublm_names[0]]["ndcg@10"]
@@ -82,9 +98,16 @@ def main():
         q = quality["sublms"][name]
         pruned = quality["pruned_only"].get(name, {}).get("ndcg@10")
         cost = sublm_cost(cfg, cfg.sublm(name))
+        d = dl19["sublms"][name]
+        d_pruned = dl19["pruned_only"].get(name, {}).get("ndcg@10")
+        d_full = dl19["sublms"][cfg.sublm_names[0]]["ndcg@10"]
         rows[name] = {"ndcg@10": q["ndcg@10"], "vs_teacher": q["ndcg@10"] / teacher,
                       "ndcg@10_asym": q["ndcg@10_asym"], "asym_vs_full": q["ndcg@10_asym"] / full,
                       "pruned_only_ndcg@10": pruned, "beats_pruned_only": None if pruned is None else q["ndcg@10"] > pruned,
+                      "dl19_ndcg@10": d["ndcg@10"], "dl19_vs_teacher": d["ndcg@10"] / dl19["teacher"]["ndcg@10"],
+                      "dl19_vs_full": d["ndcg@10"] / d_full, "dl19_ndcg@10_asym": d["ndcg@10_asym"],
+                      "dl19_pruned_only_ndcg@10": d_pruned,
+                      "dl19_beats_pruned_only": None if d_pruned is None else d["ndcg@10"] > d_pruned,
                       "latency_ms_b32_s128": latency[name], "latency_vs_w100": latency[name] / latency[cfg.sublm_names[0]],
                       "params_sliced": cost["params"], "macs_per_token_s128": cost["macs_per_token"]}
     targets = {
@@ -92,10 +115,17 @@ def main():
         "asym w50 >= 0.97 x full": rows["w50"]["asym_vs_full"] >= 0.97,
         "every SubLM beats pruned-only": all(r["beats_pruned_only"] for r in rows.values() if r["beats_pruned_only"] is not None),
         "latency w25 / w100 <= 0.35": rows["w25"]["latency_vs_w100"] <= 0.35,
+        "DL19 w100 >= 0.99 x teacher": rows["w100"]["dl19_vs_teacher"] >= 0.99,
+        "DL19 w50 >= 0.95 x w100": rows["w50"]["dl19_vs_full"] >= 0.95,
+        "DL19 w25 >= 0.85 x w100": rows["w25"]["dl19_vs_full"] >= 0.85,
+        "DL19: every SubLM beats pruned-only": all(r["dl19_beats_pruned_only"] for r in rows.values()
+                                                   if r["dl19_beats_pruned_only"] is not None),
     }
-    result = {"command": " ".join(["python benchmarks/core.py", *sys.argv[1:]]),
+    result = {"command": command,
               "device": device_name(torch.device("cpu")), "machine": platform.platform(),
               "corpus_docs": quality["corpus_docs"], "queries": quality["queries"],
+              "dl19": {"dataset": dl19["dataset"], "passages": dl19["corpus_docs"], "queries": dl19["queries"],
+                       "teacher_ndcg@10": dl19["teacher"]["ndcg@10"]},
               "teacher": {"ndcg@10": teacher, "latency_ms_b32_s128": latency["teacher_hf"]},
               "sublms": rows, "pruned_only": quality["pruned_only"], "targets": targets,
               "latency_rounds_ms": rounds}
@@ -111,16 +141,28 @@ def main():
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Command: `{r['command']}` — SciFact test ({r['corpus_docs']} docs, {r['queries']} queries), "
-             f"latency at batch 32 × seq 128 on {r['device']} (median of 3 interleaved rounds).", "",
-             "| model | NDCG@10 | / teacher | asym NDCG@10 | asym / w100 | pruned-only NDCG@10 | latency ms | / w100 |",
-             "|---|---|---|---|---|---|---|---|"]
+    dl = r.get("dl19")
+    lines = [f"Command: `{r['command']}` — SciFact test ({r['corpus_docs']} docs, {r['queries']} queries; its corpus "
+             "is in the backbone's training text)"
+             + (f" and TREC DL 2019 (held out: {dl['queries']} judged queries, {dl['passages']} candidate passages, "
+                "dense rerank, graded NDCG@10)" if dl else "")
+             + f"; latency at batch 32 × seq 128 on {r['device']} (median of 3 interleaved rounds).", "",
+             "| model | SciFact NDCG@10 | / teacher | asym | asym / w100 | pruned-only | "
+             + ("DL19 NDCG@10 | / teacher | / w100 | asym | pruned-only | " if dl else "") + "latency ms | / w100 |",
+             "|---|---|---|---|---|---|" + ("---|---|---|---|---|" if dl else "") + "---|---|"]
     for name, row in r["sublms"].items():
-        pruned = "= teacher (same weights)" if row["pruned_only_ndcg@10"] is None else f"{row['pruned_only_ndcg@10']:.4f}"
-        lines.append(f"| {name} | {row['ndcg@10']:.4f} | {row['vs_teacher']:.3f} | {row['ndcg@10_asym']:.4f} | "
-                     f"{row['asym_vs_full']:.3f} | {pruned} | {row['latency_ms_b32_s128']:.1f} | {row['latency_vs_w100']:.2f} |")
+        pruned = "= teacher" if row["pruned_only_ndcg@10"] is None else f"{row['pruned_only_ndcg@10']:.4f}"
+        cells = [f"{row['ndcg@10']:.4f}", f"{row['vs_teacher']:.3f}", f"{row['ndcg@10_asym']:.4f}",
+                 f"{row['asym_vs_full']:.3f}", pruned]
+        if dl:
+            dp = row["dl19_pruned_only_ndcg@10"]
+            cells += [f"{row['dl19_ndcg@10']:.4f}", f"{row['dl19_vs_teacher']:.3f}", f"{row['dl19_vs_full']:.3f}",
+                      f"{row['dl19_ndcg@10_asym']:.4f}", "= teacher" if dp is None else f"{dp:.4f}"]
+        cells += [f"{row['latency_ms_b32_s128']:.1f}", f"{row['latency_vs_w100']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     t = r["teacher"]
-    lines.append(f"| teacher (HF, as shipped) | {t['ndcg@10']:.4f} | 1.000 | | | | {t['latency_ms_b32_s128']:.1f} | |")
+    lines.append(f"| teacher (HF, as shipped) | {t['ndcg@10']:.4f} | 1.000 | | | | "
+                 + (f"{dl['teacher_ndcg@10']:.4f} | 1.000 | | | | " if dl else "") + f"{t['latency_ms_b32_s128']:.1f} | |")
     lines += ["", "| target | met |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["targets"].items()]
     lines += ["", "![NDCG@10 vs latency](img/pareto_scifact.png)"]
     return "\n".join(lines)
@@ -133,23 +175,28 @@ def plot(r: dict, path: Path):
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sets = [("", "SciFact NDCG@10 (corpus in training text)", r["teacher"]["ndcg@10"])]
+    if r.get("dl19"):
+        sets.append(("dl19_", "TREC DL 2019 NDCG@10 (held out)", r["dl19"]["teacher_ndcg@10"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.2), squeeze=False)
     names = list(r["sublms"])
     lat = [r["sublms"][n]["latency_ms_b32_s128"] for n in names]
-    ax.plot(lat, [r["sublms"][n]["ndcg@10"] for n in names], "o-", label="elastic SubLMs (symmetric)")
-    ax.plot(lat, [r["sublms"][n]["ndcg@10_asym"] for n in names], "s--", label="elastic, corpus by w100 (asym)")
-    pruned = [(r["sublms"][n]["latency_ms_b32_s128"], r["sublms"][n]["pruned_only_ndcg@10"]) for n in names
-              if r["sublms"][n]["pruned_only_ndcg@10"] is not None]
-    ax.plot(*zip(*pruned), "x:", label="pruned only (no elastic optimization)")
-    ax.plot([r["teacher"]["latency_ms_b32_s128"]], [r["teacher"]["ndcg@10"]], "k*", ms=12, label="teacher (HF)")
-    for n, x in zip(names, lat):
-        ax.annotate(n, (x, r["sublms"][n]["ndcg@10"]), textcoords="offset points", xytext=(4, -12))
-    ax.set_xlabel("latency, batch 32 × seq 128 (ms)")
-    ax.set_ylabel("SciFact NDCG@10")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    for ax, (prefix, label, teacher) in zip(axes[0], sets):
+        ax.plot(lat, [r["sublms"][n][f"{prefix}ndcg@10"] for n in names], "o-", label="elastic SubLMs (symmetric)")
+        ax.plot(lat, [r["sublms"][n][f"{prefix}ndcg@10_asym"] for n in names], "s--",
+                label="elastic, documents by w100 (asym)")
+        pruned = [(r["sublms"][n]["latency_ms_b32_s128"], r["sublms"][n][f"{prefix}pruned_only_ndcg@10"])
+                  for n in names if r["sublms"][n][f"{prefix}pruned_only_ndcg@10"] is not None]
+        ax.plot(*zip(*pruned), "x:", label="pruned only (no elastic optimization)")
+        ax.plot([r["teacher"]["latency_ms_b32_s128"]], [teacher], "k*", ms=12, label="teacher (HF)")
+        for n, x in zip(names, lat):
+            ax.annotate(n, (x, r["sublms"][n][f"{prefix}ndcg@10"]), textcoords="offset points", xytext=(4, -12))
+        ax.set_xlabel("latency, batch 32 × seq 128 (ms)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.config import DEFAULT_CHECKPOINT, ReplicaConfig  # noqa: F401 - re-exported for callers
+from deployments.config import ReplicaConfig
 from deployments.ingress import ElasticReplica
 
 

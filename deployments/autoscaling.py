@@ -11,8 +11,12 @@ min/max replicas, the scaling factors and the up/down delays on top of what this
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
+
+logger = logging.getLogger("ray.serve")
 
 
 class ElasticAutoscalingPolicy:
@@ -41,5 +45,8 @@ class ElasticAutoscalingPolicy:
         else:
             desired = queue_rule
         state = dict(ctx.policy_state or {})
+        if desired != (state.get("elastic") or {}).get("desired", current):  # a decision, logged once
+            logger.info("elastic policy: %.0f%% of recent texts on a reduced SubLM, queue rule %s -> %s replicas "
+                        "(running %s)", 100 * share, queue_rule, desired, current)
         state["elastic"] = {"degraded_share": share, "queue_rule": queue_rule, "desired": desired}
         return desired, state

@@ -70,6 +70,12 @@ def _cmd_eval(args):
         result = eval_scifact(args.checkpoint, args.data_dir, args.max_docs, baselines=not args.no_baselines,
                               progress=not args.json)
         table = format_eval_table
+    elif args.task == "dl19-dense":
+        from .eval import eval_dl19_dense
+
+        result = eval_dl19_dense(args.checkpoint, args.data_dir, baselines=not args.no_baselines,
+                                 progress=not args.json)
+        table = format_eval_table
     elif args.task == "rerank-scifact":
         from .ranker import eval_rerank_scifact
 
@@ -179,7 +185,7 @@ def main(argv=None):
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("eval", help="quality of every SubLM with baselines in the same run")
-    p.add_argument("task", choices=["scifact", "rerank-scifact", "rerank-dl19", "glue"])
+    p.add_argument("task", choices=["scifact", "dl19-dense", "rerank-scifact", "rerank-dl19", "glue"])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--task-dir", help="rerank / glue: the task adapter (default: <checkpoint>/tasks/<task>)")
     p.add_argument("--glue-task", "--task", dest="glue_task", default="sst2", choices=["sst2", "mrpc", "rte"])

@@ -81,3 +81,25 @@ def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_p
         texts.extend(items[:max_per_source])
     rng.shuffle(texts)
     return texts
+
+
+def load_dl19(data_dir=DEFAULT_DATA_DIR, system: str | None = "BM25"):
+    """TREC DL 2019 passage (a test set: never trained on): judged queries, passage texts, candidate lists
+    (``system``'s from candidates.tsv, or with ``None`` the union of every system's, scored by how
+    many systems retrieved each passage) and graded qrels."""
+    root = Path(data_dir) / "msmarco_trec_dl" / "dl19"
+    queries = dict(line.rstrip("\n").split("\t", 1) for line in open(root / "queries.tsv", encoding="utf-8"))
+    passages = {p["pid"]: p["text"] for p in _read_jsonl(root / "passages.jsonl")}
+    qrels: dict[str, dict[str, int]] = {}
+    for line in open(root / "qrels.txt", encoding="utf-8"):
+        q, _, p, r = line.split()
+        qrels.setdefault(q, {})[p] = int(r)
+    run: dict[str, dict[str, float]] = {}
+    with open(root / "candidates.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            q, sys_name, _, p, score = line.rstrip("\n").split("\t")
+            if q in qrels and (system is None or sys_name == system):
+                candidates = run.setdefault(q, {})
+                candidates[p] = candidates.get(p, 0.0) + 1.0 if system is None else float(score)
+    return {q: queries[q] for q in run}, passages, run, qrels

@@ -1,4 +1,8 @@
-"""Quality evaluation: BEIR SciFact NDCG@10 for every SubLM, with baselines in the same run.
+"""Quality evaluation: NDCG@10 for every SubLM, with baselines in the same run.
+
+  * ``eval_scifact``:    BEIR SciFact test, dense retrieval over the corpus (in the backbone's training text);
+  * ``eval_dl19_dense``: TREC DL 2019 passage, dense reranking of the judged queries' candidates (held out:
+                         never trained on), graded NDCG@10, as the track scores it.
 
 Baselines, on the same corpus in the same run:
   * ``teacher``:     all-MiniLM-L6-v2 as shipped, run by HF transformers (not by our code);
@@ -13,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DEFAULT_DATA_DIR, BeirDataset, load_scifact, subsample_corpus
+from .data import DEFAULT_DATA_DIR, BeirDataset, load_dl19, load_scifact, subsample_corpus
 
 
 def ndcg_at_10(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> float:
@@ -55,8 +59,24 @@ def encode_with_hf(model_dir: Path, texts: list[str], max_length: int, batch_siz
                        tok.pad_token_id, Chunking(batch_size), progress=progress)
 
 
-def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,
-                 baselines: bool = True, progress: bool = True, seed: int = 0) -> dict:
+def candidate_run(candidates: dict[str, dict[str, float]]):
+    """A ranking function that reorders each query's own candidates (reranking, as in TREC DL) by cosine."""
+    def rank(query_ids, query_emb, doc_ids, doc_emb):
+        row = {d: i for i, d in enumerate(doc_ids)}
+        run = {}
+        for q, emb in zip(query_ids, query_emb):
+            ids = [d for d in candidates[q] if d in row]
+            scores = doc_emb[[row[d] for d in ids]] @ emb
+            run[q] = {d: float(s) for d, s in zip(ids, scores)}
+        return run
+    return rank
+
+
+def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, str], qrels, rank,
+               baselines: bool = True, progress: bool = True, desc: str = "eval") -> dict:
+    """NDCG@10 (graded) of every SubLM of ``checkpoint`` ranking ``docs`` for ``queries`` with
+    ``rank(query_ids, query_emb, doc_ids, doc_emb) -> run``; with the teacher (HF, as shipped) and the
+    pruned-only model in the same run. ``ndcg@10_asym``: queries by the SubLM, documents by w100."""
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -64,9 +84,8 @@ def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR
     from .model import load_bert, permute_by_importance, teacher_dir
     from .optimize import IMPORTANCE_FILE
 
-    ds: BeirDataset = subsample_corpus(load_scifact(data_dir, "test"), max_docs, seed)
-    doc_ids, doc_texts = list(ds.corpus), list(ds.corpus.values())
-    query_ids, query_texts = list(ds.queries), list(ds.queries.values())
+    doc_ids, doc_texts = list(docs), list(docs.values())
+    query_ids, query_texts = list(queries), list(queries.values())
     elastic = ElasticDenser.from_checkpoint(checkpoint)
     sublms = elastic.sublms
     models = [("sublms", elastic)]
@@ -81,25 +100,46 @@ def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR
     # the full SubLM of pruned_only is the teacher itself (permutation invariance): not re-measured
     jobs = [(group, d, s) for group, d in models for s in sublms if not (group == "pruned_only" and s == sublms[0])]
     total = (len(jobs) + baselines) * (len(doc_texts) + len(query_texts))
-    bar = tqdm(total=total, desc="scifact eval", unit="text", disable=not progress)
+    bar = tqdm(total=total, desc=desc, unit="text", disable=not progress)
 
-    result: dict = {"dataset": "beir/scifact test", "corpus_docs": len(doc_ids), "queries": len(query_ids),
-                    "max_seq_length": elastic.max_length, "sublms": {}, "pruned_only": {}}
+    result: dict = {"max_seq_length": elastic.max_length, "sublms": {}, "pruned_only": {}}
     if baselines:
         t_docs = encode_with_hf(teacher_dir(), doc_texts, elastic.max_length, progress=bar)
         t_queries = encode_with_hf(teacher_dir(), query_texts, elastic.max_length, progress=bar)
-        result["teacher"] = {"ndcg@10": ndcg_at_10(ds.qrels, dense_run(query_ids, t_queries, doc_ids, t_docs))}
+        result["teacher"] = {"ndcg@10": ndcg_at_10(qrels, rank(query_ids, t_queries, doc_ids, t_docs))}
     full_docs = None
     for group, denser, sublm in jobs:
         d_emb = denser.encode_tokenized(docs_tok, sublm, progress=bar)
         q_emb = denser.encode_tokenized(queries_tok, sublm, progress=bar)
-        row = {"ndcg@10": ndcg_at_10(ds.qrels, dense_run(query_ids, q_emb, doc_ids, d_emb))}
+        row = {"ndcg@10": ndcg_at_10(qrels, rank(query_ids, q_emb, doc_ids, d_emb))}
         if group == "sublms":
             if sublm == sublms[0]:
                 full_docs = d_emb
-            row["ndcg@10_asym"] = ndcg_at_10(ds.qrels, dense_run(query_ids, q_emb, doc_ids, full_docs))
+            row["ndcg@10_asym"] = ndcg_at_10(qrels, rank(query_ids, q_emb, doc_ids, full_docs))
         result[group][sublm] = row
     bar.close()
     if not baselines:
         result.pop("pruned_only")
     return result
+
+
+def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,
+                 baselines: bool = True, progress: bool = True, seed: int = 0) -> dict:
+    """BEIR SciFact test: retrieve the top 100 of the whole corpus by cosine. Its corpus is in the
+    backbone's training text: report TREC DL 2019 (``eval_dl19_dense``) beside it."""
+    ds: BeirDataset = subsample_corpus(load_scifact(data_dir, "test"), max_docs, seed)
+    return {"dataset": "beir/scifact test", "corpus_docs": len(ds.corpus), "queries": len(ds.queries),
+            **eval_dense(checkpoint, ds.queries, ds.corpus, ds.qrels, dense_run, baselines, progress, "scifact eval")}
+
+
+def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, baselines: bool = True,
+                    progress: bool = True) -> dict:
+    """TREC DL 2019 passage, dense reranking: each judged query's candidates (the union of the five
+    first stages in candidates.tsv) ordered by cosine; graded NDCG@10. Evaluation only: no part of
+    TREC DL is ever used for training."""
+    queries, passages, candidates, qrels = load_dl19(data_dir, system=None)
+    docs = {p: passages[p] for cands in candidates.values() for p in cands if p in passages}
+    return {"dataset": "trec-dl-2019 passage, dense rerank of the candidate union", "corpus_docs": len(docs),
+            "queries": len(queries),
+            **eval_dense(checkpoint, queries, docs, {q: qrels[q] for q in queries}, candidate_run(candidates),
+                         baselines, progress, "dl19 eval")}

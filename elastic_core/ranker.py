@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .batching import pad
-from .data import DEFAULT_DATA_DIR, BeirDataset, _read_jsonl, load_scifact
+from .data import DEFAULT_DATA_DIR, BeirDataset, load_dl19, load_scifact
 from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits, save_task
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
@@ -210,25 +210,6 @@ def eval_rerank_scifact(task_dir: str | Path, checkpoint: str | Path, data_dir=D
         out[name] = {"dataset": "beir/scifact test", "first_stage_name": name if name == "bm25" else "elasticdenser-w100",
                      **rerank_eval(ranker, queries, ds.corpus, run, qrels, depth, 1, progress, cache)}
     return out
-
-
-def load_dl19(data_dir=DEFAULT_DATA_DIR, system: str = "BM25"):
-    """TREC DL 2019 passage: queries, passage texts, ``system``'s candidate lists, graded qrels."""
-    root = Path(data_dir) / "msmarco_trec_dl" / "dl19"
-    queries = dict(line.rstrip("\n").split("\t", 1) for line in open(root / "queries.tsv", encoding="utf-8"))
-    passages = {p["pid"]: p["text"] for p in _read_jsonl(root / "passages.jsonl")}
-    qrels: dict[str, dict[str, int]] = {}
-    for line in open(root / "qrels.txt", encoding="utf-8"):
-        q, _, p, r = line.split()
-        qrels.setdefault(q, {})[p] = int(r)
-    run: Run = {}
-    with open(root / "candidates.tsv", encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            q, sys_name, _, p, score = line.rstrip("\n").split("\t")
-            if sys_name == system and q in qrels:
-                run.setdefault(q, {})[p] = float(score)
-    return {q: queries[q] for q in run}, passages, run, qrels
 
 
 def eval_rerank_dl19(task_dir: str | Path, data_dir=DEFAULT_DATA_DIR, depth: int = 100, progress: bool = True) -> dict:

@@ -69,3 +69,47 @@ def test_eval_scifact_end_to_end_shape(checkpoint_dir, tiny_beir):
     assert list(result["pruned_only"]) == ["w75", "w50", "w25"]
     for row in result["sublms"].values():
         assert row["ndcg@10"] == pytest.approx(1.0) and row["ndcg@10_asym"] == pytest.approx(1.0)
+
+
+def test_candidate_run_reorders_each_querys_own_candidates():
+    from elastic_core.eval import candidate_run
+
+    rank = candidate_run({"a": {"x": 1.0, "z": 1.0}, "b": {"y": 1.0, "gone": 1.0}})
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    d = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.6]], dtype=np.float32)
+    run = rank(["a", "b"], q, ["x", "y", "z"], d)
+    assert set(run["a"]) == {"x", "z"} and run["a"]["x"] > run["a"]["z"]  # never a passage outside its list
+    assert set(run["b"]) == {"y"}                                          # a candidate without text is skipped
+
+
+@pytest.fixture()
+def tiny_dl19(tmp_path):
+    root = tmp_path / "msmarco_trec_dl" / "dl19"
+    root.mkdir(parents=True)
+    (root / "queries.tsv").write_text("1\tdoes vitamin d help bones\n2\twhy do central banks raise rates\n3\tunjudged\n")
+    (root / "qrels.txt").write_text("1 Q0 p1 3\n1 Q0 p2 0\n2 Q0 p3 2\n")
+    passages = {"p1": "Vitamin D supplementation improves bone density in elderly women.",
+                "p2": "Guitarists often practise scales to build finger dexterity.",
+                "p3": "The central bank raised interest rates to curb inflation.",
+                "p4": "Mitochondria produce most of the cell's energy as ATP."}
+    (root / "passages.jsonl").write_text("".join(json.dumps({"pid": p, "text": t}) + "\n" for p, t in passages.items()))
+    (root / "candidates.tsv").write_text("qid\tsystem\trank\tpid\tscore\n" + "".join(
+        f"{q}\t{s}\t{r}\t{p}\t1.0\n" for q, s, r, p in [
+            ("1", "BM25", 1, "p2"), ("1", "BM25", 2, "p1"), ("1", "SPLADE", 1, "p4"), ("2", "BM25", 1, "p4"),
+            ("2", "TAS-B", 1, "p3"), ("3", "BM25", 1, "p1")]))
+    return tmp_path
+
+
+def test_dl19_union_and_dense_rerank_end_to_end(checkpoint_dir, tiny_dl19):
+    from elastic_core.data import load_dl19
+    from elastic_core.eval import eval_dl19_dense
+
+    queries, _, union, _ = load_dl19(tiny_dl19, system=None)
+    assert set(queries) == {"1", "2"}                      # judged queries only
+    assert union == {"1": {"p2": 1.0, "p1": 1.0, "p4": 1.0}, "2": {"p4": 1.0, "p3": 1.0}}
+    assert load_dl19(tiny_dl19)[2] == {"1": {"p2": 1.0, "p1": 1.0}, "2": {"p4": 1.0}}  # BM25's lists
+    result = eval_dl19_dense(checkpoint_dir, tiny_dl19, progress=False)
+    assert result["queries"] == 2 and result["corpus_docs"] == 4
+    assert result["teacher"]["ndcg@10"] == pytest.approx(1.0)
+    assert list(result["sublms"]) == ["w100", "w75", "w50", "w25"] and list(result["pruned_only"]) == ["w75", "w50", "w25"]
+    assert result["sublms"]["w100"]["ndcg@10"] == pytest.approx(1.0)

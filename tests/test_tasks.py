@@ -8,8 +8,9 @@ import torch
 
 from elastic_core.batching import pad
 from elastic_core.classify import GLUE_TASKS, ElasticClassifier, GlueTrainConfig, glue_metrics, load_glue, train_glue
+from elastic_core.data import load_dl19
 from elastic_core.model import load_checkpoint
-from elastic_core.ranker import ElasticRanker, bm25_run, load_dl19, retrieval_metrics, top
+from elastic_core.ranker import ElasticRanker, bm25_run, retrieval_metrics, top
 from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
                                 new_task_model, save_task)
 
