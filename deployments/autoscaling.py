@@ -12,6 +12,7 @@ min/max replicas, the scaling factors and the up/down delays on top of what this
 from __future__ import annotations
 
 import logging
+import math
 
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingContext
@@ -45,8 +46,11 @@ class ElasticAutoscalingPolicy:
         else:
             desired = queue_rule
         state = dict(ctx.policy_state or {})
-        if desired != (state.get("elastic") or {}).get("desired", current):  # a decision, logged once
-            logger.info("elastic policy: %.0f%% of recent texts on a reduced SubLM, queue rule %s -> %s replicas "
-                        "(running %s)", 100 * share, queue_rule, desired, current)
-        state["elastic"] = {"degraded_share": share, "queue_rule": queue_rule, "desired": desired}
+        # a decision is logged once: Serve acts on whole replicas, and the queue rule's fraction moves
+        # with every metrics push (a line each time cost the controller and Ray's log pipeline CPU)
+        decided = math.ceil(desired)
+        if decided != (state.get("elastic") or {}).get("decided", current):
+            logger.info("elastic policy: %.0f%% of recent texts on a reduced SubLM, queue rule %.2f -> %d replicas "
+                        "(running %d)", 100 * share, queue_rule, decided, current)
+        state["elastic"] = {"degraded_share": share, "queue_rule": queue_rule, "desired": desired, "decided": decided}
         return desired, state

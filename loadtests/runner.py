@@ -373,7 +373,9 @@ def check_targets(shape: str, configs: dict, quality: dict, capacity: float, pee
         if "static-full" in s:
             out["static_full_misses_slo"] = {"met": s["static-full"]["slo_attainment"] < 0.99,
                                              "static-full": s["static-full"]["slo_attainment"]}
-        others = {k: v["effective_accuracy"] for k, v in s.items() if k != "elastic"}
+        # the elastic deployment against every static trade-off and the peer (elastic-noauto is the same
+        # model without autoscaling: it shows what each mechanism adds, it is not a competitor)
+        others = {k: v["effective_accuracy"] for k, v in s.items() if k.startswith("static-") or k == "infinity"}
         out["elastic_effective_accuracy_at_least_every_static"] = {
             "met": all(e["effective_accuracy"] >= v for v in others.values()),
             "elastic": e["effective_accuracy"], **others}

@@ -37,3 +37,16 @@ def test_queue_rule_still_wins_when_it_asks_for_more():
 def test_thresholds_are_validated():
     with pytest.raises(ValueError):
         ElasticAutoscalingPolicy(degraded_upscale=0.01, degraded_hold=0.1)
+
+
+def test_a_decision_is_logged_once_not_on_every_metrics_push(caplog):
+    """The queue rule's fraction moves with every push; only a change of whole replicas is a decision."""
+    policy = ElasticAutoscalingPolicy()
+    state = {}
+    with caplog.at_level("INFO", logger="ray.serve"):
+        for ongoing in (16, 17, 18, 19, 70, 71, 72):  # desired 0.5 .. 0.59 (1 replica), then 2.19 .. 2.25 (3)
+            c = ctx(2, ongoing, 0.0)
+            c.policy_state = state
+            _, state = policy(c)
+    decisions = [r for r in caplog.records if "elastic policy" in r.getMessage()]
+    assert [r.getMessage().split("-> ")[1].split(" ")[0] for r in decisions] == ["1", "3"]

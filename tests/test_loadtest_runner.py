@@ -71,7 +71,8 @@ def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
     # the capacity probe measures saturation: nothing refused for being late
     probe = serve_variant(base, "static-full", SUBLMS, admission=False)
     assert probe["applications"][0]["args"]["admission_factor"] == 0
-    assert "admission_factor" not in full["applications"][0]["args"]
+    assert full["applications"][0]["args"].get("admission_factor") == \
+        base["applications"][0]["args"].get("admission_factor")  # served configurations keep the base's
     for cfg in (full, small, elastic):  # Ray's own schema accepts them
         load_serve_config_from_dict(cfg)
 
@@ -90,8 +91,12 @@ def test_targets_compare_elastic_with_every_static_configuration():
                                            "mean_served_quality": 0.64}},
                "static-smallest": {"summary": {**base, "slo_attainment": 1.0, "effective_accuracy": 0.56,
                                                "mean_served_quality": 0.56}}}
+    # the same model without autoscaling is a reference, not a competitor
+    configs["elastic-noauto"] = {"summary": {**base, "slo_attainment": 0.996, "effective_accuracy": 0.62,
+                                             "mean_served_quality": 0.62}}
     t = check_targets("spike", configs, QUALITY, 10.0, 8.0, SUBLMS)
     assert all(v["met"] for v in t.values()), t
+    assert "elastic-noauto" not in t["elastic_effective_accuracy_at_least_every_static"]
     configs["static-smallest"]["summary"]["effective_accuracy"] = 0.61
     configs["elastic"]["summary"]["failures"] = 1
     t = check_targets("spike", configs, QUALITY, 10.0, 12.0, SUBLMS)
