@@ -55,6 +55,12 @@ def static_sublm(name: str, sublms: list[str]) -> str:
     return chosen
 
 
+def _replica_options(cfg: dict) -> dict:
+    """The ``ElasticReplica`` deployment's options in a Serve config (one application)."""
+    (app,) = cfg["applications"]
+    return next(d for d in app.get("deployments", []) if d["name"] == "ElasticReplica")
+
+
 def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = True,
                   fixed_replicas: int | None = None) -> dict:
     """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching).
@@ -62,7 +68,7 @@ def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = Tr
     ``fixed_replicas``: no autoscaling, that many replicas."""
     cfg = copy.deepcopy(base)
     (app,) = cfg["applications"]
-    replica = next(d for d in app.get("deployments", []) if d["name"] == "ElasticReplica")
+    replica = _replica_options(cfg)
     scaling = replica.get("autoscaling_config")
     if not admission:
         app["args"]["admission_factor"] = 0
@@ -80,8 +86,7 @@ def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = Tr
 
 def max_replicas(base: dict) -> int:
     """The most replicas the base config may run (its autoscaling maximum, or its fixed count)."""
-    (app,) = base["applications"]
-    replica = next(d for d in app.get("deployments", []) if d["name"] == "ElasticReplica")
+    replica = _replica_options(base)
     return int((replica.get("autoscaling_config") or {}).get("max_replicas") or replica.get("num_replicas", 1))
 
 
@@ -99,12 +104,10 @@ class ServeDeployment:
     """``elasticlm serve`` with a given config, in its own process group, with a Redis owned here
     (so the runner can read the live replica count from the replicas' heartbeats)."""
 
-    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
         from deployments.local import RedisServer, free_port
 
         self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
-        self.env = env or {}
         self.http_port, self.grpc_port = free_port(0), free_port(0)
         self.redis = RedisServer(port=free_port(0))
         self.proc: subprocess.Popen | None = None
@@ -124,7 +127,7 @@ class ServeDeployment:
                "--redis-url", self.redis.url, "--target-ms", str(self.target_ms)]
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", **self.env}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + timeout_s
