@@ -122,9 +122,9 @@ class StackUnderTest:
         from deployments.local import RedisServer, free_port, load_serve_config, start_ray, start_serve
 
         self.redis = RedisServer(port=free_port(0)).start()
-        start_ray(num_cpus=2)
+        start_ray(num_cpus=2, redis_url=self.redis.url)
         http_port = free_port(0)
-        start_serve(load_serve_config(self.config_path), "127.0.0.1", http_port, free_port(0), self.redis.url)
+        start_serve(load_serve_config(self.config_path), "127.0.0.1", http_port, free_port(0))
         self.url = f"http://127.0.0.1:{http_port}/embed"
         return self
 

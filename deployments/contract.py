@@ -41,6 +41,11 @@ def overloaded() -> RequestError:
                         "Overloaded")
 
 
+# an HTTP body over this is refused (413) before it is read (text-embeddings-inference's --payload-limit
+# default); gRPC's own limit on a message is 4 MB
+MAX_BODY_BYTES = 2_000_000
+
+
 @dataclass
 class Limits:
     max_inputs: int = 256             # texts per request

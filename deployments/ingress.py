@@ -28,9 +28,10 @@ from fastapi.responses import Response
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import ReplicaConfig
-from deployments.contract import RequestError, overloaded
+from deployments.contract import MAX_BODY_BYTES, RequestError, overloaded
 from deployments.grpc_api import elasticlm_pb2
 from deployments.replica import Replica
 from elastic_core.engine import Job, Overloaded, Served
@@ -80,6 +81,14 @@ async def _request_error(_: Request, e: RequestError):
     return _error(e.status, e.message, e.error_type)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    """Starlette's own refusals (no such route, wrong method, body too large) in the same shape as ours."""
+    if e.status_code == 413:
+        return _too_large()
+    return _error(e.status_code, str(e.detail), "NotFound" if e.status_code == 404 else "Validation")
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, e: RequestValidationError):
     errors = e.errors()
@@ -88,6 +97,41 @@ async def _validation_error(_: Request, e: RequestValidationError):
     where = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
                       for err in errors)
     return _error(422, where, "Validation")
+
+
+class BodyLimit:
+    """Refuses a body over ``MAX_BODY_BYTES`` before it is read into memory, let alone parsed into Python
+    objects: a declared Content-Length at once, a chunked body as it arrives; 413 in our error shape.
+    (FastAPI's own ``max_body_size`` answers a declared length with a plain-text "Content Too Large"
+    that replaces any handler's response.)"""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await _too_large()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > MAX_BODY_BYTES:  # FastAPI passes an HTTPException through to the handler below
+                raise StarletteHTTPException(413)
+            return event
+
+        await self.inner(scope, counted, send)
+
+
+def _too_large() -> Response:
+    return _error(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", "Validation")
+
+
+app.add_middleware(BodyLimit)
 
 
 def _deadline(raw) -> float | None:

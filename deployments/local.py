@@ -8,6 +8,7 @@ HTTP on 127.0.0.1:8000 and gRPC on :9000. On Ctrl-C or SIGTERM it tears down eve
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,9 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
+
+from deployments.queue_depth import redacted
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "cluster" / "config.local.yaml"
@@ -40,6 +45,11 @@ SERVE_ENV = {
     # HAProxy logs every request to a socket that an actor parses into request metrics: ~5 % of the
     # throughput at 64 x 1 here; the replicas count requests themselves instead
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # a replica that dies with requests in flight closes their connections without an answer; every
+    # route here is idempotent (an embedding, a score), so HAProxy replays them on another replica
+    # instead of failing them (Ray's default retries connection failures only). Never on 503: that
+    # is admission's deliberate answer
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
 
 
@@ -65,28 +75,53 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-class RedisServer:
-    """A throw-away redis-server owned by this process (no persistence), on loopback."""
+@dataclass(frozen=True)
+class RedisTLS:
+    """PEM files for a redis-server with TLS: its certificate and key, and the CA that signed it."""
 
-    def __init__(self, port: int = 6391, binary: str | None = None):
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
+class RedisServer:
+    """A throw-away redis-server owned by this process (no persistence), on loopback; with a password
+    (``requirepass``) and TLS (``rediss://`` only, no plain port) when given them."""
+
+    def __init__(self, port: int = 6391, binary: str | None = None, password: str | None = None,
+                 tls: RedisTLS | None = None):
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(self.binary).exists():
             raise RuntimeError("redis-server not found: run `make setup` (it installs Redis) or pass --redis-url")
         self.port = free_port(port)
+        self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL replicas connect with (it holds the password: pass it through the environment, never log it)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(self.tls.ca_file)}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         import redis
 
-        self.proc = subprocess.Popen([self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--loglevel", "warning"]
+        if self.tls:  # TLS only: a plain-text port would be a way around it
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls.cert_file,
+                     "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file,
+                     "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.password:  # on the command line of a process only this user can inspect, as redis.conf would
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -132,11 +167,15 @@ def serve_environment() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(0))}
 
 
-def start_ray(num_cpus: int | None = None):
+def start_ray(num_cpus: int | None = None, redis_url: str | None = None):
     """A local Ray instance whose processes all see ``serve_environment()`` (what the environment
-    already sets wins: e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs Serve's Python proxy instead)."""
+    already sets wins: e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs Serve's Python proxy instead) and
+    ``$REDIS_URL``: the replicas read the URL, password included, from their environment, so it never
+    enters Serve's config, status or logs (on Kubernetes the same variable comes from a Secret)."""
     import ray
 
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name, value in serve_environment().items():
         os.environ.setdefault(name, value)
@@ -144,15 +183,15 @@ def start_ray(num_cpus: int | None = None):
              logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
 
-def start_serve(config, http_host: str, http_port: int, grpc_port: int, redis_url: str | None,
-                extra_args: dict | None = None):
-    """Start Serve's proxies and deploy the config's application; returns when it is RUNNING."""
+def start_serve(config, http_host: str, http_port: int, grpc_port: int, extra_args: dict | None = None):
+    """Start Serve's proxies and deploy the config's application; returns when it is RUNNING. Redis:
+    ``$REDIS_URL`` as ``start_ray`` set it, unless the config's ``args`` name one."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     serve.start(http_options={"host": http_host, "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
-    app_cfg, app = app_from_config(config, {**(extra_args or {}), **({"redis_url": redis_url} if redis_url else {})})
+    app_cfg, app = app_from_config(config, extra_args)
     serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix or "/")
     return app_cfg.name
 
@@ -208,14 +247,14 @@ def main(args) -> int:
     try:
         if stop.is_set():
             return 0
-        if not redis_url:
-            redis_server = RedisServer(port=args.redis_port).start()
+        if not redis_url:  # ours: loopback only, and still a password (any local user can reach loopback)
+            redis_server = RedisServer(port=args.redis_port, password=secrets.token_urlsafe(24)).start()
             redis_url = redis_server.url
-            print(f"started redis-server on {redis_url} (pid {redis_server.proc.pid})", flush=True)
+            print(f"started redis-server on {redacted(redis_url)} (pid {redis_server.proc.pid})", flush=True)
         extra = {k: v for k, v in (("target_ms", args.target_ms), ("checkpoint", args.checkpoint)) if v}
-        start_ray(args.num_cpus)
+        start_ray(args.num_cpus, redis_url)
         catch_signals()  # ray.init installed its own handlers: ours must win so that teardown runs
-        app_name = start_serve(config, args.host, args.http_port, args.grpc_port, redis_url, extra)
+        app_name = start_serve(config, args.host, args.http_port, args.grpc_port, extra)
         if stop.is_set():
             raise KeyboardInterrupt  # asked to stop while starting: tear down now
         print(usage(app_name, args.host, args.http_port, args.grpc_port), flush=True)

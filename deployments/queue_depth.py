@@ -7,8 +7,11 @@ script does publish + expire + sum atomically in a single round trip, using Redi
 and its share disappears within ``ttl_s``.
 
 If Redis is unreachable, ``sync`` falls back to the replica's local depth (as if it were alone),
-logs the transition once, keeps trying at most every ``retry_s`` and returns to the global signal
-as soon as Redis answers again. A single slow answer (a time-out while the last global reading is
+logs the transition once, and returns to the global signal as soon as Redis answers again. While it is
+down, the serving path never waits on it: a background probe, at most every ``retry_s`` and with
+generous time-outs (a reconnect under load can take longer than the serving path's 50 ms), decides
+when it is back and drops the pool's connections, dead since the outage, so that no batch pays for
+finding them one by one. A single slow answer (a time-out while the last global reading is
 younger than the TTL, e.g. an event loop stalled under load) is not an outage: the last global
 reading is kept, with this replica's own share updated. Falling back to the local depth there would
 make a loaded replica believe the queue is empty and pick larger SubLMs, the wrong way in a surge.
@@ -16,8 +19,10 @@ make a loaded replica believe the queue is empty and pick larger SubLMs, the wro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -51,9 +56,18 @@ return {total, live}
 """
 
 
+def redacted(url: str) -> str:
+    """A Redis URL fit for a log line or a message: the password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 class GlobalQueueDepth:
     def __init__(self, redis_url: str, replica_id: str, namespace: str = "elasticlm", ttl_s: float = 3.0,
-                 timeout_s: float = 0.05, retry_s: float = 1.0):
+                 timeout_s: float = 0.05, retry_s: float = 1.0, probe_timeout_s: float = 1.0):
         self.replica_id = replica_id
         self.keys = [f"{namespace}:depth", f"{namespace}:heartbeat"]
         self.ttl_ms = int(ttl_s * 1000)
@@ -61,6 +75,9 @@ class GlobalQueueDepth:
         self._redis = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                         decode_responses=True)
         self._script = self._redis.register_script(_SYNC_SCRIPT)
+        self._probe_client = aioredis.from_url(redis_url, socket_timeout=probe_timeout_s,
+                                               socket_connect_timeout=probe_timeout_s)
+        self._probe: asyncio.Task | None = None
         self._down_since: float | None = None
         self._next_try = 0.0
         self._ttl_s = ttl_s
@@ -80,7 +97,10 @@ class GlobalQueueDepth:
 
     async def _run(self, replica_id: str, local_depth: int) -> DepthReading:
         now = time.monotonic()
-        if self._down_since is not None and now < self._next_try:
+        if self._down_since is not None:
+            if now >= self._next_try and (self._probe is None or self._probe.done()):
+                self._next_try = now + self.retry_s
+                self._probe = asyncio.get_running_loop().create_task(self._reconnect(), name="redis-probe")
             return DepthReading(local_depth, 1, False)
         try:
             total, live = await self._script(keys=self.keys, args=[replica_id, int(local_depth), self.ttl_ms])
@@ -91,10 +111,6 @@ class GlobalQueueDepth:
             return self._fall_back(now, local_depth, "time-out")
         except (RedisError, OSError) as e:
             return self._fall_back(now, local_depth, e)
-        if self._down_since is not None:
-            logger.warning("Redis is back after %.1f s: scheduling on the global queue depth again",
-                           now - self._down_since)
-            self._down_since = None
         reading = DepthReading(int(total), max(1, int(live)), True)
         if replica_id:
             self._last = (now, int(local_depth), reading)
@@ -107,6 +123,19 @@ class GlobalQueueDepth:
         self._next_try = now + self.retry_s
         return DepthReading(local_depth, 1, False)
 
+    async def _reconnect(self) -> None:
+        """Off the serving path: is Redis back? Then the pool's connections (dead since the outage)
+        are dropped, and the next sync connects afresh."""
+        try:
+            await self._probe_client.ping()
+            await self._redis.connection_pool.disconnect()
+        except (RedisError, OSError):
+            return
+        if self._down_since is not None:
+            logger.warning("Redis is back after %.1f s: scheduling on the global queue depth again",
+                           time.monotonic() - self._down_since)
+            self._down_since = None
+
     async def leave(self) -> None:
         """Remove this replica's share now (graceful shutdown); a crash is covered by the TTL."""
         try:
@@ -116,4 +145,7 @@ class GlobalQueueDepth:
             pass
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         await self._redis.aclose()
+        await self._probe_client.aclose()

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.config import ReplicaConfig
-from deployments.contract import Limits, Validator
+from deployments.contract import MAX_BODY_BYTES, Limits, Validator
 from elastic_core.batching import Chunking
 from elastic_core.engine import BatchRecord, LocalDepth, ServingEngine, TaskLane
 from elastic_core.schedule import ElasticSchedule
@@ -127,6 +127,7 @@ class Replica:
                 "target_ms": self.engine.target_ms, "max_input_tokens": self.validator.max_tokens,
                 "max_inputs": self.validator.limits.max_inputs,
                 "max_input_chars": self.validator.limits.max_input_chars,
+                "max_body_bytes": MAX_BODY_BYTES,
                 "max_batch_texts": schedule.max_batch_texts, "max_batch_tokens": self.engine.max_batch_tokens}
 
     def stats(self, last: int | None = None, records: bool = False) -> dict:

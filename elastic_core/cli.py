@@ -146,6 +146,12 @@ def _cmd_loadtest(args):
     return loadtest_main(args)
 
 
+def _cmd_chaos(args):
+    from loadtests.faults import main as chaos_main
+
+    return chaos_main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="elasticlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +224,12 @@ def main(argv=None):
 
     add_arguments(p)
     p.set_defaults(func=_cmd_loadtest)
+
+    p = sub.add_parser("chaos", help="faults under a steady load (Redis killed, a replica killed): nothing accepted lost?")
+    from loadtests.faults import add_arguments as add_chaos_arguments
+
+    add_chaos_arguments(p)
+    p.set_defaults(func=_cmd_chaos)
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])

@@ -613,10 +613,15 @@ def add_arguments(p) -> None:
                    help="rebuild the JSON, plot and table of run --name from its record files; start nothing")
 
 
-def main(args) -> int:
-    def stop(signum, _frame):  # unwind, so every deployment's ``finally`` tears it down
+def run_until_sigterm(experiment, args) -> int:
+    """Run ``experiment(args)``; SIGTERM unwinds it, so every deployment's ``finally`` tears it down."""
+    def stop(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
-    run_experiment(args)
+    experiment(args)
     return 0
+
+
+def main(args) -> int:
+    return run_until_sigterm(run_experiment, args)

@@ -50,3 +50,19 @@ def checkpoint_dir():
     if not (path / "model.safetensors").exists():
         pytest.fail(f"no checkpoint at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory):
+    """A test CA (trustme) and a certificate for 127.0.0.1 it signed: redis-server's TLS files."""
+    import trustme
+
+    from deployments.local import RedisTLS
+
+    tmp = tmp_path_factory.mktemp("redis-tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    return RedisTLS(str(tmp / "cert.pem"), str(tmp / "key.pem"), str(tmp / "ca.pem"))

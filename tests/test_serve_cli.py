@@ -43,6 +43,8 @@ def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     output = open(tmp_path / "serve.log").read()
     assert "curl" in output and "grpc_client.py" in output and "stopped." in output
+    # its own Redis has a password, which the output never shows
+    assert f"started redis-server on redis://:***@127.0.0.1:{redis_port}/0" in output
     time.sleep(2)
     alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]

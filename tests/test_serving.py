@@ -37,15 +37,16 @@ DEPTH_KEYS = ("elasticlm:depth", "elasticlm:heartbeat")
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, checkpoint_dir):
+def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     tmp = tmp_path_factory.mktemp("serving")
     profile = tmp / "profile.json"
     profile.write_text(json.dumps({"device": "synthetic", "entries": [
         {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
         for b in (1, 64) for q in (8, 512)]}))
-    redis_server = RedisServer(port=free_port(0)).start()
+    # Redis as in production: a password and TLS only; the replicas get the URL from their environment
+    redis_server = RedisServer(port=free_port(0), password="s3cret/with:odd@chars", tls=redis_tls).start()
     http_port, grpc_port = free_port(0), free_port(0)
-    start_ray(num_cpus=2)
+    start_ray(num_cpus=2, redis_url=redis_server.url)
     # the local config's deployment, one replica, with this test's settings
     config = load_serve_config(DEFAULT_CONFIG)
     (app,) = config.applications
@@ -53,12 +54,12 @@ def stack(tmp_path_factory, checkpoint_dir):
                 "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0}
     (replica,) = app.deployments
     replica.num_replicas, replica.autoscaling_config = 1, None
-    start_serve(config, "127.0.0.1", http_port, grpc_port, redis_server.url)
+    start_serve(config, "127.0.0.1", http_port, grpc_port)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     grpc.channel_ready_future(channel).result(timeout=30)
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
            "channel": channel, "redis": redis_server,
-           "redis_client": redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)}
+           "redis_client": redis.Redis.from_url(redis_server.url, decode_responses=True)}
     channel.close()
     serve.shutdown()
     ray.shutdown()
@@ -229,6 +230,31 @@ def test_http_malformed_json_header_and_encoding(stack):
     assert r.status_code == 400 and "x-elasticlm-deadline-ms" in r.json()["error"]
     r = httpx.post(f"{stack['http']}/v1/embeddings", json={"input": "x", "encoding_format": "int8"}, timeout=30)
     assert r.status_code == 400 and "encoding_format" in r.json()["error"]
+
+
+def test_http_body_over_the_limit_is_refused_before_it_is_read(stack):
+    """A declared length over the limit is refused before a byte is read, a chunked body as it crosses
+    the limit; and the limit is in /info."""
+    from deployments.contract import MAX_BODY_BYTES
+
+    body = orjson_bytes({"inputs": ["word " * (MAX_BODY_BYTES // 5 + 10)]})
+    declared = httpx.post(f"{stack['http']}/embed", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    chunked = httpx.post(f"{stack['http']}/embed", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert "transfer-encoding" in chunked.request.headers
+    for r in (declared, chunked):
+        assert r.status_code == 413, (r.status_code, r.text[:200])
+        assert f"limit of {MAX_BODY_BYTES} bytes" in r.json()["error"], r.text[:200]
+    assert httpx.get(f"{stack['http']}/info", timeout=30).json()["max_body_bytes"] == MAX_BODY_BYTES
+    r = httpx.post(f"{stack['http']}/no-such-route", json={}, timeout=30)
+    assert r.status_code == 404 and r.json()["error_type"] == "NotFound"
+
+
+def orjson_bytes(obj) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj)
 
 
 def test_http_long_input_is_truncated_by_default(stack):
