@@ -56,6 +56,18 @@ return {total, live}
 """
 
 
+def depth_keys(namespace: str = "elasticlm") -> list[str]:
+    """The two hashes: replica -> its depth, replica -> its last heartbeat (Redis time, ms)."""
+    return [f"{namespace}:depth", f"{namespace}:heartbeat"]
+
+
+def read_depth(client, namespace: str = "elasticlm", ttl_s: float = 3.0) -> DepthReading:
+    """The global depth as the replicas count it (the same script), for an observer holding a
+    synchronous redis-py client (load tests, fault runs); publishes nothing."""
+    total, live = client.register_script(_SYNC_SCRIPT)(keys=depth_keys(namespace), args=["", 0, int(ttl_s * 1000)])
+    return DepthReading(int(total), int(live), True)
+
+
 def redacted(url: str) -> str:
     """A Redis URL fit for a log line or a message: the password replaced by ``***``."""
     parts = urlsplit(url)
@@ -69,7 +81,7 @@ class GlobalQueueDepth:
     def __init__(self, redis_url: str, replica_id: str, namespace: str = "elasticlm", ttl_s: float = 3.0,
                  timeout_s: float = 0.05, retry_s: float = 1.0, probe_timeout_s: float = 1.0):
         self.replica_id = replica_id
-        self.keys = [f"{namespace}:depth", f"{namespace}:heartbeat"]
+        self.keys = depth_keys(namespace)
         self.ttl_ms = int(ttl_s * 1000)
         self.retry_s = retry_s
         self._redis = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,

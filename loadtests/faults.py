@@ -38,7 +38,6 @@ from loadtests.analysis import read_records, response_ms, timeline
 from loadtests.runner import (REPO, LoadOptions, ServeDeployment, measure_capacity, run_locust, run_until_sigterm,
                               serve_variant, warm_up)
 
-DEPTH_KEY, HEARTBEAT_KEY = "elasticlm:depth", "elasticlm:heartbeat"
 SETTLE_S = 5.0   # "during" runs until this long after the fault ended: the targets' recovery bound
 
 
@@ -94,19 +93,19 @@ SCENARIOS = {"redis-kill": kill_redis, "redis-pause": pause_redis, "replica-kill
              "proxy-kill": kill_proxy}
 
 
-def sample_redis(url: str, stop: threading.Event, out: list, ttl_s: float = 3.0, every_s: float = 0.25) -> None:
-    """(time, live replicas, global depth) as the replicas' own Lua script would count them; (time, None,
-    None) while Redis does not answer."""
+def sample_redis(url: str, stop: threading.Event, out: list, every_s: float = 0.25) -> None:
+    """(time, live replicas, global depth) as the replicas count them; (time, None, None) while Redis
+    does not answer."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2, decode_responses=True)
+    from deployments.queue_depth import read_depth
+
+    client = redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2)
     while not stop.wait(every_s):
         try:
-            beats, depth, (sec, usec) = client.hgetall(HEARTBEAT_KEY), client.hgetall(DEPTH_KEY), client.time()
-            now_ms = int(sec) * 1000 + int(usec) // 1000
-            live = [r for r, at in beats.items() if now_ms - int(at) <= ttl_s * 1000]
-            out.append((time.time(), len(live), sum(int(depth.get(r, 0)) for r in live)))
-        except (redis.RedisError, OSError, ValueError):
+            reading = read_depth(client)
+            out.append((time.time(), reading.live_replicas, reading.global_depth))
+        except (redis.RedisError, OSError):
             out.append((time.time(), None, None))
 
 

@@ -24,7 +24,7 @@ from ray import serve  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
 from deployments.local import RedisServer, free_port, load_serve_config, start_ray, start_serve  # noqa: E402
 from deployments.local import DEFAULT_CONFIG  # noqa: E402
-from deployments.queue_depth import GlobalQueueDepth  # noqa: E402
+from deployments.queue_depth import GlobalQueueDepth, depth_keys  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
 
 APP = "elasticlm"
@@ -33,7 +33,7 @@ TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fi
 MS_PER_TEXT = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w25": 1.0}
 TARGET_MS = 1000.0
 MAX_INPUTS = 8
-DEPTH_KEYS = ("elasticlm:depth", "elasticlm:heartbeat")
+DEPTH_KEYS = tuple(depth_keys())
 
 
 @pytest.fixture(scope="module")
