@@ -83,14 +83,22 @@ class Validator:
     def embed_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
                       kind: str | None = None, deadline_ms: float | None = None) -> EmbedRequest:
         texts = self.texts(inputs)
-        if min_sublm and min_sublm not in self.sublms:
+        if min_sublm is not None and min_sublm not in self.sublms:
             raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {min_sublm!r}")
-        kind = kind or "passage"
-        if kind not in KINDS:
+        if kind is not None and kind not in KINDS:
             raise RequestError(400, f"kind must be one of {list(KINDS)}, got {kind!r}")
+        kind = kind or "passage"
         if deadline_ms is not None and not (deadline_ms > 0 and math.isfinite(deadline_ms)):
             raise RequestError(400, f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
         return EmbedRequest(texts, True if truncate is None else bool(truncate), min_sublm or None, kind, deadline_ms)
+
+    @staticmethod
+    def one_floor(in_body: str | None, in_header: str | None, header: str) -> str | None:
+        """The quality floor from the message or from its header / metadata: one of them, or both alike."""
+        if in_body is not None and in_header is not None and in_body != in_header:
+            raise RequestError(400, f"min_sublm {in_body!r} and the {header} header {in_header!r} disagree: "
+                                    "send one of them")
+        return in_body if in_body is not None else in_header
 
     def texts(self, inputs, name: str = "inputs") -> list[str]:
         if isinstance(inputs, str):

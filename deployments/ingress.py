@@ -1,7 +1,8 @@
 """HTTP and gRPC: translate, validate, call one replica API. Nothing else.
 
 HTTP (FastAPI): TEI-compatible ``POST /embed``, OpenAI-compatible ``POST /v1/embeddings`` (``float``
-or ``base64``), ``GET /health``, ``GET /info``, OpenAPI docs at ``/docs``.
+or ``base64``), ``GET /health``, ``GET /info``; ``/openapi.json`` (with this replica's limits) and
+docs at ``/docs``.
 gRPC: ``elasticlm.v1.ElasticLM/Embed`` and ``grpc.health.v1.Health/Check`` (``proto/elasticlm.proto``).
 
 Both go through ``ElasticReplica._embed``: the same validation, the same limits, the same admission, the
@@ -17,13 +18,15 @@ path ~2 ms (docs/benchmarks.md).
 
 # no `from __future__ import annotations`: FastAPI must see the real types through Serve's class-based view
 import base64
+import copy
 import logging
 
 import grpc
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, Field
@@ -34,6 +37,7 @@ from deployments.config import ReplicaConfig
 from deployments.contract import MAX_BODY_BYTES, RequestError, overloaded
 from deployments.grpc_api import elasticlm_pb2
 from deployments.replica import Replica
+from elastic_core.denser import KINDS
 from elastic_core.engine import Job, Overloaded, Served
 
 logger = logging.getLogger("ray.serve")
@@ -43,7 +47,8 @@ DEADLINE_HEADER = "x-elasticlm-deadline-ms"     # HTTP header and gRPC metadata 
 MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
 RETRY_AFTER_S = 1
 
-app = FastAPI(title="elasticlm", version="0.2.0",
+# /openapi.json and /docs are the replica's own routes (below): the schema states its configured limits
+app = FastAPI(title="elasticlm", version="0.2.0", openapi_url=None, docs_url=None, redoc_url=None,
               description="Elastic embeddings: under load, quality bends a little instead of latency breaking.")
 
 
@@ -56,19 +61,56 @@ class JSON(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+# The request models document what the one validator (deployments/contract.py) accepts; they do not
+# validate beyond JSON types, so HTTP and gRPC refuse the same things with the same messages. Limits
+# that depend on the replica's settings are written into the schema by `openapi_with_limits`.
 class TEIEmbedRequest(BaseModel):
     inputs: str | list[str] = Field(..., description="one text or a list of texts")
     truncate: bool = Field(True, description="truncate texts over the model's token limit (false: reject with 413)")
-    normalize: bool = Field(True, description="embeddings are always L2-normalized; false is rejected")
+    normalize: bool = Field(True, description="embeddings are always L2-normalized; false is rejected",
+                            json_schema_extra={"enum": [True]})
     min_sublm: str | None = Field(None, description="quality floor, e.g. 'w50'")
-    kind: str | None = Field(None, description="'query' or 'passage'")
+    kind: str | None = Field(None, description="'query' or 'passage'", json_schema_extra={"enum": [*KINDS, None]})
 
 
 class OpenAIEmbeddingRequest(BaseModel):
     input: str | list[str]
     model: str | None = None
-    encoding_format: str = Field("float", description="'float' or 'base64' (little-endian float32)")
+    encoding_format: str = Field("float", description="'float' or 'base64' (little-endian float32)",
+                                 json_schema_extra={"enum": ["float", "base64"]})
     user: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="what is wrong, naming the field, the limit or the condition")
+    error_type: str = Field(..., description="Validation, Overloaded, NotFound or Unhealthy")
+
+
+REFUSALS = {400: {"model": ErrorBody, "description": "a field has a value the service does not accept"},
+            413: {"model": ErrorBody, "description": "over a limit: body bytes, texts, characters or tokens"},
+            422: {"model": ErrorBody, "description": "malformed: a missing field, a wrong type, an empty text"},
+            503: {"model": ErrorBody, "description": "overloaded: not answerable within the latency target",
+                  "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}}}
+# the headers are read by the one validator too; the patterns only document them
+DEADLINE = Header(None, alias=DEADLINE_HEADER, description="this request's latency target in ms (tighter than T)",
+                  json_schema_extra={"pattern": r"^[0-9]*[1-9][0-9]*(\.[0-9]+)?$"})
+MIN_SUBLM = Header(None, alias=MIN_SUBLM_HEADER, description="quality floor, e.g. 'w50' (as the body's min_sublm)")
+
+
+def openapi_with_limits(schema: dict, info: dict) -> dict:
+    """The app's OpenAPI schema with this replica's limits (``Replica.describe()``) on every text field."""
+    text = {"type": "string", "minLength": 1, "maxLength": info["max_input_chars"], "pattern": r"\S"}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": info["max_inputs"]}
+    models = schema["components"]["schemas"]
+    for model, field in (("TEIEmbedRequest", "inputs"), ("OpenAIEmbeddingRequest", "input")):
+        models[model]["properties"][field]["anyOf"] = [text, texts]
+    models["TEIEmbedRequest"]["properties"]["min_sublm"]["enum"] = [*info["sublms"], None]
+    for path in schema["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] == MIN_SUBLM_HEADER:
+                    parameter["schema"] = {"anyOf": [{"enum": info["sublms"]}, {"type": "null"}]}
+    return schema
 
 
 def _error(status: int, message: str, error_type: str) -> Response:
@@ -83,10 +125,13 @@ async def _request_error(_: Request, e: RequestError):
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException):
-    """Starlette's own refusals (no such route, wrong method, body too large) in the same shape as ours."""
+    """Starlette's own refusals (no such route, wrong method, body too large) in the same shape as ours,
+    with their headers (a 405 names the allowed methods in Allow)."""
     if e.status_code == 413:
         return _too_large()
-    return _error(e.status_code, str(e.detail), "NotFound" if e.status_code == 404 else "Validation")
+    response = _error(e.status_code, str(e.detail), "NotFound" if e.status_code == 404 else "Validation")
+    response.headers.update(e.headers or {})
+    return response
 
 
 @app.exception_handler(RequestValidationError)
@@ -135,7 +180,7 @@ app.add_middleware(BodyLimit)
 
 
 def _deadline(raw) -> float | None:
-    if raw in (None, ""):
+    if raw is None:  # present but empty is malformed, not absent
         return None
     try:
         return float(raw)
@@ -149,13 +194,20 @@ class ElasticReplica:
     def __init__(self, config: ReplicaConfig | dict | None = None):
         self.replica = Replica(config)
         self.engine, self.validator = self.replica.engine, self.replica.validator
+        self._openapi: dict | None = None
 
     # ----------------------------------------------------------------- the one shared call
     async def _embed(self, inputs, truncate=True, min_sublm=None, kind=None, deadline_ms=None) -> Served:
         request = self.validator.embed_request(inputs, truncate, min_sublm, kind, deadline_ms)
+        texts, tokens = len(request.texts), self.validator.estimate_tokens(request.texts)
+        if request.deadline_ms is not None:  # unmeetable at any load: the client's to change, not to retry
+            alone = self.engine.alone_ms("embed", texts, tokens, request.min_sublm)
+            if alone > request.deadline_ms:
+                raise RequestError(400, f"a deadline of {request.deadline_ms:g} ms is shorter than this request "
+                                        f"takes alone on its fastest allowed SubLM (~{alone:.1f} ms here): "
+                                        "send a longer deadline, fewer texts or no quality floor")
         # admission before tokenizing: under overload refusing must cost next to nothing
-        if not self.engine.admits("embed", len(request.texts), self.validator.estimate_tokens(request.texts),
-                                  request.min_sublm, request.deadline_ms):
+        if not self.engine.admits("embed", texts, tokens, request.min_sublm, request.deadline_ms):
             self.replica.count_shed()
             raise overloaded()
         job = Job(self.validator.tokenize(request.texts, request.truncate), task="embed",
@@ -166,22 +218,22 @@ class ElasticReplica:
             raise overloaded() from None
 
     # ----------------------------------------------------------------- HTTP
-    @app.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]])
-    async def embed(self, body: TEIEmbedRequest, request: Request):
+    @app.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]], responses=REFUSALS)
+    async def embed(self, body: TEIEmbedRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
         if not body.normalize:
             raise RequestError(400, "normalize=false is not supported: embeddings are L2-normalized")
         served = await self._embed(body.inputs, body.truncate,
-                                   body.min_sublm or request.headers.get(MIN_SUBLM_HEADER), body.kind,
-                                   _deadline(request.headers.get(DEADLINE_HEADER)))
+                                   self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER), body.kind,
+                                   _deadline(deadline_ms))
         return JSON(served.outputs, headers={SUBLM_HEADER: served.sublm})
 
-    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings")
-    async def openai_embeddings(self, body: OpenAIEmbeddingRequest, request: Request):
+    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings", responses=REFUSALS)
+    async def openai_embeddings(self, body: OpenAIEmbeddingRequest, deadline_ms: str | None = DEADLINE,
+                                min_sublm: str | None = MIN_SUBLM):
         if body.encoding_format not in ("float", "base64"):
             raise RequestError(400, f"encoding_format {body.encoding_format!r} is not supported; "
                                     "use 'float' or 'base64'")
-        served = await self._embed(body.input, True, request.headers.get(MIN_SUBLM_HEADER), None,
-                                   _deadline(request.headers.get(DEADLINE_HEADER)))
+        served = await self._embed(body.input, True, min_sublm, None, _deadline(deadline_ms))
         rows = served.outputs
         if body.encoding_format == "base64":  # 4 bytes a float instead of ~10 characters of JSON
             rows = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
@@ -190,7 +242,8 @@ class ElasticReplica:
                      "usage": {"prompt_tokens": served.num_tokens, "total_tokens": served.num_tokens}},
                     headers={SUBLM_HEADER: served.sublm})
 
-    @app.get("/health", summary="200 while this replica serves, 503 while it starts or drains")
+    @app.get("/health", summary="200 while this replica serves, 503 while it starts or drains",
+             responses={503: REFUSALS[503]})
     async def health(self):
         if not self.engine.accepting:
             return _error(503, "the replica is shutting down", "Unhealthy")
@@ -200,6 +253,16 @@ class ElasticReplica:
     async def info(self):
         return JSON(self.replica.describe())
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        if self._openapi is None:
+            self._openapi = openapi_with_limits(copy.deepcopy(request.app.openapi()), self.replica.describe())
+        return JSON(self._openapi)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="elasticlm")
+
     # ----------------------------------------------------------------- gRPC
     async def Embed(self, request: elasticlm_pb2.EmbedRequest, grpc_context) -> elasticlm_pb2.EmbedResponse:
         meta = dict(grpc_context.invocation_metadata())
@@ -208,7 +271,9 @@ class ElasticReplica:
                 raise RequestError(400, "the request body is not a valid elasticlm.v1.EmbedRequest message")
             served = await self._embed(list(request.inputs),
                                        request.truncate if request.HasField("truncate") else True,
-                                       request.min_sublm or meta.get(MIN_SUBLM_HEADER), request.kind or None,
+                                       self.validator.one_floor(request.min_sublm or None, meta.get(MIN_SUBLM_HEADER),
+                                                                MIN_SUBLM_HEADER),
+                                       request.kind or None,
                                        _deadline(meta.get(DEADLINE_HEADER)))
         except RequestError as e:
             grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code))

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import yaml
 
+from deployments.contract import MAX_BODY_BYTES
 from deployments.queue_depth import redacted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,9 @@ SERVE_ENV = {
     # instead of failing them (Ray's default retries connection failures only). Never on 503: that
     # is admission's deliberate answer
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    # the gRPC twin of the HTTP body limit: Serve lets a replica's gRPC server take 2 GiB messages,
+    # which gRPC would parse into Python objects before any of our code could refuse them
+    "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_BODY_BYTES),
 }
 
 

@@ -189,6 +189,10 @@ class ServingEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------- admission (before tokenizing)
+    def alone_ms(self, task: str, texts: int, tokens: float, min_sublm: str | None = None) -> float:
+        """What this request takes alone on its fastest allowed SubLM (``ElasticSchedule.alone_ms``)."""
+        return self.lanes[task].schedule.alone_ms(texts, tokens, min_sublm)
+
     def target(self, deadline_ms: float | None) -> float:
         return min(self.target_ms, deadline_ms) if deadline_ms else self.target_ms
 

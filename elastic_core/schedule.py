@@ -149,12 +149,17 @@ class ElasticSchedule:
         even for this request alone: refusing could help no one."""
         if not self.admission_factor or (idle and not client_deadline):
             return True
-        fastest = self.allowed(min_sublm)[-1]
         if idle:
-            completion = self.drain_ms(fastest, texts, tokens)
+            completion = self.alone_ms(texts, tokens, min_sublm)
         else:
+            fastest = self.allowed(min_sublm)[-1]
             completion = running_left_ms + self.drain_ms(fastest, queued_texts + texts, queued_tokens + tokens)
         return completion <= self.admission_factor * target_ms
+
+    def alone_ms(self, texts: int, tokens: float, min_sublm: str | None = None) -> float:
+        """The least a request can take: alone, on the fastest SubLM it allows. A client deadline below
+        this is unmeetable at any load."""
+        return self.drain_ms(self.allowed(min_sublm)[-1], texts, tokens)
 
     # ----------------------------------------------------------------- learning from what ran
     def observe(self, sublm: str, lengths: Sequence[int], actual_ms: float) -> None:

@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -66,3 +68,52 @@ def redis_tls(tmp_path_factory):
     cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
     cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
     return RedisTLS(str(tmp / "cert.pem"), str(tmp / "key.pem"), str(tmp / "ca.pem"))
+
+
+APP = "elasticlm"
+TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fight inflation.",
+         "A guitarist practises scales every morning."]
+MS_PER_TEXT = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w25": 1.0}
+TARGET_MS = 1000.0
+MAX_INPUTS = 8
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, checkpoint_dir, redis_tls):
+    """The serving stack as `elasticlm serve` runs it (Ray Serve, HAProxy, one replica answering HTTP and
+    gRPC) on a real redis-server with a password and TLS, with a synthetic latency table: ``MS_PER_TEXT``
+    per text, ``TARGET_MS``, no calibration, so which SubLM serves is exact on any machine."""
+    import grpc
+    import redis
+    from ray import serve
+
+    import ray
+    from deployments.grpc_api import elasticlm_pb2_grpc
+    from deployments.local import DEFAULT_CONFIG, RedisServer, free_port, load_serve_config, start_ray, start_serve
+
+    tmp = tmp_path_factory.mktemp("serving")
+    profile = tmp / "profile.json"
+    profile.write_text(json.dumps({"device": "synthetic", "entries": [
+        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
+        for b in (1, 64) for q in (8, 512)]}))
+    # Redis as in production: a password and TLS only; the replicas get the URL from their environment
+    redis_server = RedisServer(port=free_port(0), password="s3cret/with:odd@chars", tls=redis_tls).start()
+    http_port, grpc_port = free_port(0), free_port(0)
+    start_ray(num_cpus=2, redis_url=redis_server.url)
+    # the local config's deployment, one replica, with this test's settings
+    config = load_serve_config(DEFAULT_CONFIG)
+    (app,) = config.applications
+    app.args = {**app.args, "checkpoint": str(checkpoint_dir), "target_ms": TARGET_MS, "profile_path": str(profile),
+                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0}
+    (replica,) = app.deployments
+    replica.num_replicas, replica.autoscaling_config = 1, None
+    start_serve(config, "127.0.0.1", http_port, grpc_port)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
+           "channel": channel, "redis": redis_server,
+           "redis_client": redis.Redis.from_url(redis_server.url, decode_responses=True)}
+    channel.close()
+    serve.shutdown()
+    ray.shutdown()
+    redis_server.stop()

@@ -64,7 +64,7 @@ def test_rayservice_embeds_the_cluster_config_and_redis_secret():
         assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
         # the serving path `elasticlm serve` runs (and measured) is what every node runs
         for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
-                     "RAY_SERVE_HAPROXY_RETRY_ON"):
+                     "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"):
             assert env[name]["value"] == SERVE_ENV[name]
     redis_docs = list(yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()))
     assert {d["kind"] for d in redis_docs} == {"Secret", "Deployment", "Service"}

@@ -1,15 +1,15 @@
 """The serving stack end to end: real Ray Serve (replicas answering HTTP and gRPC behind Serve's HAProxy,
 as `elasticlm serve` runs it), a real Redis server.
 
-The latency table is pinned to a synthetic profile (t_k = 10/6/3/1 ms per text for w100/w75/w50/w25,
-T = 1000 ms) and calibration is off, so the expected SubLM for a given global depth is exact whatever
-the machine's speed: each expected SubLM fits with >= 200 ms to spare for time spent waiting, each
-larger one misses by >= 100 ms. The global depth is driven through Redis by a "ghost" replica entry.
+The stack is conftest's ``stack``: its latency table is pinned to a synthetic profile (t_k = 10/6/3/1 ms per
+text for w100/w75/w50/w25, T = 1000 ms) and calibration is off, so the expected SubLM for a given
+global depth is exact whatever the machine's speed: each expected SubLM fits with >= 200 ms to spare for
+time spent waiting, each larger one misses by >= 100 ms. The global depth is driven through Redis by a
+"ghost" replica entry.
 """
 
 import asyncio
 import base64
-import json
 import time
 
 import grpc
@@ -21,49 +21,12 @@ import redis
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
-from deployments.local import RedisServer, free_port, load_serve_config, start_ray, start_serve  # noqa: E402
-from deployments.local import DEFAULT_CONFIG  # noqa: E402
+from conftest import APP, MAX_INPUTS, TARGET_MS, TEXTS  # noqa: E402
+from deployments.grpc_api import elasticlm_pb2  # noqa: E402
 from deployments.queue_depth import GlobalQueueDepth, depth_keys  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
 
-APP = "elasticlm"
-TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fight inflation.",
-         "A guitarist practises scales every morning."]
-MS_PER_TEXT = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w25": 1.0}
-TARGET_MS = 1000.0
-MAX_INPUTS = 8
 DEPTH_KEYS = tuple(depth_keys())
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, checkpoint_dir, redis_tls):
-    tmp = tmp_path_factory.mktemp("serving")
-    profile = tmp / "profile.json"
-    profile.write_text(json.dumps({"device": "synthetic", "entries": [
-        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
-        for b in (1, 64) for q in (8, 512)]}))
-    # Redis as in production: a password and TLS only; the replicas get the URL from their environment
-    redis_server = RedisServer(port=free_port(0), password="s3cret/with:odd@chars", tls=redis_tls).start()
-    http_port, grpc_port = free_port(0), free_port(0)
-    start_ray(num_cpus=2, redis_url=redis_server.url)
-    # the local config's deployment, one replica, with this test's settings
-    config = load_serve_config(DEFAULT_CONFIG)
-    (app,) = config.applications
-    app.args = {**app.args, "checkpoint": str(checkpoint_dir), "target_ms": TARGET_MS, "profile_path": str(profile),
-                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0}
-    (replica,) = app.deployments
-    replica.num_replicas, replica.autoscaling_config = 1, None
-    start_serve(config, "127.0.0.1", http_port, grpc_port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    grpc.channel_ready_future(channel).result(timeout=30)
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
-           "channel": channel, "redis": redis_server,
-           "redis_client": redis.Redis.from_url(redis_server.url, decode_responses=True)}
-    channel.close()
-    serve.shutdown()
-    ray.shutdown()
-    redis_server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +98,13 @@ def test_health_and_info(stack):
     info = httpx.get(f"{stack['http']}/info", timeout=30).json()
     assert info["sublms"] == ["w100", "w75", "w50", "w25"] and info["max_inputs"] == MAX_INPUTS
     assert info["target_ms"] == TARGET_MS and info["max_input_tokens"] == 256
-    assert {"/embed", "/v1/embeddings", "/info"} <= set(httpx.get(f"{stack['http']}/openapi.json", timeout=30)
-                                                        .json()["paths"])
+    schema = httpx.get(f"{stack['http']}/openapi.json", timeout=30).json()
+    assert {"/embed", "/v1/embeddings", "/info"} <= set(schema["paths"])
+    # the schema states this replica's limits, and the error shape every refusal has
+    text, texts = schema["components"]["schemas"]["TEIEmbedRequest"]["properties"]["inputs"]["anyOf"]
+    assert texts["maxItems"] == MAX_INPUTS and text["maxLength"] == info["max_input_chars"] == texts["items"]["maxLength"]
+    assert set(schema["paths"]["/embed"]["post"]["responses"]) == {"200", "400", "413", "422", "503"}
+    assert "swagger-ui" in httpx.get(f"{stack['http']}/docs", timeout=30).text
 
 
 def test_concurrent_requests_share_batches(stack):
@@ -187,16 +155,18 @@ def test_quality_floor_and_client_deadline(stack):
     assert tight.headers["x-elasticlm-sublm"] == "w25" and tight_grpc.sublm == "w25"
 
 
-def test_a_request_that_cannot_make_its_deadline_is_refused_at_once(stack):
-    """Admission: 3 texts take 3 ms even on w25; a 2 ms budget is certain to be missed, so the replica
-    answers 503 / RESOURCE_EXHAUSTED immediately instead of serving it late."""
-    r = http_embed(stack, {"inputs": TEXTS}, {"x-elasticlm-deadline-ms": "2"})
-    assert r.status_code == 503 and "latency target" in r.json()["error"] and r.headers["retry-after"] == "1"
+def test_a_deadline_unmeetable_at_any_load_is_the_clients_to_change(stack):
+    """3 texts take 3 ms even alone on w25: a 2 ms budget can never be met, so the answer is 400 /
+    INVALID_ARGUMENT naming the deadline (not 503: retrying would not help); with a floor of w50
+    (9 ms) a 6 ms budget is just as impossible."""
+    for headers, body in (({"x-elasticlm-deadline-ms": "2"}, {}), ({"x-elasticlm-deadline-ms": "6"}, {"min_sublm": "w50"})):
+        r = http_embed(stack, {"inputs": TEXTS, **body}, headers)
+        assert r.status_code == 400 and "a deadline of" in r.json()["error"], r.text
     with pytest.raises(grpc.RpcError) as err:
         grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS), [("x-elasticlm-deadline-ms", "2")])
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "latency target" in err.value.details()
-    # without the impossible budget the same request is served, even with a floor
-    assert http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"}).status_code == 200
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "a deadline of 2 ms" in err.value.details()
+    # a meetable budget is served, even with a floor
+    assert http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"}, {"x-elasticlm-deadline-ms": "20"}).status_code == 200
 
 
 # ----------------------------------------------------------------------------- bad input, both ingresses
@@ -214,12 +184,25 @@ LONG = "word " * 600  # > 256 tokens
     ({"inputs": [LONG], "truncate": False}, 413, "more than the model's limit of 256"),
     ({"inputs": ["x"], "min_sublm": "w10"}, 400, "min_sublm"),
     ({"inputs": ["x"], "kind": "document"}, 400, "kind"),
+    ({"inputs": ["x"], "kind": ""}, 400, "kind"),
+    ({"inputs": ["x"], "min_sublm": ""}, 400, "min_sublm"),
     ({"inputs": ["x"], "normalize": False}, 400, "normalize"),
 ])
 def test_http_bad_input(stack, body, status, needle):
     r = http_embed(stack, body)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+
+
+def test_http_headers_are_validated_like_the_body(stack):
+    r = http_embed(stack, {"inputs": ["x"], "min_sublm": "w50"}, {"x-elasticlm-min-sublm": "w75"})
+    assert r.status_code == 400 and "disagree" in r.json()["error"]
+    r = http_embed(stack, {"inputs": ["x"]}, {"x-elasticlm-min-sublm": "w10"})
+    assert r.status_code == 400 and "min_sublm" in r.json()["error"]
+    r = http_embed(stack, {"inputs": ["x"]}, {"x-elasticlm-deadline-ms": ""})
+    assert r.status_code == 400 and "x-elasticlm-deadline-ms" in r.json()["error"]
+    r = httpx.request("TRACE", f"{stack['http']}/embed", timeout=30)   # wrong method: 405 naming the right one
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error_type"] == "Validation"
 
 
 def test_http_malformed_json_header_and_encoding(stack):
@@ -320,7 +303,7 @@ def test_overload_is_shed_with_503_and_retry_after(stack):
 
 # ----------------------------------------------------------------------------- Redis outage, replica death
 def test_redis_outage_keeps_serving_then_recovers(stack):
-    server: RedisServer = stack["redis"]
+    server = stack["redis"]
     server.stop()
     try:
         r = http_embed(stack, {"inputs": TEXTS})
