@@ -1,16 +1,18 @@
-"""`elasticlm serve` starts Redis + Ray + the app, answers, and on SIGTERM leaves nothing behind."""
+"""`elasticlm serve` starts Redis + Ray + the app, answers, on SIGTERM finishes what it accepted and
+leaves nothing behind."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
-from deployments.local import free_port
+from deployments.local import DRAIN_TIMEOUT_S, free_port
 from loadtests.peer import port_is_free
 
 
@@ -21,7 +23,8 @@ def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "elastic_core.cli", "serve", "--checkpoint", str(checkpoint_dir),
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                             "--redis-port", str(redis_port), "--num-cpus", "2"],
+                             "--redis-port", str(redis_port), "--num-cpus", "2",
+                             "--target-ms", "60000"],  # no admission refusals: every request below is accepted
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -36,8 +39,32 @@ def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path
         descendants = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(p.name() for p in descendants)
         assert "redis-server" in names and "raylet" in names
+        # SIGTERM with 8 requests of 32 texts in flight (seconds of work on 2 cores): every one is answered,
+        # a connection opened after the signal is refused, and the process exits within the drain bound
+        answers = {}
+
+        def send(i):
+            try:
+                answers[i] = httpx.post(f"http://127.0.0.1:{http_port}/embed", timeout=120,
+                                        json={"inputs": [f"{i} the quick brown fox jumps over the lazy dog " * 8] * 32}
+                                        ).status_code
+            except httpx.HTTPError as e:
+                answers[i] = repr(e)
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in senders:
+            t.start()
+        time.sleep(0.5)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://127.0.0.1:{http_port}/embed", json={"inputs": ["late"]}, timeout=10)
+        for t in senders:
+            t.join(timeout=120)
+        assert answers == {i: 200 for i in range(8)}
         proc.wait(timeout=90)
+        assert time.monotonic() - signalled < DRAIN_TIMEOUT_S + 60
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
