@@ -199,12 +199,21 @@ def start_serve(config, http_host: str, http_port: int, grpc_port: int, extra_ar
 
     serve.start(http_options={"host": http_host, "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    return deploy(config, extra_args)
+
+
+def deploy(config, extra_args: dict | None = None) -> str:
+    """Deploy (or update) the config's application; returns when it is RUNNING. An update is Serve's
+    rolling one, as ``serve deploy`` of a changed config does on a cluster: new replicas start, then
+    old ones drain and stop."""
+    from ray import serve
+
     app_cfg, app = app_from_config(config, extra_args)
     serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix or "/")
     return app_cfg.name
 
 
-def usage(app_name: str, host: str, http_port: int, grpc_port: int) -> str:
+def usage(app_name: str, host: str, http_port: int, grpc_port: int, config_path: str) -> str:
     return f"""
 elasticlm is serving (application "{app_name}").
   HTTP  http://{host}:{http_port}   OpenAPI docs: http://{host}:{http_port}/docs
@@ -213,6 +222,7 @@ elasticlm is serving (application "{app_name}").
     curl -s http://{host}:{http_port}/v1/embeddings -H 'content-type: application/json' -d '{{"input": "hello"}}'
   gRPC  127.0.0.1:{grpc_port}   (metadata: application={app_name})
     .venv/bin/python examples/grpc_client.py --port {grpc_port} "What is elastic serving?"
+Edit {config_path} and `kill -HUP {os.getpid()}` to redeploy it (a rolling update).
 Ctrl-C stops everything this command started.
 """
 
@@ -262,12 +272,15 @@ def main(args) -> int:
     redis_server = None
     stop = threading.Event()
 
+    reload = threading.Event()
+
     def on_signal(*_):
         stop.set()
 
     def catch_signals():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
 
     catch_signals()
     try:
@@ -283,9 +296,15 @@ def main(args) -> int:
         app_name = start_serve(config, args.host, args.http_port, args.grpc_port, extra)
         if stop.is_set():
             raise KeyboardInterrupt  # asked to stop while starting: tear down now
-        print(usage(app_name, args.host, args.http_port, args.grpc_port), flush=True)
+        print(usage(app_name, args.host, args.http_port, args.grpc_port, args.config), flush=True)
         while not stop.wait(0.5):
-            pass
+            if reload.is_set():  # kill -HUP: redeploy the (edited) config file, as `serve deploy` would
+                reload.clear()
+                try:
+                    deploy(load_serve_config(args.config), extra)
+                    print(f"redeployed {args.config}", flush=True)
+                except Exception as e:  # a bad edit must not take the running service down
+                    print(f"redeploy of {args.config} failed, still serving the previous one: {e}", flush=True)
         print("shutting down ...", flush=True)
     except KeyboardInterrupt:
         print("interrupted while starting: shutting down ...", flush=True)

@@ -44,8 +44,8 @@ def read_records(path: str | Path) -> tuple[dict, list[dict], dict]:
 
 
 def response_ms(r: dict) -> float:
-    """From when the request was due to its answer."""
-    return r["latency_ms"] + r.get("lag_ms", 0.0)
+    """From when the request was due to its answer (through any retries after a shed attempt)."""
+    return r["latency_ms"] + r.get("lag_ms", 0.0) + r.get("retry_ms", 0.0)
 
 
 def summarize(requests: list[dict], target_ms: float, quality: dict[str, float], t0: float | None = None,

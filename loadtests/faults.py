@@ -12,23 +12,33 @@ time-out), p99 before / during / after the fault, seconds until the live replica
 are back. Output: ``benchmarks/results/faults.json``, ``docs/img/faults-<scenario>.png`` and a section
 of ``docs/reliability.md``.
 
-Scenarios:
+Scenarios (``SCENARIOS``):
   * ``redis-kill``: redis-server SIGKILLed, restarted empty on the same port ``--outage-s`` later;
     replicas schedule on their local depth meanwhile and repopulate Redis with their heartbeats;
   * ``redis-pause``: Redis alive but silent for 5 s (``CLIENT PAUSE``): every depth sync times out;
+  * ``redis-slow``: the replicas reach Redis through a TCP relay that delays every packet by
+    ``--slow-ms`` each way for ``--outage-s`` (a congested network between them);
   * ``replica-kill``: one of the two replica processes SIGKILLed; its share of the global depth
     expires with its heartbeat (TTL 3 s) and Ray Serve starts a replacement;
-  * ``proxy-kill``: Serve's HAProxy (the HTTP and gRPC front) SIGKILLed.
+  * ``proxy-kill``: Serve's HAProxy (the HTTP and gRPC front) SIGKILLed;
+  * ``overload-patient`` / ``overload-impatient``: ``--overload-frac`` x capacity for ``--overload-s``,
+    from clients that resend a shed request after the server's Retry-After, or at once; before the
+    load, the CPU one refusal costs the stack is measured on its own (``refusal_cost``);
+  * ``redeploy``: a changed config (``max_batch_texts``) deployed under load, by ``kill -HUP`` of
+    ``elasticlm serve`` (what ``serve deploy`` does on a cluster: Serve's rolling update).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +52,10 @@ SETTLE_S = 5.0   # "during" runs until this long after the fault ended: the targ
 
 
 # --------------------------------------------------------------------------- faults
-def kill_redis(deployment: ServeDeployment, outage_s: float) -> None:
+def kill_redis(deployment: ServeDeployment, args) -> None:
     deployment.redis.proc.send_signal(signal.SIGKILL)
     deployment.redis.proc.wait()
-    time.sleep(outage_s)
+    time.sleep(args.outage_s)
     deployment.redis.start()
 
 
@@ -62,23 +72,23 @@ def replica_processes(deployment: ServeDeployment) -> list:
     return found
 
 
-def kill_replica(deployment: ServeDeployment, _outage_s: float) -> None:
+def kill_replica(deployment: ServeDeployment, _args) -> None:
     victims = replica_processes(deployment)
     if len(victims) < 2:
         raise RuntimeError(f"expected two replica processes, found {len(victims)}")
     victims[0].send_signal(signal.SIGKILL)
 
 
-def pause_redis(deployment: ServeDeployment, outage_s: float) -> None:
+def pause_redis(deployment: ServeDeployment, args) -> None:
     """Redis alive but answering nothing (``CLIENT PAUSE``): every depth sync times out."""
     import redis
 
-    pause_s = min(outage_s, 5.0)
+    pause_s = min(args.outage_s, 5.0)
     redis.Redis.from_url(deployment.redis.url).execute_command("CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
     time.sleep(pause_s)
 
 
-def kill_proxy(deployment: ServeDeployment, _outage_s: float) -> None:
+def kill_proxy(deployment: ServeDeployment, _args) -> None:
     """The HTTP/gRPC front: Serve's HAProxy process (its manager actor is expected to start another)."""
     import psutil
 
@@ -89,35 +99,160 @@ def kill_proxy(deployment: ServeDeployment, _outage_s: float) -> None:
         p.send_signal(signal.SIGKILL)
 
 
-SCENARIOS = {"redis-kill": kill_redis, "redis-pause": pause_redis, "replica-kill": kill_replica,
-             "proxy-kill": kill_proxy}
+class SlowLink:
+    """A TCP relay on loopback that delays every chunk by ``delay_s`` in each direction (0: a plain
+    relay): the replicas' way to Redis in the ``redis-slow`` scenario. Runs its own event loop thread."""
+
+    def __init__(self, target_port: int):
+        from deployments.local import free_port
+
+        self.target_port, self.port, self.delay_s = target_port, free_port(0), 0.0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._serve, daemon=True, name="slow-link").start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the slow link did not start")
+
+    def _serve(self):
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _relay(self, client_r, client_w):
+        try:
+            upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+
+        async def pump(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pump(client_r, upstream_w), pump(upstream_r, client_w))
 
 
-def sample_redis(url: str, stop: threading.Event, out: list, every_s: float = 0.25) -> None:
-    """(time, live replicas, global depth) as the replicas count them; (time, None, None) while Redis
-    does not answer."""
+def slow_redis(deployment: ServeDeployment, args) -> None:
+    deployment.redis_link.delay_s = args.slow_ms / 1000
+    time.sleep(args.outage_s)
+    deployment.redis_link.delay_s = 0.0
+
+
+def overload(_deployment: ServeDeployment, args) -> None:
+    """The fault is the load shape itself (``--overload-frac`` from ``--fault-at-s``): mark its span."""
+    time.sleep(args.overload_s)
+
+
+def redeploy(deployment: ServeDeployment, args) -> None:
+    """A changed config deployed under load; returns once ``elasticlm serve`` says it is RUNNING."""
+    config = yaml.safe_load(deployment.config_path.read_text())
+    (app,) = config["applications"]
+    app["args"]["max_batch_texts"] = 48  # new replica init args: Serve replaces every replica
+    deployment.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    seen = deployment.log_path.read_text().count("redeployed ")
+    deployment.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 120
+    while deployment.log_path.read_text().count("redeployed ") == seen:
+        if time.monotonic() > deadline or "redeploy of" in deployment.log_path.read_text():
+            raise RuntimeError("the redeploy did not finish (see the server log)")
+        time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    inject: Callable    # (deployment, args): the fault, returning when it has ended
+    retry: str = "none"  # the clients' answer to a shed request (locustfile --retry-on-shed)
+    overload: bool = False
+    slow_link: bool = False
+
+
+SCENARIOS = {"redis-kill": Scenario(kill_redis), "redis-pause": Scenario(pause_redis),
+             "redis-slow": Scenario(slow_redis, slow_link=True), "replica-kill": Scenario(kill_replica),
+             "proxy-kill": Scenario(kill_proxy), "overload-patient": Scenario(overload, "after", overload=True),
+             "overload-impatient": Scenario(overload, "at-once", overload=True), "redeploy": Scenario(redeploy)}
+
+
+def stack_cpu_s(deployment: ServeDeployment) -> float:
+    """CPU seconds (user + system) used so far by every process of the stack (replicas, HAProxy, Ray)."""
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process(deployment.proc.pid), *psutil.Process(deployment.proc.pid).children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def refusal_cost(deployment: ServeDeployment, n: int = 1500, threads: int = 4) -> dict:
+    """The stack's CPU per refused request, measured alone: ``n`` requests refused at the door (a
+    deadline no SubLM can meet: the path of an overload refusal up to the verdict, in the same
+    function: parse, validate, estimate, refuse) against the same stretch of idle."""
+    import httpx
+
+    def idle_rate(seconds: float = 3.0) -> float:
+        c0, t0 = stack_cpu_s(deployment), time.monotonic()
+        time.sleep(seconds)
+        return (stack_cpu_s(deployment) - c0) / (time.monotonic() - t0)
+
+    idle = idle_rate()
+    codes: list[int] = []
+
+    def send(count: int):
+        with httpx.Client(base_url=deployment.url, timeout=30) as client:
+            for _ in range(count):
+                codes.append(client.post("/embed", json={"inputs": ["what is elastic serving?"]},
+                                         headers={"x-elasticlm-deadline-ms": "0.001"}).status_code)
+
+    c0, t0 = stack_cpu_s(deployment), time.monotonic()
+    workers = [threading.Thread(target=send, args=(n // threads,)) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed, used = time.monotonic() - t0, stack_cpu_s(deployment) - c0
+    refused = sum(c == 400 for c in codes)
+    return {"requests": len(codes), "refused": refused, "seconds": round(elapsed, 2),
+            "idle_cores": round(idle, 3), "cpu_ms_per_refusal": round((used - idle * elapsed) / max(1, refused) * 1000, 3)}
+
+
+def sample(deployment: ServeDeployment, stop: threading.Event, out: list, cpu: list, every_s: float = 0.25) -> None:
+    """(time, live replicas, global depth) as the replicas count them, (time, None, None) while Redis
+    does not answer; and (time, the stack's CPU seconds so far)."""
     import redis
 
     from deployments.queue_depth import read_depth
 
-    client = redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    client = redis.Redis.from_url(deployment.redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
     while not stop.wait(every_s):
         try:
             reading = read_depth(client)
             out.append((time.time(), reading.live_replicas, reading.global_depth))
         except (redis.RedisError, OSError):
             out.append((time.time(), None, None))
+        cpu.append((time.time(), stack_cpu_s(deployment)))
 
 
 # --------------------------------------------------------------------------- what it means
 def analyze(requests: list[dict], samples: list[tuple], t0: float, fault_start: float, fault_end: float,
-            target_ms: float) -> dict:
+            target_ms: float, cpu_samples: list[tuple] | None = None) -> dict:
     """Figures of one scenario. Times: ``t0`` is when Locust started; the rest are absolute (time.time())."""
     start, end = fault_start - t0, fault_end - t0
     windows = {"before": (-1e9, start), "during": (start, end + SETTLE_S), "after": (end + SETTLE_S, 1e9)}
 
     def due(r):
-        return r["start_ts"] - r.get("lag_ms", 0.0) / 1000 - t0
+        return r["start_ts"] - (r.get("lag_ms", 0.0) + r.get("retry_ms", 0.0)) / 1000 - t0
 
     out = {"fault_start_s": round(start, 2), "fault_end_s": round(end, 2), "requests": len(requests),
            "ok": sum(r["status"] == "ok" for r in requests), "shed": sum(r["status"] == "shed" for r in requests)}
@@ -128,6 +263,23 @@ def analyze(requests: list[dict], samples: list[tuple], t0: float, fault_start: 
         ok = [response_ms(r) for r in requests if r["status"] == "ok" and lo <= due(r) < hi]
         out[f"p99_{name}_ms"] = float(np.percentile(ok, 99)) if ok else None
         out[f"within_T_{name}"] = sum(v <= target_ms for v in ok) / len(ok) if ok else None
+
+    # the server's part: every accepted attempt answered within T (a client's retries and the
+    # generator's lag are the client's)
+    ok_during = [r for r in requests if r["status"] == "ok" and start <= due(r) < end + SETTLE_S]
+    out["accepted_within_T_during"] = (sum(r["latency_ms"] <= target_ms for r in ok_during) / len(ok_during)
+                                       if ok_during else None)
+    # answers per second while the fault lasts, by when they were answered
+    answered = [r["start_ts"] + r["latency_ms"] / 1000 - t0 for r in requests if r["status"] == "ok"]
+    out["served_rps_during"] = (round(sum(start <= a < end for a in answered) / (end - start), 2)
+                                if end > start else None)
+    out["attempts"] = sum(r.get("attempts", 1) for r in requests)
+    out["shed_attempts"] = out["attempts"] - out["ok"] - out["lost"]
+    if cpu_samples:
+        inside = [(t - t0, c) for t, c in cpu_samples if start <= t - t0 <= end]
+        before = [(t - t0, c) for t, c in cpu_samples if t - t0 < start]
+        for name, xs in (("cores_before", before), ("cores_during", inside)):
+            out[name] = round((xs[-1][1] - xs[0][1]) / (xs[-1][0] - xs[0][0]), 3) if len(xs) > 1 else None
 
     rel = [(t - t0, live, depth) for t, live, depth in samples]
     before = [live for t, live, _ in rel if t < start and live is not None]
@@ -177,6 +329,18 @@ def check_targets(results: dict) -> list[dict]:
                             "met": gone is not None and gone <= 3.25, "figure": gone})
             targets.append({"name": f"{name}: replacement replica live (s after the kill)",
                             "met": a["replicas_back_s"] is not None, "figure": a["replicas_back_s"]})
+        elif SCENARIOS[name].overload:  # shedding is the designed answer: what counts is what was accepted
+            within = a["accepted_within_T_during"]
+            targets.append({"name": f"{name}: every accepted request answered within T",
+                            "met": within is not None and within >= 1.0, "figure": within})
+            cost = r.get("refusal_cost", {}).get("cpu_ms_per_refusal")
+            targets.append({"name": f"{name}: a refused request costs <= 2 ms of CPU (ms)",
+                            "met": cost is not None and cost <= 2.0, "figure": cost})
+            if SCENARIOS[name].retry == "after":
+                served, capacity = a["served_rps_during"], r.get("capacity_rps")
+                ratio = round(served / capacity, 3) if served is not None and capacity else None
+                targets.append({"name": f"{name}: served throughput >= 0.9 x capacity (x capacity)",
+                                "met": ratio is not None and ratio >= 0.9, "figure": ratio})
         elif name == "proxy-kill":  # the replicas and Redis never stopped: what counts is answering again
             back = a["answers_back_s"]
             targets.append({"name": f"{name}: answering again within 5 s", "met": back is not None and back <= 5,
@@ -191,19 +355,28 @@ def check_targets(results: dict) -> list[dict]:
 # --------------------------------------------------------------------------- one scenario
 def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[str], target_ms: float,
                  run_dir: Path, log=print) -> dict:
+    scenario = SCENARIOS[name]
     # fixed replicas: a killed replica must come back by Serve's restart, not by an autoscaling decision
     cfg_path = run_dir / f"config.{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_variant(base, "elastic-noauto", sublms), sort_keys=False))
     deployment = ServeDeployment(cfg_path, target_ms, run_dir / f"{name}.server.log", args.num_cpus)
+    if scenario.slow_link:
+        deployment.redis_link = SlowLink(deployment.redis.port)
+        deployment.replicas_redis_url = f"redis://127.0.0.1:{deployment.redis_link.port}/0"
     record = run_dir / f"{name}.records.jsonl"
     samples: list = []
+    cpu: list = []
     fault: dict = {}
+    extra: dict = {}
     stop = threading.Event()
     log(f"[{name}] starting ...")
     deployment.start()
     try:
         warm_up(deployment, peer=False)
-        sampler = threading.Thread(target=sample_redis, args=(deployment.redis.url, stop, samples), daemon=True)
+        if scenario.overload:
+            extra["refusal_cost"] = refusal_cost(deployment)
+            log(f"[{name}] refusal cost: {extra['refusal_cost']}")
+        sampler = threading.Thread(target=sample, args=(deployment, stop, samples, cpu), daemon=True)
         sampler.start()
 
         def inject():
@@ -211,7 +384,7 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
                 return
             fault["start"] = time.time()
             log(f"[{name}] injecting the fault")
-            SCENARIOS[name](deployment, args.outage_s)
+            scenario.inject(deployment, args)
             fault["end"] = time.time()
             # a process started here (the restarted Redis) dies with the thread that started it
             # (PR_SET_PDEATHSIG is per thread): this thread lives as long as the run
@@ -220,6 +393,13 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
         injector = threading.Thread(target=inject, daemon=True)
         opts = LoadOptions(shape="constant", duration_s=args.duration_s, shape_kw=f"rps_frac={args.load_frac}",
                            texts_per_request=1, query_share=1.0, data_dir=args.data_dir, seed=args.seed)
+        if scenario.overload:  # the same steady load, with --overload-frac x capacity from the fault on
+            opts.shape = "spike"
+            opts.shape_kw = (f"base_frac={args.load_frac},peak_frac={args.overload_frac},ramp_s=0,"
+                             f"spike_start_frac={args.fault_at_s / args.duration_s},"
+                             f"spike_len_frac={args.overload_s / args.duration_s}")
+            opts.max_users = 2000
+            opts.extra = ["--retry-on-shed", scenario.retry, "--retry-for-s", "10"]
         injector.start()
         log(f"[{name}] {args.load_frac} x {capacity_rps:.1f} req/s for {args.duration_s:.0f} s, "
             f"fault at {args.fault_at_s:.0f} s ...")
@@ -233,11 +413,12 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
         raise RuntimeError(f"{name}: the fault was not injected (the run ended first?)")
     run, requests, _ = read_records(record)
     t0 = run["started_at"]
-    analysis = analyze(requests, samples, t0, fault["start"], fault["end"], target_ms)
+    analysis = analyze(requests, samples, t0, fault["start"], fault["end"], target_ms, cpu)
     log(f"[{name}] sent {analysis['requests']}  ok {analysis['ok']}  shed {analysis['shed']}  "
         f"lost {analysis['lost']}  replicas back {analysis['replicas_back_s']} s")
     return {"analysis": analysis, "run_at": time.strftime("%Y-%m-%d %H:%M"), "timeline": timeline(requests, t0),
-            "samples": [(round(t - t0, 2), live, depth) for t, live, depth in samples], "record_file": str(record)}
+            "samples": [(round(t - t0, 2), live, depth) for t, live, depth in samples], "record_file": str(record),
+            "capacity_rps": capacity_rps, **extra}
 
 
 # --------------------------------------------------------------------------- report
@@ -295,6 +476,20 @@ def markdown(doc: dict) -> str:
                     f"{a['replicas_back_s'] if a['replicas_back_s'] is not None else 'never'} | "
                     f"{a['share_gone_s'] if name == 'replica-kill' and a['share_gone_s'] is not None else '-'} | "
                     f"{a['mix_back_s'] if a['mix_back_s'] is not None else '-'} |")
+    overloads = [(name, r) for name, r in doc["scenarios"].items() if SCENARIOS[name].overload]
+    if overloads:
+        rows += ["", "Overload (" + f"{doc.get('overload_frac', 3)} x capacity for the fault's span): the clients' "
+                 "attempts, what the stack served meanwhile and what a refusal costs it.", "",
+                 "| scenario | clients | attempts | shed attempts | gave up | served during (req/s, x capacity) | "
+                 "accepted within T | stack cores before / during | CPU per refusal (ms, measured alone) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in overloads:
+            a, cost = r["analysis"], r.get("refusal_cost", {})
+            served = a["served_rps_during"]
+            rows.append(f"| {name} | {SCENARIOS[name].retry} | {a['attempts']} | {a['shed_attempts']} | {a['shed']} | "
+                        f"{served} ({served / r['capacity_rps']:.2f}) | {a['accepted_within_T_during']:.3f} | "
+                        f"{a.get('cores_before')} / {a.get('cores_during')} | {cost.get('cpu_ms_per_refusal')} "
+                        f"({cost.get('refused')} refused in {cost.get('seconds')} s) |")
     targets = "\n".join(f"- {'met' if t['met'] else '**missed**'}: {t['name']} ({t['figure']})" for t in doc["targets"])
     images = "\n".join(f"![{name}](img/faults-{name}.png)" for name in doc["scenarios"])
     kept = doc.get("kept_from_earlier_runs") or []
@@ -343,6 +538,7 @@ def run(args, log=print) -> dict:
     doc = {"command": "elasticlm chaos " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()} x{os.cpu_count()} CPUs", "capacity_rps": capacity,
            "load_frac": args.load_frac, "load_rps": args.load_frac * capacity, "target_ms": target_ms,
+           "overload_frac": args.overload_frac, "slow_ms": args.slow_ms,
            "kept_from_earlier_runs": kept, "scenarios": results}
     doc["targets"] = check_targets(results)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +558,10 @@ def add_arguments(p) -> None:
     p.add_argument("--load-frac", type=float, default=0.6, help="the steady load, x capacity")
     p.add_argument("--duration-s", type=float, default=75.0)
     p.add_argument("--fault-at-s", type=float, default=20.0)
-    p.add_argument("--outage-s", type=float, default=10.0, help="how long Redis stays down (redis-kill)")
+    p.add_argument("--outage-s", type=float, default=10.0, help="how long Redis stays down or slow")
+    p.add_argument("--slow-ms", type=float, default=20.0, help="redis-slow: delay added each way")
+    p.add_argument("--overload-frac", type=float, default=3.0, help="overload-*: the load, x capacity")
+    p.add_argument("--overload-s", type=float, default=30.0, help="overload-*: how long it lasts")
     p.add_argument("--config", default=str(REPO / "cluster" / "config.local.yaml"), help="the base Serve config")
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
     p.add_argument("--data-dir")

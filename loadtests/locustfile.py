@@ -30,7 +30,9 @@ Record file (``--record-file``, JSON lines; everything an analysis needs, no ser
   ``status`` (ok | shed | failed), ``code`` (HTTP status, 0 = no response; or gRPC status name),
   ``sublm`` (the SubLM that served it; the peer's label with ``--peer-openai``; null unless ok),
   ``kind`` (query | passage), ``n_texts``, ``n_chars``, ``prompt_tokens`` (gRPC only), ``bytes``,
-  ``offered_rps`` (the shape's total rate at ``due_s``), ``error`` (failed only);
+  ``offered_rps`` (the shape's total rate at ``due_s``), ``error`` (failed only), ``attempts`` (> 1
+  with ``--retry-on-shed``: the fields above are the last attempt's) and ``retry_ms`` (from the first
+  attempt to the last one's start);
 * last line ``{"type": "summary", ...}``: per protocol ``expected`` (integral of the shape),
   ``started``, ``recorded``, ``in_flight_at_stop`` (killed at the end, never recorded),
   ``late_over_100ms``, ``max_lag_ms``.
@@ -111,6 +113,11 @@ def _add_arguments(parser):
     g.add_argument("--grpc-app", default="elasticlm", help="Serve application name (gRPC metadata 'application')")
     g.add_argument("--grpc-channels", type=int, default=4, help="gRPC channels shared by the gRPC users")
     g.add_argument("--request-timeout-s", type=float, default=30.0)
+    g.add_argument("--retry-on-shed", choices=("none", "after", "at-once"), default="none",
+                   help="a shed request is: recorded as shed (none), sent again after the server's Retry-After "
+                        "(after), or sent again at once (at-once: an impatient client)")
+    g.add_argument("--retry-for-s", type=float, default=10.0,
+                   help="with --retry-on-shed: a client gives up (recorded as shed) once this long has passed")
     g.add_argument("--deadline-ms", type=float, default=None, help="send x-elasticlm-deadline-ms with every request")
     g.add_argument("--min-sublm", default="", help="send a quality floor with every request, e.g. w50")
     g.add_argument("--peer-openai", action="store_true",
@@ -377,6 +384,7 @@ class _Outcome:
     bytes: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
+    retry_after_s: float = 1.0   # what the server asked a shed client to wait (HTTP Retry-After)
 
 
 class _PacedUser:
@@ -402,7 +410,7 @@ class _PacedUser:
         stream.late_100ms += lag_ms > 100.0
         pacer.in_flight += 1
         try:
-            outcome = self.send(kind, texts)
+            outcome, attempts, retry_ms = self.send_until_answered(kind, texts)
         finally:  # a user killed at stop leaves no record, only the in-flight count of the summary
             pacer.in_flight -= 1
         if PLAN.recorder is None:  # the run is being stopped
@@ -416,7 +424,24 @@ class _PacedUser:
             "prompt_tokens": outcome.prompt_tokens, "bytes": outcome.bytes,
             "offered_rps": round(PLAN.shape.rate_at(ticket.due_s), 6),
             "error": None if outcome.error is None else outcome.error[:300],
+            "attempts": attempts, "retry_ms": round(retry_ms, 3),
         })
+
+    def send_until_answered(self, kind: str, texts: list[str]) -> tuple[_Outcome, int, float]:
+        """(the last attempt's outcome, attempts, ms from the first attempt to the last one's start)."""
+        o = PLAN.options
+        first = time.time()
+        attempts = 0
+        while True:
+            outcome = self.send(kind, texts)
+            attempts += 1
+            if outcome.status != "shed" or o.retry_on_shed == "none":
+                break
+            pause = outcome.retry_after_s if o.retry_on_shed == "after" else 0.0
+            if time.time() + pause - first > o.retry_for_s:
+                break  # gave up: the request stays shed
+            gevent.sleep(pause)
+        return outcome, attempts, (outcome.start_ts - first) * 1000.0
 
     def send(self, kind: str, texts: list[str]) -> _Outcome:
         raise NotImplementedError
@@ -453,10 +478,15 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
             code = resp.status_code or 0
             meta = resp.request_meta
             status, sublm, error = "failed", None, None
+            retry_after = 1.0
             if code in SHED_HTTP:
                 status = "shed"
                 meta["name"] = f"{path} [shed]"
                 resp.success()
+                try:
+                    retry_after = float(resp.headers.get("retry-after") or 1.0)
+                except ValueError:
+                    pass
             elif 200 <= code < 300:
                 sublm = (o.peer_sublm or o.peer_model) if PLAN.peer else resp.headers.get(SUBLM_HEADER)
                 if sublm:
@@ -470,7 +500,7 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
                 error = f"HTTP {code}: {(resp.text or '')[:200]}" if code else f"no response: {exc!r}"
                 resp.failure(error)
             return _Outcome(status, code, sublm, meta.get("response_time") or 0.0, meta["start_time"],
-                            meta.get("response_length") or 0, None, error)
+                            meta.get("response_length") or 0, None, error, retry_after)
 
 
 class GrpcEmbedUser(_PacedUser, User):

@@ -110,6 +110,7 @@ class ServeDeployment:
         self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
         self.http_port, self.grpc_port = free_port(0), free_port(0)
         self.redis = RedisServer(port=free_port(0))
+        self.replicas_redis_url: str | None = None  # another way to the same Redis (a fault run's slow link)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -124,7 +125,7 @@ class ServeDeployment:
         self.redis.start()
         cmd = [sys.executable, "-m", "elastic_core.cli", "serve", "--config", str(self.config_path),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--redis-url", self.redis.url, "--target-ms", str(self.target_ms)]
+               "--redis-url", self.replicas_redis_url or self.redis.url, "--target-ms", str(self.target_ms)]
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
