@@ -227,6 +227,13 @@ Ctrl-C stops everything this command started.
 """
 
 
+def haproxy_processes(root_pid: int) -> list:
+    """Serve's HAProxy processes (the HTTP and gRPC front) under the process ``root_pid``."""
+    import psutil
+
+    return [p for p in psutil.Process(root_pid).children(recursive=True) if p.name() == "haproxy"]
+
+
 def drain(timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     """Finish what was accepted before anything stops; returns how many front processes drained.
 
@@ -236,7 +243,7 @@ def drain(timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     open request finish on the replicas, still running, and exits when the last answer is out."""
     import psutil
 
-    fronts = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
+    fronts = haproxy_processes(os.getpid())
     for p in fronts:
         p.send_signal(signal.SIGUSR1)
     gone, alive = psutil.wait_procs(fronts, timeout=timeout_s)
@@ -271,8 +278,7 @@ def main(args) -> int:
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
     redis_server = None
     stop = threading.Event()
-
-    reload = threading.Event()
+    reload = threading.Event()  # SIGHUP: redeploy the config file
 
     def on_signal(*_):
         stop.set()

@@ -90,9 +90,9 @@ def pause_redis(deployment: ServeDeployment, args) -> None:
 
 def kill_proxy(deployment: ServeDeployment, _args) -> None:
     """The HTTP/gRPC front: Serve's HAProxy process (its manager actor is expected to start another)."""
-    import psutil
+    from deployments.local import haproxy_processes
 
-    proxies = [p for p in psutil.Process(deployment.proc.pid).children(recursive=True) if p.name() == "haproxy"]
+    proxies = haproxy_processes(deployment.proc.pid)
     if not proxies:
         raise RuntimeError("no haproxy process found under the deployment")
     for p in proxies:
@@ -186,7 +186,8 @@ def stack_cpu_s(deployment: ServeDeployment) -> float:
     import psutil
 
     total = 0.0
-    for p in [psutil.Process(deployment.proc.pid), *psutil.Process(deployment.proc.pid).children(recursive=True)]:
+    root = psutil.Process(deployment.proc.pid)
+    for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
