@@ -123,9 +123,10 @@ class StackUnderTest:
 
         self.redis = RedisServer(port=free_port(0)).start()
         start_ray(num_cpus=2, redis_url=self.redis.url)
-        http_port = free_port(0)
-        start_serve(load_serve_config(self.config_path), "127.0.0.1", http_port, free_port(0))
+        http_port, grpc_port = free_port(0), free_port(0)
+        start_serve(load_serve_config(self.config_path), "127.0.0.1", http_port, grpc_port)
         self.url = f"http://127.0.0.1:{http_port}/embed"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
         return self
 
     def __exit__(self, *exc):

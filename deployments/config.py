@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.contract import TASKS
+
 DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6")  # the committed one
 
 
@@ -23,6 +25,9 @@ class ReplicaConfig:
     device: str = "auto"                           # "auto": the GPU when there is one
     num_threads: int | None = None                 # torch threads; Ray pins OMP to the actor's num_cpus otherwise
     sublms: list[str] | None = None                # SubLMs served (largest first); one = a static deployment
+    tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
+                                                   # schedule and global depth (deployments/contract.py:TASKS)
+    classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>
     profile_path: str | None = None                # a saved `elasticlm profile --out` table; None: measure at start
     profile_cache: str | None = "~/.cache/elasticlm"  # measured tables, per device and checkpoint; None: always measure
     # the schedule
@@ -55,6 +60,9 @@ class ReplicaConfig:
             bad.append(f"admission_factor={self.admission_factor!r} (must be >= 0)")
         if not 0 <= self.calibration_alpha <= 1:
             bad.append(f"calibration_alpha={self.calibration_alpha!r} (must be in [0, 1])")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            bad.append(f"tasks={list(self.tasks)!r} (distinct names out of {list(TASKS)}, at least one)")
         if bad:
             raise ValueError("invalid replica settings: " + ", ".join(bad))
 

@@ -1,6 +1,6 @@
 """What HTTP and gRPC agree on: validation, limits, tokenization, and the errors they map to status codes.
 
-Both ingresses translate their wire format into ``Validator.embed_request(...)`` arguments and map
+Both ingresses translate their wire format into ``Validator.<task>_request(...)`` arguments and map
 ``RequestError`` to their own status codes, so the two can never diverge on what is accepted.
 Validation is split from tokenization on purpose: the replica's admission runs between them, so a
 request that will be refused for overload is refused before any tokenizer work is spent on it.
@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from elastic_core.denser import KINDS
 
+TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
+
 
 class RequestError(Exception):
     """A request the service refuses; ``status`` is the HTTP code, ``grpc_code`` its gRPC twin."""
 
-    GRPC_CODES = {400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+    GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
                   503: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED"}
 
     def __init__(self, status: int, message: str, error_type: str = "Validation"):
@@ -41,6 +43,12 @@ def overloaded() -> RequestError:
                         "Overloaded")
 
 
+# A text is blank when every character is whitespace as Python's str.strip() sees it. The OpenAPI states
+# it with an explicit class, not \S: schema validators and generators disagree on what \s covers (ASCII
+# only, ECMA's list, or Unicode's), and "\x1e" or "\u3000" alone must read as blank to all of them.
+_WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]
+NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in _WHITESPACE) + "]"
+
 # an HTTP body over this is refused (413) before it is read (text-embeddings-inference's --payload-limit
 # default); gRPC's own limit on a message is 4 MB
 MAX_BODY_BYTES = 2_000_000
@@ -48,30 +56,41 @@ MAX_BODY_BYTES = 2_000_000
 
 @dataclass
 class Limits:
-    max_inputs: int = 256             # texts per request
+    max_inputs: int = 256             # texts per request (a rerank's candidates, a predict batch's examples)
     max_input_chars: int = 100_000    # per text, before tokenization (bounds tokenizer work)
 
 
 @dataclass
-class EmbedRequest:
-    """A validated, not yet tokenized, embedding request."""
+class TaskRequest:
+    """A validated, not yet tokenized request of any task: what the replica's one call takes.
 
+    embed: ``texts``; rerank: ``query`` paired with each of ``texts`` (the query first, as trained);
+    predict: ``texts``, each with its ``pairs`` entry as second text when the classifier takes pairs."""
+
+    task: str
     texts: list[str]
+    query: str | None = None
+    pairs: list[str] | None = None
     truncate: bool = True
     min_sublm: str | None = None
-    kind: str = "passage"
     deadline_ms: float | None = None
+    kind: str = "passage"
+
+    @property
+    def examples(self) -> int:
+        return len(self.texts)
 
 
-class Validator:
-    def __init__(self, tokenizer, max_tokens: int, sublms: list[str], limits: Limits | None = None):
-        """``tokenizer``: the checkpoint's ``transformers`` tokenizer; its Rust core does the work."""
+class TaskTokenizer:
+    """One task's Rust tokenizer at the task's token limit: single texts, or (first, second) pairs.
+
+    Pairs are cut longest first (text-embeddings-inference's choice): a long passage loses its tail
+    before a short query loses anything, and a long query cannot crowd out the passage it is judged on."""
+
+    def __init__(self, spec: str, max_tokens: int):
         from tokenizers import Tokenizer
 
         self.max_tokens = max_tokens
-        self.sublms = list(sublms)
-        self.limits = limits or Limits()
-        spec = tokenizer.backend_tokenizer.to_str()
         self._truncating = Tokenizer.from_str(spec)
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length=max_tokens)
@@ -79,18 +98,112 @@ class Validator:
         self._whole.no_padding()
         self._whole.no_truncation()
 
+    def estimate(self, request: TaskRequest) -> int:
+        """Tokens the request will take, from its characters alone (about 4 a WordPiece token in English,
+        plus the special tokens): what admission needs before anything is tokenized."""
+        if request.query is not None:
+            second = [len(request.query) // 4 + 1] * request.examples
+        else:
+            second = [len(p) // 4 + 1 for p in request.pairs] if request.pairs is not None else [0] * request.examples
+        return sum(min(self.max_tokens, len(t) // 4 + 2 + s) for t, s in zip(request.texts, second))
+
+    def encode(self, request: TaskRequest) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids (and token types, for pairs); an input over the limit is cut, or refused (413) when
+        the request says ``truncate=false``."""
+        if request.query is not None:
+            items = [(request.query, t) for t in request.texts]
+        else:
+            items = list(zip(request.texts, request.pairs)) if request.pairs is not None else request.texts
+        encodings = self._truncating.encode_batch(items, add_special_tokens=True)
+        if not request.truncate:
+            for i, enc in enumerate(encodings):
+                if enc.overflowing:
+                    n = len(self._whole.encode(*([items[i]] if isinstance(items[i], str) else items[i]),
+                                               add_special_tokens=True).ids)
+                    what = "with the query " if request.query is not None else ""
+                    raise RequestError(413, f"{'texts' if request.query is not None else 'inputs'}[{i}] {what}has "
+                                            f"{n} tokens, more than the model's limit of {self.max_tokens}; "
+                                            "send truncate=true to truncate it")
+        ids = [enc.ids for enc in encodings]
+        paired = request.query is not None or request.pairs is not None
+        return ids, ([enc.type_ids for enc in encodings] if paired else None)
+
+
+class Validator:
+    """Every task's request validation (no tokenizer work) and its tokenizer, for both ingresses.
+
+    ``max_tokens``: one limit for every task, or one per task (the rerank and predict models serve at
+    the length they were trained and evaluated at). ``pair_predict``: the classifier takes text pairs."""
+
+    def __init__(self, tokenizer, max_tokens: int | dict[str, int], sublms: list[str], limits: Limits | None = None,
+                 pair_predict: bool = False):
+        """``tokenizer``: the checkpoint's ``transformers`` tokenizer; its Rust core does the work."""
+        self.sublms = list(sublms)
+        self.limits = limits or Limits()
+        self.pair_predict = pair_predict
+        spec = tokenizer.backend_tokenizer.to_str()
+        limits_by_task = max_tokens if isinstance(max_tokens, dict) else dict.fromkeys(TASKS, max_tokens)
+        self.tokenizers = {task: TaskTokenizer(spec, n) for task, n in limits_by_task.items()}
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokenizers["embed"].max_tokens
+
     # ----------------------------------------------------------------- validation (no tokenizer work)
     def embed_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
-                      kind: str | None = None, deadline_ms: float | None = None) -> EmbedRequest:
+                      kind: str | None = None, deadline_ms: float | None = None) -> TaskRequest:
         texts = self.texts(inputs)
-        if min_sublm is not None and min_sublm not in self.sublms:
-            raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {min_sublm!r}")
         if kind is not None and kind not in KINDS:
             raise RequestError(400, f"kind must be one of {list(KINDS)}, got {kind!r}")
-        kind = kind or "passage"
+        return TaskRequest("embed", texts, truncate=self._truncate(truncate), kind=kind or "passage",
+                           **self._options(min_sublm, deadline_ms))
+
+    def rerank_request(self, query, texts, truncate: bool | None = True, min_sublm: str | None = None,
+                       deadline_ms: float | None = None) -> TaskRequest:
+        if query is None:
+            raise RequestError(422, "query is missing: send the text the candidates are ranked against")
+        [query] = self.texts([query] if isinstance(query, str) else query, "query", one=True)
+        if isinstance(texts, str):
+            raise RequestError(422, "texts must be a list of candidate texts, got one string")
+        return TaskRequest("rerank", self.texts(texts, "texts"), query=query, truncate=self._truncate(truncate),
+                           **self._options(min_sublm, deadline_ms))
+
+    def predict_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
+                        deadline_ms: float | None = None) -> tuple[TaskRequest, bool]:
+        """TEI's forms: a text, a pair ``[a, b]``, or a batch ``[[a], [b]]`` / ``[[a, b], ...]``.
+        Returns the request and whether it was a batch (the answer's shape follows the question's)."""
+        batch = isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(x, (list, tuple)) for x in inputs)
+        examples = list(inputs) if batch else [inputs]
+        if len(examples) > self.limits.max_inputs:
+            raise RequestError(413, f"{len(examples)} inputs in one request, more than the limit of "
+                                    f"{self.limits.max_inputs}: split the request")
+        width = 2 if self.pair_predict else 1
+        firsts, seconds = [], []
+        for i, example in enumerate(examples):
+            name = f"inputs[{i}]" if batch else "inputs"
+            parts = [example] if isinstance(example, str) else example
+            if not isinstance(parts, (list, tuple)) or len(parts) != width:
+                shape = "a pair of texts [first, second]" if width == 2 else "one text"
+                raise RequestError(422, f"{name} must be {shape}: this classifier takes "
+                                        f"{'text pairs' if width == 2 else 'single texts'}")
+            parts = self.texts(list(parts), name)
+            firsts.append(parts[0])
+            if width == 2:
+                seconds.append(parts[1])
+        request = TaskRequest("predict", firsts, pairs=seconds if width == 2 else None,
+                              truncate=self._truncate(truncate), **self._options(min_sublm, deadline_ms))
+        return request, batch
+
+    def _options(self, min_sublm, deadline_ms) -> dict:
+        if min_sublm is not None and min_sublm not in self.sublms:
+            raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {min_sublm!r}")
         if deadline_ms is not None and not (deadline_ms > 0 and math.isfinite(deadline_ms)):
             raise RequestError(400, f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
-        return EmbedRequest(texts, True if truncate is None else bool(truncate), min_sublm or None, kind, deadline_ms)
+        return {"min_sublm": min_sublm or None, "deadline_ms": deadline_ms}
+
+    @staticmethod
+    def _truncate(truncate) -> bool:
+        return True if truncate is None else bool(truncate)
 
     @staticmethod
     def one_floor(in_body: str | None, in_header: str | None, header: str) -> str | None:
@@ -100,38 +213,56 @@ class Validator:
                                     "send one of them")
         return in_body if in_body is not None else in_header
 
-    def texts(self, inputs, name: str = "inputs") -> list[str]:
+    def texts(self, inputs, name: str = "inputs", one: bool = False) -> list[str]:
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, (list, tuple)):
             raise RequestError(422, f"{name} must be a string or a list of strings, got {type(inputs).__name__}")
         if not inputs:
             raise RequestError(422, f"{name} is empty: send at least one text")
+        if one and len(inputs) != 1:
+            raise RequestError(422, f"{name} must be one string, got a list of {len(inputs)}")
         if len(inputs) > self.limits.max_inputs:
             raise RequestError(413, f"{len(inputs)} {name} in one request, more than the limit of "
                                     f"{self.limits.max_inputs}: split the request")
         for i, text in enumerate(inputs):
+            where = name if one else f"{name}[{i}]"
             if not isinstance(text, str):
-                raise RequestError(422, f"{name}[{i}] must be a string, got {type(text).__name__}")
+                raise RequestError(422, f"{where} must be a string, got {type(text).__name__}")
             if not text.strip():
-                raise RequestError(422, f"{name}[{i}] is empty")
+                raise RequestError(422, f"{where} is empty")
             if len(text) > self.limits.max_input_chars:
-                raise RequestError(413, f"{name}[{i}] has {len(text)} characters, more than the limit of "
+                raise RequestError(413, f"{where} has {len(text)} characters, more than the limit of "
                                         f"{self.limits.max_input_chars}")
         return list(inputs)
 
-    def estimate_tokens(self, texts: list[str]) -> int:
-        """Tokens the texts will take, from their length alone (about 4 characters per WordPiece token
-        in English, plus [CLS] and [SEP]): what admission needs before anything is tokenized."""
-        return sum(min(self.max_tokens, len(t) // 4 + 2) for t in texts)
-
     # ----------------------------------------------------------------- tokenization
-    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        encodings = self._truncating.encode_batch(texts, add_special_tokens=True)
-        if not truncate:
-            for i, enc in enumerate(encodings):
-                if enc.overflowing:
-                    n = len(self._whole.encode(texts[i], add_special_tokens=True).ids)
-                    raise RequestError(413, f"inputs[{i}] has {n} tokens, more than the model's limit of "
-                                            f"{self.max_tokens}; send truncate=true to truncate it")
-        return [enc.ids for enc in encodings]
+    def estimate_tokens(self, request: TaskRequest) -> int:
+        return self.tokenizers[request.task].estimate(request)
+
+    def tokenize(self, request: TaskRequest) -> tuple[list[list[int]], list[list[int]] | None]:
+        return self.tokenizers[request.task].encode(request)
+
+
+# --------------------------------------------------------------------------- answers both ingresses format
+def ranked(logits, raw_scores: bool = False, top_n: int | None = None) -> list[tuple[int, float]]:
+    """A rerank's (candidate index, score), best first: the relevance logit, or its sigmoid (0..1, as
+    text-embeddings-inference answers) unless ``raw_scores``. Ties keep the candidates' order."""
+    import numpy as np
+
+    scores = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if not raw_scores:
+        scores = 1.0 / (1.0 + np.exp(-scores))
+    order = np.argsort(-scores, kind="stable")[:top_n]
+    return [(int(i), float(scores[i])) for i in order]
+
+
+def predictions(logits, labels: list[str], raw_scores: bool = False) -> list[list[tuple[str, float]]]:
+    """Per example, every (label, score), best first: softmax probabilities, or logits if ``raw_scores``."""
+    import numpy as np
+
+    rows = np.asarray(logits, dtype=np.float64)
+    if not raw_scores:
+        rows = np.exp(rows - rows.max(axis=1, keepdims=True))
+        rows /= rows.sum(axis=1, keepdims=True)
+    return [[(labels[j], float(row[j])) for j in np.argsort(-row, kind="stable")] for row in rows]

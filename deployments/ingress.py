@@ -5,7 +5,7 @@ or ``base64``), ``GET /health``, ``GET /info``; ``/openapi.json`` (with this rep
 docs at ``/docs``.
 gRPC: ``elasticlm.v1.ElasticLM/Embed`` and ``grpc.health.v1.Health/Check`` (``proto/elasticlm.proto``).
 
-Both go through ``ElasticReplica._embed``: the same validation, the same limits, the same admission, the
+Both go through ``ElasticReplica._serve``: the same validation, the same limits, the same admission, the
 same engine call, the same errors (``RequestError`` -> HTTP status / gRPC code). The SubLM that
 served a request is in the body and in the ``x-elasticlm-sublm`` header / trailing metadata.
 
@@ -34,7 +34,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import ReplicaConfig
-from deployments.contract import MAX_BODY_BYTES, RequestError, overloaded
+from deployments.contract import MAX_BODY_BYTES, NOT_BLANK_PATTERN, RequestError, TaskRequest, overloaded, predictions, ranked
 from deployments.grpc_api import elasticlm_pb2
 from deployments.replica import Replica
 from elastic_core.denser import KINDS
@@ -81,6 +81,44 @@ class OpenAIEmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class TEIRerankRequest(BaseModel):
+    query: str = Field(..., description="the text every candidate is judged against")
+    texts: list[str] = Field(..., description="the candidates (e.g. a first stage's top 20-100)")
+    truncate: bool = Field(True, description="cut a pair over the ranker's token limit, longest text first "
+                                             "(false: reject with 413)")
+    raw_scores: bool = Field(False, description="the relevance logit instead of its sigmoid (0..1)")
+    return_text: bool = Field(False, description="echo each candidate's text in its rank")
+    min_sublm: str | None = Field(None, description="quality floor, e.g. 'w50'")
+
+
+class RerankDocumentsRequest(BaseModel):
+    query: str = Field(..., description="the text every document is judged against")
+    documents: list[str] = Field(..., description="the candidates")
+    top_n: int | None = Field(None, description="answer only the best n (default: all)")
+    return_documents: bool = Field(False, description="echo each document's text")
+    model: str | None = None
+
+
+class TEIPredictRequest(BaseModel):
+    inputs: str | list[str] | list[list[str]] = Field(
+        ..., description="one text, a pair [first, second], or a batch [[text], ...] / [[first, second], ...]; "
+                         "pairs only for a pair classifier (GET /info: tasks.predict.pairs)")
+    truncate: bool = Field(True, description="truncate inputs over the classifier's token limit (false: reject with 413)")
+    raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
+    min_sublm: str | None = Field(None, description="quality floor, e.g. 'w50'")
+
+
+class RankBody(BaseModel):
+    index: int = Field(..., description="the candidate's position in the request")
+    score: float
+    text: str | None = Field(None, description="the candidate, with return_text")
+
+
+class PredictionBody(BaseModel):
+    label: str
+    score: float
+
+
 class ErrorBody(BaseModel):
     error: str = Field(..., description="what is wrong, naming the field, the limit or the condition")
     error_type: str = Field(..., description="Validation, Overloaded, NotFound or Unhealthy")
@@ -95,16 +133,34 @@ REFUSALS = {400: {"model": ErrorBody, "description": "a field has a value the se
 DEADLINE = Header(None, alias=DEADLINE_HEADER, description="this request's latency target in ms (tighter than T)",
                   json_schema_extra={"pattern": r"^[0-9]*[1-9][0-9]*(\.[0-9]+)?$"})
 MIN_SUBLM = Header(None, alias=MIN_SUBLM_HEADER, description="quality floor, e.g. 'w50' (as the body's min_sublm)")
+ROUTE_TASKS = {"/embed": "embed", "/v1/embeddings": "embed", "/rerank": "rerank", "/v1/rerank": "rerank",
+               "/predict": "predict"}
 
 
 def openapi_with_limits(schema: dict, info: dict) -> dict:
-    """The app's OpenAPI schema with this replica's limits (``Replica.describe()``) on every text field."""
-    text = {"type": "string", "minLength": 1, "maxLength": info["max_input_chars"], "pattern": r"\S"}
+    """The app's OpenAPI schema with this replica's limits (``Replica.describe()``) on every text field;
+    routes of tasks the replica does not serve are left out."""
+    text = {"type": "string", "minLength": 1, "maxLength": info["max_input_chars"], "pattern": NOT_BLANK_PATTERN}
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": info["max_inputs"]}
     models = schema["components"]["schemas"]
-    for model, field in (("TEIEmbedRequest", "inputs"), ("OpenAIEmbeddingRequest", "input")):
-        models[model]["properties"][field]["anyOf"] = [text, texts]
-    models["TEIEmbedRequest"]["properties"]["min_sublm"]["enum"] = [*info["sublms"], None]
+    schema["paths"] = {path: ops for path, ops in schema["paths"].items()
+                       if ROUTE_TASKS.get(path) in (None, *info["tasks"])}
+    if "embed" in info["tasks"]:
+        for model, field in (("TEIEmbedRequest", "inputs"), ("OpenAIEmbeddingRequest", "input")):
+            models[model]["properties"][field]["anyOf"] = [text, texts]
+    if "rerank" in info["tasks"]:
+        for model, field in (("TEIRerankRequest", "texts"), ("RerankDocumentsRequest", "documents")):
+            models[model]["properties"][field] = texts | {"title": field.title()}
+            models[model]["properties"]["query"] |= text
+        models["RerankDocumentsRequest"]["properties"]["top_n"]["anyOf"][0]["minimum"] = 1
+    if "predict" in info["tasks"]:
+        width = 2 if info["tasks"]["predict"]["pairs"] else 1
+        example = {"type": "array", "items": text, "minItems": width, "maxItems": width}
+        batch = {"type": "array", "items": example, "minItems": 1, "maxItems": info["max_inputs"]}
+        models["TEIPredictRequest"]["properties"]["inputs"]["anyOf"] = [example, batch] + ([text] if width == 1 else [])
+    for model in ("TEIEmbedRequest", "TEIRerankRequest", "TEIPredictRequest"):
+        if model in models:
+            models[model]["properties"]["min_sublm"]["enum"] = [*info["sublms"], None]
     for path in schema["paths"].values():
         for operation in path.values():
             for parameter in operation.get("parameters", ()):
@@ -197,34 +253,41 @@ class ElasticReplica:
         self._openapi: dict | None = None
 
     # ----------------------------------------------------------------- the one shared call
-    async def _embed(self, inputs, truncate=True, min_sublm=None, kind=None, deadline_ms=None) -> Served:
-        request = self.validator.embed_request(inputs, truncate, min_sublm, kind, deadline_ms)
-        texts, tokens = len(request.texts), self.validator.estimate_tokens(request.texts)
+    async def _serve(self, request: TaskRequest) -> Served:
+        """Every task, both protocols: deadline check, admission, tokenization, the engine's queue."""
+        if request.task not in self.engine.lanes:
+            raise RequestError(404, f"this deployment does not serve {request.task} (its tasks: "
+                                    f"{list(self.engine.lanes)})", "NotFound")
+        examples, tokens = request.examples, self.validator.estimate_tokens(request)
         if request.deadline_ms is not None:  # unmeetable at any load: the client's to change, not to retry
-            alone = self.engine.alone_ms("embed", texts, tokens, request.min_sublm)
+            alone = self.engine.alone_ms(request.task, examples, tokens, request.min_sublm)
             if alone > request.deadline_ms:
                 raise RequestError(400, f"a deadline of {request.deadline_ms:g} ms is shorter than this request "
                                         f"takes alone on its fastest allowed SubLM (~{alone:.1f} ms here): "
                                         "send a longer deadline, fewer texts or no quality floor")
         # admission before tokenizing: under overload refusing must cost next to nothing
-        if not self.engine.admits("embed", texts, tokens, request.min_sublm, request.deadline_ms):
+        if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms):
             self.replica.count_shed()
             raise overloaded()
-        job = Job(self.validator.tokenize(request.texts, request.truncate), task="embed",
-                  min_sublm=request.min_sublm, deadline_ms=request.deadline_ms)
+        input_ids, token_type_ids = self.validator.tokenize(request)
+        job = Job(input_ids, token_type_ids, task=request.task, min_sublm=request.min_sublm,
+                  deadline_ms=request.deadline_ms)
         try:
             return await self.engine.submit(job)
         except Overloaded:
             raise overloaded() from None
+
+    def _labels(self) -> list[str]:
+        return self.replica.models["predict"].labels
 
     # ----------------------------------------------------------------- HTTP
     @app.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]], responses=REFUSALS)
     async def embed(self, body: TEIEmbedRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
         if not body.normalize:
             raise RequestError(400, "normalize=false is not supported: embeddings are L2-normalized")
-        served = await self._embed(body.inputs, body.truncate,
-                                   self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER), body.kind,
-                                   _deadline(deadline_ms))
+        served = await self._serve(self.validator.embed_request(
+            body.inputs, body.truncate, self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+            body.kind, _deadline(deadline_ms)))
         return JSON(served.outputs, headers={SUBLM_HEADER: served.sublm})
 
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings", responses=REFUSALS)
@@ -233,7 +296,8 @@ class ElasticReplica:
         if body.encoding_format not in ("float", "base64"):
             raise RequestError(400, f"encoding_format {body.encoding_format!r} is not supported; "
                                     "use 'float' or 'base64'")
-        served = await self._embed(body.input, True, min_sublm, None, _deadline(deadline_ms))
+        served = await self._serve(self.validator.embed_request(body.input, True, min_sublm, None,
+                                                                _deadline(deadline_ms)))
         rows = served.outputs
         if body.encoding_format == "base64":  # 4 bytes a float instead of ~10 characters of JSON
             rows = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
@@ -242,12 +306,50 @@ class ElasticReplica:
                      "usage": {"prompt_tokens": served.num_tokens, "total_tokens": served.num_tokens}},
                     headers={SUBLM_HEADER: served.sublm})
 
+    @app.post("/rerank", summary="TEI-compatible reranking: the candidates best first",
+              response_model=list[RankBody], responses=REFUSALS)
+    async def rerank(self, body: TEIRerankRequest, deadline_ms: str | None = DEADLINE,
+                     min_sublm: str | None = MIN_SUBLM):
+        request = self.validator.rerank_request(body.query, body.texts, body.truncate,
+                                                self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+                                                _deadline(deadline_ms))
+        served = await self._serve(request)
+        ranks = [{"index": i, "score": score, **({"text": request.texts[i]} if body.return_text else {})}
+                 for i, score in ranked(served.outputs, body.raw_scores)]
+        return JSON(ranks, headers={SUBLM_HEADER: served.sublm})
+
+    @app.post("/v1/rerank", summary="Cohere / Jina-compatible reranking", responses=REFUSALS)
+    async def rerank_documents(self, body: RerankDocumentsRequest, deadline_ms: str | None = DEADLINE,
+                               min_sublm: str | None = MIN_SUBLM):
+        if body.top_n is not None and body.top_n < 1:
+            raise RequestError(400, f"top_n must be at least 1, got {body.top_n}")
+        request = self.validator.rerank_request(body.query, body.documents, True, min_sublm, _deadline(deadline_ms))
+        served = await self._serve(request)
+        results = [{"index": i, "relevance_score": score,
+                    **({"document": {"text": request.texts[i]}} if body.return_documents else {})}
+                   for i, score in ranked(served.outputs, top_n=body.top_n)]
+        return JSON({"results": results, "model": self.replica.model_name, "sublm": served.sublm,
+                     "usage": {"total_tokens": served.num_tokens}}, headers={SUBLM_HEADER: served.sublm})
+
+    @app.post("/predict", summary="TEI-compatible classification: every label's score, best first",
+              response_model=list[PredictionBody] | list[list[PredictionBody]], responses=REFUSALS)
+    async def predict(self, body: TEIPredictRequest, deadline_ms: str | None = DEADLINE,
+                      min_sublm: str | None = MIN_SUBLM):
+        request, batch = self.validator.predict_request(
+            body.inputs, body.truncate, self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+            _deadline(deadline_ms))
+        served = await self._serve(request)
+        rows = [[{"label": label, "score": score} for label, score in row]
+                for row in predictions(served.outputs, self._labels(), body.raw_scores)]
+        return JSON(rows if batch else rows[0], headers={SUBLM_HEADER: served.sublm})
+
     @app.get("/health", summary="200 while this replica serves, 503 while it starts or drains",
              responses={503: REFUSALS[503]})
     async def health(self):
         if not self.engine.accepting:
             return _error(503, "the replica is shutting down", "Unhealthy")
-        return JSON({"status": "ok", "sublms": self.engine.lanes["embed"].schedule.sublms})
+        return JSON({"status": "ok", "tasks": list(self.engine.lanes),
+                     "sublms": next(iter(self.engine.lanes.values())).schedule.sublms})
 
     @app.get("/info", summary="the model, its SubLMs, the latency target and the request limits")
     async def info(self):
@@ -264,25 +366,77 @@ class ElasticReplica:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="elasticlm")
 
     # ----------------------------------------------------------------- gRPC
-    async def Embed(self, request: elasticlm_pb2.EmbedRequest, grpc_context) -> elasticlm_pb2.EmbedResponse:
+    async def _rpc(self, message, grpc_context, name: str, to_request, answer):
+        """One gRPC call on the shared path: ``to_request(message, metadata)`` -> the validated request,
+        ``answer(request, served)`` -> the response. A ``RequestError`` becomes its status code and
+        the empty response."""
         meta = dict(grpc_context.invocation_metadata())
         try:
-            if request is None:  # see deployments/grpc_api/servicer.py
-                raise RequestError(400, "the request body is not a valid elasticlm.v1.EmbedRequest message")
-            served = await self._embed(list(request.inputs),
-                                       request.truncate if request.HasField("truncate") else True,
-                                       self.validator.one_floor(request.min_sublm or None, meta.get(MIN_SUBLM_HEADER),
-                                                                MIN_SUBLM_HEADER),
-                                       request.kind or None,
-                                       _deadline(meta.get(DEADLINE_HEADER)))
+            if message is None:  # see deployments/grpc_api/servicer.py
+                raise RequestError(400, f"the request body is not a valid elasticlm.v1.{name} message")
+            request = to_request(message, meta)
+            served = await self._serve(request)
         except RequestError as e:
             grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code))
             grpc_context.set_details(e.message)
-            return elasticlm_pb2.EmbedResponse()
+            return None
         grpc_context.set_trailing_metadata([(SUBLM_HEADER, served.sublm)])
-        return elasticlm_pb2.EmbedResponse(
-            embeddings=[elasticlm_pb2.Embedding(values=row) for row in np.asarray(served.outputs).tolist()],
-            sublm=served.sublm, prompt_tokens=served.num_tokens)
+        return answer(request, served)
+
+    def _grpc_options(self, message, meta) -> dict:
+        """What every request message and its metadata share: truncate, the quality floor, the deadline."""
+        return {"truncate": message.truncate if message.HasField("truncate") else True,
+                "min_sublm": self.validator.one_floor(message.min_sublm or None, meta.get(MIN_SUBLM_HEADER),
+                                                      MIN_SUBLM_HEADER),
+                "deadline_ms": _deadline(meta.get(DEADLINE_HEADER))}
+
+    async def Embed(self, request: elasticlm_pb2.EmbedRequest, grpc_context) -> elasticlm_pb2.EmbedResponse:
+        response = await self._rpc(
+            request, grpc_context, "EmbedRequest",
+            lambda m, meta: self.validator.embed_request(list(m.inputs), kind=m.kind or None,
+                                                         **self._grpc_options(m, meta)),
+            lambda _, served: elasticlm_pb2.EmbedResponse(
+                embeddings=[elasticlm_pb2.Embedding(values=row) for row in np.asarray(served.outputs).tolist()],
+                sublm=served.sublm, prompt_tokens=served.num_tokens))
+        return response or elasticlm_pb2.EmbedResponse()
+
+    async def Rerank(self, request: elasticlm_pb2.RerankRequest, grpc_context) -> elasticlm_pb2.RerankResponse:
+        def answer(valid, served):
+            ranks = [elasticlm_pb2.Rank(index=i, score=score, **({"text": valid.texts[i]} if request.return_text else {}))
+                     for i, score in ranked(served.outputs, request.raw_scores)]
+            return elasticlm_pb2.RerankResponse(ranks=ranks, sublm=served.sublm, prompt_tokens=served.num_tokens)
+
+        response = await self._rpc(
+            request, grpc_context, "RerankRequest",
+            lambda m, meta: self.validator.rerank_request(m.query or None, list(m.texts), **self._grpc_options(m, meta)),
+            answer)
+        return response or elasticlm_pb2.RerankResponse()
+
+    async def Predict(self, request: elasticlm_pb2.PredictRequest, grpc_context) -> elasticlm_pb2.PredictResponse:
+        def answer(_, served):
+            (row,) = predictions(served.outputs, self._labels(), request.raw_scores)
+            return elasticlm_pb2.PredictResponse(
+                predictions=[elasticlm_pb2.Prediction(label=label, score=score) for label, score in row],
+                sublm=served.sublm, prompt_tokens=served.num_tokens)
+
+        def to_request(m, meta):
+            if not m.inputs:
+                raise RequestError(422, "inputs is empty: send one text, or a pair for a pair classifier")
+            return self.validator.predict_request(list(m.inputs), **self._grpc_options(m, meta))[0]
+
+        response = await self._rpc(request, grpc_context, "PredictRequest", to_request, answer)
+        return response or elasticlm_pb2.PredictResponse()
+
+    async def Info(self, request: elasticlm_pb2.InfoRequest, grpc_context=None) -> elasticlm_pb2.InfoResponse:
+        info = self.replica.describe()
+        predict = info["tasks"].get("predict", {})
+        return elasticlm_pb2.InfoResponse(
+            model=info["model"], sublms=info["sublms"], target_ms=info["target_ms"],
+            tasks=[elasticlm_pb2.TaskInfo(name=name, max_input_tokens=t["max_input_tokens"])
+                   for name, t in info["tasks"].items()],
+            max_inputs=info["max_inputs"], max_input_chars=info["max_input_chars"],
+            max_body_bytes=info["max_body_bytes"], classifier=predict.get("classifier", ""),
+            labels=predict.get("labels", []), predict_pairs=predict.get("pairs", False))
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if self.engine.accepting

@@ -220,8 +220,12 @@ elasticlm is serving (application "{app_name}").
     curl -s http://{host}:{http_port}/embed -H 'content-type: application/json' \\
          -d '{{"inputs": ["What is elastic serving?"]}}' -D - | grep -i -e x-elasticlm-sublm -e '^\\['
     curl -s http://{host}:{http_port}/v1/embeddings -H 'content-type: application/json' -d '{{"input": "hello"}}'
+    curl -s http://{host}:{http_port}/rerank -H 'content-type: application/json' \
+         -d '{{"query": "what weakens bones?", "texts": ["Vitamin D deficiency weakens bones.", "Rates rose."]}}'
+    curl -s http://{host}:{http_port}/predict -H 'content-type: application/json' -d '{{"inputs": "A moving film."}}'
   gRPC  127.0.0.1:{grpc_port}   (metadata: application={app_name})
     .venv/bin/python examples/grpc_client.py --port {grpc_port} "What is elastic serving?"
+    .venv/bin/python examples/search_backend.py --target 127.0.0.1:{grpc_port} "vitamin D and bone density"
 Edit {config_path} and `kill -HUP {os.getpid()}` to redeploy it (a rolling update).
 Ctrl-C stops everything this command started.
 """

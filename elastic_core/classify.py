@@ -74,6 +74,12 @@ class ElasticClassifier(TaskPredictor):
     def labels(self) -> list[str]:
         return LABEL_NAMES.get(self.model.config.task, self.model.config.labels)
 
+    @property
+    def takes_pairs(self) -> bool:
+        """Whether each example is a text pair (MRPC, RTE) rather than one text (SST-2)."""
+        spec = GLUE_TASKS.get(self.model.config.task)
+        return bool(spec and spec.text_b)
+
     def tokenize(self, texts, pairs=None) -> dict:
         return self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
                               max_length=self.model.config.max_length)

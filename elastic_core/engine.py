@@ -11,9 +11,9 @@ The forward pass runs on one dedicated thread, so the event loop keeps parsing, 
 answering requests meanwhile (torch releases the GIL inside its kernels). Every batch's measured
 time is fed back to the schedule (calibration) and kept for ``stats()``.
 
-Tasks (embed today; rerank and classify share the same path) are lanes of the one queue: each has
-its own model runner, schedule (latency profile) and depth signal; a batch holds one task, the one
-whose oldest request has waited longest.
+Tasks (embed, rerank, predict) are lanes of the one queue: each has its own model runner, schedule
+(latency profile, calibration) and depth signal; a batch holds one task, the one whose oldest request
+has waited longest, and the model thread is shared, so admission counts other lanes' work as ahead.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class TaskLane:
     queued_texts: int = 0
     queued_tokens: int = 0
     running_texts: int = 0
+    reading: DepthReading = field(default_factory=lambda: DepthReading(0, 1, False))  # its last global reading
 
     @property
     def depth_texts(self) -> int:
@@ -147,7 +148,6 @@ class ServingEngine:
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
         self.forward_s = 0.0      # cumulative model time and texts: utilization, in-stack throughput
         self.forward_texts = 0
-        self.last_reading = DepthReading(0, 1, False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._wakeup = asyncio.Event()
         self._running: tuple[float, float] | None = None  # (started, predicted ms) of the batch on the model
@@ -187,6 +187,11 @@ class ServingEngine:
                 if not job.future.done():
                     job.future.set_exception(Overloaded("the replica is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def global_depth(self) -> int:
+        """Texts queued or running on all live replicas, over every task."""
+        return sum(lane.reading.global_depth for lane in self.lanes.values())
 
     # ----------------------------------------------------------------- admission (before tokenizing)
     def alone_ms(self, task: str, texts: int, tokens: float, min_sublm: str | None = None) -> float:
@@ -290,8 +295,7 @@ class ServingEngine:
         lengths = [len(s) for s in seqs]
         lane.running_texts = len(seqs)
         try:
-            reading = await lane.depth.sync(lane.depth_texts)
-            self.last_reading = reading
+            reading = lane.reading = await lane.depth.sync(lane.depth_texts)
             start = time.perf_counter()
             waited_ms = (start - min(job.arrived for job in jobs)) * 1000
             choice = lane.schedule.choose(lengths, reading, min(self.target(j.deadline_ms) for j in jobs),
@@ -352,7 +356,7 @@ class ServingEngine:
         while True:
             for lane in self.lanes.values():
                 try:
-                    self.last_reading = await lane.depth.sync(lane.depth_texts)
+                    lane.reading = await lane.depth.sync(lane.depth_texts)
                 except Exception:  # noqa: BLE001 - a heartbeat must outlive any single failure
                     logger.exception("queue-depth heartbeat failed; retrying")
             await asyncio.sleep(self.heartbeat_s)

@@ -33,10 +33,6 @@ Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 class ElasticRanker(TaskPredictor):
     """``score(query, passages, sublm=...)`` -> one relevance score per passage (higher: more relevant)."""
 
-    @property
-    def max_length(self) -> int:
-        return self.model.config.max_length
-
     def tokenize_pairs(self, queries: list[str], passages: list[str]) -> dict:
         # the query is never cut; long passages are
         return self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length)

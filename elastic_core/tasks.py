@@ -250,6 +250,17 @@ class TaskPredictor:
     def sublms(self) -> list[str]:
         return self.model.sublms
 
+    @property
+    def max_length(self) -> int:
+        """The token length the task was trained and evaluated at (a pair's two texts together)."""
+        return self.model.config.max_length
+
+    def forward(self, sublm: str, input_ids, token_type_ids=None, chunking: Chunking = Chunking()) -> np.ndarray:
+        """The serving engine's runner interface (``elastic_core.engine.Runner``): raw logits, one row
+        per example; the caller turns them into scores (ranking) or probabilities (classification)."""
+        enc = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        return predict_logits(self.model, enc, sublm, self.tokenizer.pad_token_id, chunking)
+
 
 __all__ = ["TaskConfig", "TaskModel", "LowRankUpdate", "add_adapters", "merge_adapters", "new_task_model",
            "save_task", "load_task", "predict_logits", "choice_loss", "elastic_task_step",

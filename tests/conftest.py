@@ -111,6 +111,7 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     grpc.channel_ready_future(channel).result(timeout=30)
     yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
+           "grpc_target": f"127.0.0.1:{grpc_port}",
            "channel": channel, "redis": redis_server,
            "redis_client": redis.Redis.from_url(redis_server.url, decode_responses=True)}
     channel.close()

@@ -1,5 +1,7 @@
 """The validation both ingresses share (pure logic with the real tokenizer)."""
 
+import math
+
 import pytest
 
 from deployments.contract import Limits, RequestError, Validator
@@ -15,19 +17,25 @@ def validator(tokenizer):
 def test_a_single_string_becomes_one_input(validator):
     request = validator.embed_request("hello world")
     assert request.texts == ["hello world"] and request.kind == "passage" and request.min_sublm is None
-    assert validator.tokenize(request.texts) == [[101, 7592, 2088, 102]]  # [CLS] hello world [SEP]
+    assert validator.tokenize(request) == ([[101, 7592, 2088, 102]], None)  # [CLS] hello world [SEP]
 
 
 def test_the_rust_tokenizer_matches_the_transformers_one(validator, tokenizer):
     texts = ["Ünïcödé  text\twith tabs", "A moving, beautifully acted film!", "token " * 40]
-    assert validator.tokenize(texts) == tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+    assert validator.tokenize(validator.embed_request(texts))[0] == tokenizer(texts, truncation=True,
+                                                                              max_length=16)["input_ids"]
+    # a rerank pair: query first, the passage cut before the query, token types as transformers gives them
+    query, passages = "vitamin d and bones", ["token " * 40, "short passage"]
+    expected = tokenizer([query] * 2, passages, truncation=True, max_length=16)
+    assert validator.tokenize(validator.rerank_request(query, passages)) == (expected["input_ids"],
+                                                                           expected["token_type_ids"])
 
 
 def test_truncation_by_default_and_rejection_on_request(validator):
     long = "token " * 40
-    assert len(validator.tokenize([long])[0]) == 16
+    assert len(validator.tokenize(validator.embed_request([long]))[0][0]) == 16
     with pytest.raises(RequestError) as e:
-        validator.tokenize(["fine", long], truncate=False)
+        validator.tokenize(validator.embed_request(["fine", long], truncate=False))
     assert e.value.status == 413 and e.value.grpc_code == "INVALID_ARGUMENT" and "inputs[1] has 42 tokens" in e.value.message
 
 
@@ -51,8 +59,9 @@ def test_options_are_checked(validator):
 
 
 def test_token_estimate_needs_no_tokenizer_and_is_capped(validator):
-    assert validator.estimate_tokens(["a" * 40]) == 12
-    assert validator.estimate_tokens(["a" * 400, "b"]) == 16 + 2
+    assert validator.estimate_tokens(validator.embed_request(["a" * 40])) == 12
+    assert validator.estimate_tokens(validator.embed_request(["a" * 400, "b"])) == 16 + 2
+    assert validator.estimate_tokens(validator.rerank_request("q" * 8, ["a" * 20])) == 5 + 2 + 3  # [CLS], 2x [SEP]
 
 
 def test_status_to_grpc_code():
@@ -66,3 +75,59 @@ def test_request_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(RequestError(503, "overloaded", "Overloaded")))
     assert (e.status, e.message, e.error_type, e.grpc_code) == (503, "overloaded", "Overloaded", "RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.parametrize("call,status,needle", [
+    (lambda v: v.rerank_request(None, ["a"]), 422, "query is missing"),
+    (lambda v: v.rerank_request(" ", ["a"]), 422, "query is empty"),
+    (lambda v: v.rerank_request(["q1", "q2"], ["a"]), 422, "query must be one string"),
+    (lambda v: v.rerank_request("q", "a"), 422, "texts must be a list"),
+    (lambda v: v.rerank_request("q", []), 422, "texts is empty"),
+    (lambda v: v.rerank_request("q", ["a"] * 4), 413, "4 texts in one request"),
+    (lambda v: v.tokenize(v.rerank_request("q", ["ok", "token " * 40], truncate=False)), 413,
+     "texts[1] with the query has"),
+    (lambda v: v.predict_request(["a", "b"]), 422, "takes single texts"),
+    (lambda v: v.predict_request([["a"], ["b", "c"]]), 422, "inputs[1] must be one text"),
+    (lambda v: v.predict_request([["a"]] * 4), 413, "4 inputs in one request"),
+    (lambda v: v.predict_request([["a"], [""]]), 422, "inputs[1][0] is empty"),
+])
+def test_task_requests_are_checked(validator, call, status, needle):
+    with pytest.raises(RequestError) as e:
+        call(validator)
+    assert e.value.status == status and needle in e.value.message, e.value.message
+
+
+def test_predict_answers_in_the_shape_it_was_asked():
+    """A text or a pair is one example; a list of lists is a batch."""
+    from elastic_core.model import load_tokenizer
+
+    v = Validator(load_tokenizer(), 16, SUBLMS, pair_predict=True)
+    request, batch = v.predict_request(["first", "second"])
+    assert (request.texts, request.pairs, batch) == (["first"], ["second"], False)
+    request, batch = v.predict_request([["a", "b"], ["c", "d"]])
+    assert (request.texts, request.pairs, batch) == (["a", "c"], ["b", "d"], True)
+    with pytest.raises(RequestError, match="a pair of texts"):
+        v.predict_request("one text")
+
+
+def test_ranked_and_predictions_are_best_first():
+    from deployments.contract import predictions, ranked
+
+    assert [i for i, _ in ranked([[0.0], [2.0], [-1.0]])] == [1, 0, 2]
+    assert ranked([[0.0], [2.0]], top_n=1)[0][1] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert ranked([[0.0], [2.0]], raw_scores=True) == [(1, 2.0), (0, 0.0)]
+    (row,) = predictions([[0.0, 1.0]], ["neg", "pos"])
+    assert [label for label, _ in row] == ["pos", "neg"] and sum(score for _, score in row) == pytest.approx(1.0)
+
+
+def test_the_openapi_not_blank_pattern_is_the_validators_blank():
+    """What the schema calls blank is what the validator refuses as empty, for every character."""
+    import re
+
+    from deployments.contract import NOT_BLANK_PATTERN
+
+    pattern = re.compile(NOT_BLANK_PATTERN, re.ASCII)  # schemathesis' reading; explicit code points read alike
+    for c in map(chr, range(0x110000)):
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            continue
+        assert bool(pattern.search(c)) == bool(c.strip()), repr(c)

@@ -4,7 +4,7 @@ HAProxy, a replica, Redis): no request may get a server error, every refusal nam
 HTTP: schemathesis over every route of the stack's own ``/openapi.json``, valid and invalid requests
 (``tests/schemathesis.toml``), with its checks (no 5xx, statuses, content types and bodies as
 documented, invalid data rejected, valid data accepted) and ours (a 4xx body names the problem).
-gRPC: Hypothesis-built ``EmbedRequest`` messages with hostile fields and metadata, arbitrary and
+gRPC: Hypothesis-built ``EmbedRequest`` / ``RerankRequest`` / ``PredictRequest`` messages with hostile fields and metadata, arbitrary and
 mutated bytes on the wire, and an oversized message: INVALID_ARGUMENT (or OK), never INTERNAL.
 """
 
@@ -29,8 +29,9 @@ FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database
 
 
 # ----------------------------------------------------------------------------- HTTP
-ROUTES = [("POST", "/embed"), ("POST", "/v1/embeddings"), ("GET", "/health"), ("GET", "/info")]
-EXAMPLES = {"POST": 260, "GET": 20}  # a GET takes no input: a few cases say all there is
+ROUTES = [("POST", "/embed"), ("POST", "/v1/embeddings"), ("POST", "/rerank"), ("POST", "/v1/rerank"),
+          ("POST", "/predict"), ("GET", "/health"), ("GET", "/info")]
+EXAMPLES = {"POST": 110, "GET": 20}  # a GET takes no input: a few cases say all there is
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +78,25 @@ embed_requests = st.builds(
     st.one_of(st.none(), st.booleans()),
     st.one_of(st.none(), st.sampled_from(["w100", "w50", "w25", "w10", ""]), st.text(max_size=10)),
     st.one_of(st.none(), st.sampled_from(["query", "passage", "document"]), st.text(max_size=10)))
+floors = st.one_of(st.none(), st.sampled_from(["w100", "w50", "w25", "w10", ""]), st.text(max_size=10))
+rerank_requests = st.builds(
+    lambda query, candidates, truncate, floor, raw, echo: elasticlm_pb2.RerankRequest(
+        query=query, texts=candidates, **({} if truncate is None else {"truncate": truncate}),
+        **({} if floor is None else {"min_sublm": floor}), raw_scores=raw, return_text=echo),
+    texts, st.lists(texts, max_size=MAX_INPUTS + 3), st.one_of(st.none(), st.booleans()), floors, st.booleans(),
+    st.booleans())
+predict_requests = st.builds(
+    lambda inputs, truncate, floor: elasticlm_pb2.PredictRequest(
+        inputs=inputs, **({} if truncate is None else {"truncate": truncate}),
+        **({} if floor is None else {"min_sublm": floor})),
+    st.lists(texts, max_size=4), st.one_of(st.none(), st.booleans()), floors)
 deadlines = st.one_of(st.none(), st.sampled_from(["", "0", "-5", "nan", "inf", "1e309", "soon", "20", "5000"]),
                       st.floats(allow_nan=True, allow_infinity=True).map(repr),
                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12))
 
 
-def call(stack, payload: bytes, deadline: str | None = None) -> grpc.StatusCode:
-    raw = stack["channel"].unary_unary("/elasticlm.v1.ElasticLM/Embed")  # bytes in, bytes out
+def call(stack, payload: bytes, deadline: str | None = None, rpc: str = "Embed") -> grpc.StatusCode:
+    raw = stack["channel"].unary_unary(f"/elasticlm.v1.ElasticLM/{rpc}")  # bytes in, bytes out
     metadata = [("application", APP)] + ([("x-elasticlm-deadline-ms", deadline)] if deadline is not None else [])
     SENT["grpc"] += 1
     try:
@@ -95,21 +108,22 @@ def call(stack, payload: bytes, deadline: str | None = None) -> grpc.StatusCode:
 
 
 @settings(FUZZ, max_examples=150)
-@given(request=embed_requests, deadline=deadlines)
+@given(request=st.one_of(embed_requests, rerank_requests, predict_requests), deadline=deadlines)
 def test_grpc_hostile_fields_and_metadata_get_invalid_argument_never_internal(stack, request, deadline):
-    code = call(stack, request.SerializeToString(), deadline)
+    rpc = type(request).__name__.removesuffix("Request")
+    code = call(stack, request.SerializeToString(), deadline, rpc)
     assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, request, deadline)
 
 
 @settings(FUZZ, max_examples=100)
-@given(payload=st.one_of(
+@given(rpc=st.sampled_from(["Embed", "Rerank", "Predict", "Info"]), payload=st.one_of(
     st.binary(max_size=512),
     st.builds(lambda message, at, byte: message[:at] + bytes([byte]) + message[at + 1:],  # one byte flipped
               st.just(elasticlm_pb2.EmbedRequest(inputs=["a fine text", "another"], kind="query").SerializeToString()),
               st.integers(0, 30), st.integers(0, 255))))
-def test_grpc_arbitrary_bytes_on_the_wire_are_refused_as_invalid_argument(stack, payload):
-    code = call(stack, payload)
-    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, payload)
+def test_grpc_arbitrary_bytes_on_the_wire_are_refused_as_invalid_argument(stack, rpc, payload):
+    code = call(stack, payload, rpc=rpc)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, rpc, payload)
 
 
 def test_grpc_a_message_over_the_size_limit_is_refused_unread(stack):

@@ -23,10 +23,12 @@ from ray import serve  # noqa: E402
 
 from conftest import APP, MAX_INPUTS, TARGET_MS, TEXTS  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2  # noqa: E402
-from deployments.queue_depth import GlobalQueueDepth, depth_keys  # noqa: E402
+from deployments.queue_depth import GlobalQueueDepth, depth_keys, task_namespace  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
 
 DEPTH_KEYS = tuple(depth_keys())
+QUERY = "What does a lack of vitamin D do to bones?"   # TEXTS[0] answers it
+LONG = "word " * 600  # > 256 tokens
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +36,17 @@ def denser(checkpoint_dir):
     return ElasticDenser.from_checkpoint(checkpoint_dir)
 
 
-def set_ghost_depth(r: redis.Redis, depth: int):
-    """Another (fake) live replica with ``depth`` texts queued: the global depth the schedule sees."""
+def set_ghost_depth(r: redis.Redis, depth: int, task: str = "embed"):
+    """Another (fake) live replica with ``depth`` texts of ``task`` queued: the global depth its schedule sees."""
+    keys = depth_keys(task_namespace("elasticlm", task))
     sec, usec = r.time()
-    r.hset(DEPTH_KEYS[0], "ghost", depth)
-    r.hset(DEPTH_KEYS[1], "ghost", sec * 1000 + usec // 1000)
+    r.hset(keys[0], "ghost", depth)
+    r.hset(keys[1], "ghost", sec * 1000 + usec // 1000)
 
 
-def clear_ghost(r: redis.Redis):
-    r.hdel(DEPTH_KEYS[0], "ghost")
-    r.hdel(DEPTH_KEYS[1], "ghost")
+def clear_ghost(r: redis.Redis, task: str = "embed"):
+    for key in depth_keys(task_namespace("elasticlm", task)):
+        r.hdel(key, "ghost")
 
 
 def http_embed(stack, body, headers=None):
@@ -169,8 +172,158 @@ def test_a_deadline_unmeetable_at_any_load_is_the_clients_to_change(stack):
     assert http_embed(stack, {"inputs": TEXTS, "min_sublm": "w50"}, {"x-elasticlm-deadline-ms": "20"}).status_code == 200
 
 
+# ----------------------------------------------------------------------------- every task, both ingresses
+@pytest.fixture(scope="module")
+def ranker(checkpoint_dir):
+    from elastic_core.ranker import ElasticRanker
+
+    return ElasticRanker.from_task_dir(checkpoint_dir / "tasks" / "rerank")
+
+
+@pytest.fixture(scope="module")
+def classifier(checkpoint_dir):
+    from elastic_core.classify import ElasticClassifier
+
+    return ElasticClassifier.from_task_dir(checkpoint_dir / "tasks" / "sst2")
+
+
+def grpc_call(stack, rpc, request, metadata=()):
+    return getattr(stack["grpc"], rpc).with_call(request, metadata=[("application", APP), *metadata], timeout=60)
+
+
+def test_rerank_puts_the_relevant_passage_first_on_both_ingresses(stack, ranker):
+    clear_ghost(stack["redis_client"], "rerank")
+    r = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    ranks, sublm = r.json(), r.headers["x-elasticlm-sublm"]
+    assert sublm == "w100" and ranks[0]["index"] == 0 and ranks[0]["text"] == TEXTS[0]
+    assert [x["score"] for x in ranks] == sorted((x["score"] for x in ranks), reverse=True)
+    logits = ranker.score(QUERY, TEXTS, sublm)  # the served scores are the ranker's, as a sigmoid
+    np.testing.assert_allclose([x["score"] for x in sorted(ranks, key=lambda x: x["index"])],
+                               1 / (1 + np.exp(-logits)), atol=1e-4)
+    raw = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True},
+                     timeout=60).json()
+    np.testing.assert_allclose([x["score"] for x in sorted(raw, key=lambda x: x["index"])], logits, atol=1e-4)
+    response, call = grpc_call(stack, "Rerank", elasticlm_pb2.RerankRequest(query=QUERY, texts=TEXTS))
+    assert dict(call.trailing_metadata())["x-elasticlm-sublm"] == response.sublm == "w100"
+    assert [x.index for x in response.ranks] == [x["index"] for x in ranks] and not response.ranks[0].HasField("text")
+    np.testing.assert_allclose([x.score for x in response.ranks], [x["score"] for x in ranks], atol=1e-5)
+
+
+def test_cohere_style_rerank_answers_the_top_n(stack):
+    r = httpx.post(f"{stack['http']}/v1/rerank", json={"query": QUERY, "documents": TEXTS, "top_n": 2,
+                                                        "return_documents": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 2 and body["results"][0] == {**body["results"][0], "index": 0,
+                                                                "document": {"text": TEXTS[0]}}
+    assert body["sublm"] == r.headers["x-elasticlm-sublm"] and body["usage"]["total_tokens"] > 0
+    r = httpx.post(f"{stack['http']}/v1/rerank", json={"query": QUERY, "documents": TEXTS, "top_n": 0}, timeout=60)
+    assert r.status_code == 400 and "top_n" in r.json()["error"]
+
+
+def test_predict_one_text_a_batch_and_grpc(stack, classifier):
+    r = httpx.post(f"{stack['http']}/predict", json={"inputs": "A moving, beautifully acted film."}, timeout=60)
+    assert r.status_code == 200, r.text
+    one = r.json()
+    assert [x["label"] for x in one] == ["positive", "negative"] and abs(sum(x["score"] for x in one) - 1) < 1e-4
+    batch = httpx.post(f"{stack['http']}/predict", json={"inputs": [["Dull and far too long."], ["A joy."]]},
+                       timeout=60).json()
+    assert [row[0]["label"] for row in batch] == ["negative", "positive"]
+    sublm = r.headers["x-elasticlm-sublm"]
+    probs = classifier.probabilities(["A moving, beautifully acted film."], sublm=sublm)[0]
+    assert one[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+    response, call = grpc_call(stack, "Predict", elasticlm_pb2.PredictRequest(inputs=["A moving, beautifully acted film."]))
+    assert [(p.label, round(p.score, 4)) for p in response.predictions] == [(x["label"], round(x["score"], 4)) for x in one]
+    assert dict(call.trailing_metadata())["x-elasticlm-sublm"] == response.sublm
+
+
+def test_the_search_backend_example_reranks_bm25s_candidates(stack):
+    """examples/search_backend.py as a backend runs it: BM25 over a corpus, gRPC Rerank within a deadline."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from search_backend import SearchBackend
+
+    corpus = {f"d{i}": text for i, text in enumerate(TEXTS + ["Bones need calcium and vitamin D to stay strong."])}
+    backend = SearchBackend(corpus, stack["grpc_target"], APP)
+    result = backend.search(QUERY, candidates=4, top=2, deadline_ms=5000)
+    assert result["ranked_by"] == "elasticlm w100" and len(result["hits"]) == 2
+    assert {doc for doc, _ in result["hits"]} == {"d0", "d3"}  # the two about vitamin D and bones
+    too_tight = backend.search(QUERY, candidates=4, deadline_ms=1)  # refused: the backend answers with BM25's order
+    assert too_tight["ranked_by"].startswith("bm25")
+    assert [d for d, _ in too_tight["hits"]] == [backend.doc_ids[i] for i in backend.first_stage(QUERY, 4)]
+
+
+def test_info_is_the_same_on_both_ingresses(stack):
+    info = httpx.get(f"{stack['http']}/info", timeout=30).json()
+    reply = stack["grpc"].Info(elasticlm_pb2.InfoRequest(), metadata=[("application", APP)], timeout=30)
+    assert list(info["tasks"]) == [t.name for t in reply.tasks] == ["embed", "rerank", "predict"]
+    assert [info["tasks"][t.name]["max_input_tokens"] for t in reply.tasks] == [t.max_input_tokens for t in reply.tasks]
+    assert info["tasks"]["rerank"]["max_input_tokens"] == 160  # the length the ranker was trained at
+    assert (reply.model, list(reply.sublms), reply.max_inputs, reply.classifier, list(reply.labels)) == \
+        (info["model"], info["sublms"], info["max_inputs"], "sst2", info["tasks"]["predict"]["labels"])
+
+
+def test_each_task_degrades_on_its_own_global_depth(stack):
+    """A rerank surge (depth in the rerank namespace) shrinks reranking only; embeddings stay full, and
+    the other way round. 3 candidates are 3 texts: the same table as the embedding schedule test."""
+    r = stack["redis_client"]
+    set_ghost_depth(r, 920, "rerank")
+    try:
+        rerank = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60)
+        embed = http_embed(stack, {"inputs": TEXTS})
+    finally:
+        clear_ghost(r, "rerank")
+    assert (rerank.headers["x-elasticlm-sublm"], embed.headers["x-elasticlm-sublm"]) == ("w25", "w100")
+    set_ghost_depth(r, 920)
+    try:
+        rerank = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60)
+        predict = httpx.post(f"{stack['http']}/predict", json={"inputs": "fine"}, timeout=60)
+    finally:
+        clear_ghost(r)
+    assert rerank.headers["x-elasticlm-sublm"] == predict.headers["x-elasticlm-sublm"] == "w100"
+
+
+TASK_REFUSALS = [  # (route, body, gRPC rpc, its request, status, needle): the same refusal on both
+    ("/rerank", {"texts": TEXTS}, "Rerank", {"texts": TEXTS}, 422, "query"),
+    ("/rerank", {"query": QUERY, "texts": []}, "Rerank", {"query": QUERY}, 422, "texts is empty"),
+    ("/rerank", {"query": QUERY, "texts": ["t"] * (MAX_INPUTS + 1)}, "Rerank",
+     {"query": QUERY, "texts": ["t"] * (MAX_INPUTS + 1)}, 413, "more than the limit of 8"),
+    ("/rerank", {"query": QUERY, "texts": [LONG], "truncate": False}, "Rerank",
+     {"query": QUERY, "texts": [LONG], "truncate": False}, 413, "more than the model's limit of 160"),
+    ("/rerank", {"query": QUERY, "texts": ["ok", " "]}, "Rerank", {"query": QUERY, "texts": ["ok", " "]}, 422,
+     "texts[1] is empty"),
+    ("/rerank", {"query": QUERY, "texts": TEXTS, "min_sublm": "w10"}, "Rerank",
+     {"query": QUERY, "texts": TEXTS, "min_sublm": "w10"}, 400, "min_sublm"),
+    ("/predict", {"inputs": ["a pair", "for sst2"]}, "Predict", {"inputs": ["a pair", "for sst2"]}, 422,
+     "takes single texts"),
+    ("/predict", {"inputs": [LONG], "truncate": False}, "Predict", {"inputs": [LONG], "truncate": False}, 413,
+     "more than the model's limit of 64"),
+    ("/predict", {"inputs": ""}, "Predict", {"inputs": [""]}, 422, "inputs[0] is empty"),
+]
+
+
+@pytest.mark.parametrize("route,body,rpc,message,status,needle", TASK_REFUSALS)
+def test_task_bad_input_is_refused_alike_on_both_ingresses(stack, route, body, rpc, message, status, needle):
+    r = httpx.post(f"{stack['http']}{route}", json=body, timeout=60)
+    assert r.status_code == status and needle in r.json()["error"], r.text
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(stack, rpc, getattr(elasticlm_pb2, f"{rpc}Request")(**message))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details(), e.value.details()
+
+
+def test_an_unknown_task_is_named(stack):
+    r = httpx.post(f"{stack['http']}/classify", json={"inputs": "x"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error_type"] == "NotFound"
+    with pytest.raises(grpc.RpcError) as e:
+        stack["channel"].unary_unary("/elasticlm.v1.ElasticLM/Classify")(b"", metadata=[("application", APP)],
+                                                                         timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 # ----------------------------------------------------------------------------- bad input, both ingresses
-LONG = "word " * 600  # > 256 tokens
 
 
 @pytest.mark.parametrize("body,status,needle", [
