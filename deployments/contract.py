@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from elastic_core.denser import KINDS
 
 TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
@@ -110,23 +112,23 @@ class TaskTokenizer:
     def encode(self, request: TaskRequest) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids (and token types, for pairs); an input over the limit is cut, or refused (413) when
         the request says ``truncate=false``."""
-        if request.query is not None:
+        reranking = request.query is not None
+        if reranking:
             items = [(request.query, t) for t in request.texts]
+        elif request.pairs is not None:
+            items = list(zip(request.texts, request.pairs))
         else:
-            items = list(zip(request.texts, request.pairs)) if request.pairs is not None else request.texts
-        encodings = self._truncating.encode_batch(items, add_special_tokens=True)
+            items = [(t,) for t in request.texts]
+        encodings = self._truncating.encode_batch([i if len(i) == 2 else i[0] for i in items], add_special_tokens=True)
         if not request.truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:
-                    n = len(self._whole.encode(*([items[i]] if isinstance(items[i], str) else items[i]),
-                                               add_special_tokens=True).ids)
-                    what = "with the query " if request.query is not None else ""
-                    raise RequestError(413, f"{'texts' if request.query is not None else 'inputs'}[{i}] {what}has "
-                                            f"{n} tokens, more than the model's limit of {self.max_tokens}; "
-                                            "send truncate=true to truncate it")
-        ids = [enc.ids for enc in encodings]
-        paired = request.query is not None or request.pairs is not None
-        return ids, ([enc.type_ids for enc in encodings] if paired else None)
+                    n = len(self._whole.encode(*items[i], add_special_tokens=True).ids)
+                    where = f"texts[{i}] with the query" if reranking else f"inputs[{i}]"
+                    raise RequestError(413, f"{where} has {n} tokens, more than the model's limit of "
+                                            f"{self.max_tokens}; send truncate=true to truncate it")
+        paired = len(items[0]) == 2
+        return [enc.ids for enc in encodings], ([enc.type_ids for enc in encodings] if paired else None)
 
 
 class Validator:
@@ -144,10 +146,6 @@ class Validator:
         spec = tokenizer.backend_tokenizer.to_str()
         limits_by_task = max_tokens if isinstance(max_tokens, dict) else dict.fromkeys(TASKS, max_tokens)
         self.tokenizers = {task: TaskTokenizer(spec, n) for task, n in limits_by_task.items()}
-
-    @property
-    def max_tokens(self) -> int:
-        return self.tokenizers["embed"].max_tokens
 
     # ----------------------------------------------------------------- validation (no tokenizer work)
     def embed_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
@@ -248,8 +246,6 @@ class Validator:
 def ranked(logits, raw_scores: bool = False, top_n: int | None = None) -> list[tuple[int, float]]:
     """A rerank's (candidate index, score), best first: the relevance logit, or its sigmoid (0..1, as
     text-embeddings-inference answers) unless ``raw_scores``. Ties keep the candidates' order."""
-    import numpy as np
-
     scores = np.asarray(logits, dtype=np.float64).reshape(-1)
     if not raw_scores:
         scores = 1.0 / (1.0 + np.exp(-scores))
@@ -259,8 +255,6 @@ def ranked(logits, raw_scores: bool = False, top_n: int | None = None) -> list[t
 
 def predictions(logits, labels: list[str], raw_scores: bool = False) -> list[list[tuple[str, float]]]:
     """Per example, every (label, score), best first: softmax probabilities, or logits if ``raw_scores``."""
-    import numpy as np
-
     rows = np.asarray(logits, dtype=np.float64)
     if not raw_scores:
         rows = np.exp(rows - rows.max(axis=1, keepdims=True))
