@@ -15,7 +15,7 @@ compare ratios within a table, not absolute numbers across tables.
 TITLES = {
     "core": "Quality and latency of the elastic checkpoint (issue 2): `benchmarks/core.py`",
     "serving": "The serving core: raw model, this stack and infinity-emb (issues 4, 10): `benchmarks/serving.py`",
-    "tasks": "ElasticRanker and GLUE classification (issue 3): `benchmarks/tasks.py`",
+    "tasks": "Rankers and GLUE classification (issues 3, 12): `benchmarks/tasks.py`",
     "replication": "Replica layouts: a Pareto sweep (issue 11): `benchmarks/replication.py`",
 }
 

@@ -1,12 +1,16 @@
-"""ElasticRanker and the GLUE heads: every SubLM beside its baselines (first stage alone, static models).
+"""The rankers and the GLUE heads: every SubLM beside its baselines (first stage alone, the teacher
+bi-encoder's own rerank, static models).
 
     .venv/bin/python benchmarks/tasks.py --rerank-max-queries 100     # what docs/benchmarks.md reports
 
-Evaluates whatever task weights exist next to the checkpoint (``<checkpoint>/tasks/{rerank,sst2,mrpc,rte}``)
-and the static baselines in ``runs/glue/<task>-static-<sublm>`` (``elasticlm train glue --static ...``).
-Writes benchmarks/results/tasks.json and the "tasks" section of docs/benchmarks.md. Targets (issue 3):
-  ranker w100 NDCG@10 > BM25's on SciFact test; SST-2 dev: w100 >= 0.89, w50 >= w100 - 0.02,
-  w25 >= w100 - 0.05, every elastic SubLM >= its static model - 0.01.
+Rankers: the dense ranker (the checkpoint's backbone: always) and the cross-encoder
+(``<checkpoint>/tasks/rerank``, when trained for this checkpoint); GLUE: whatever adapters exist in
+``<checkpoint>/tasks/{sst2,mrpc,rte}`` with the static baselines in ``runs/glue/<task>-static-<sublm>``.
+Writes benchmarks/results/tasks.json and the "tasks" section of docs/benchmarks.md. Targets:
+  issue 12, TREC DL 2019 BM25 top-100: w100 >= BM25 + 0.05 NDCG@10 and >= the teacher's rerank,
+  w50 >= 0.95x w100, w25 >= 0.85x w100; SciFact: every SubLM above BM25 alone;
+  issue 3, SST-2 dev: w100 >= 0.89, w50 >= w100 - 0.02, w25 >= w100 - 0.05, every elastic SubLM >= its
+  static model - 0.01.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ def main():
     parser.add_argument("--rerank-depth", type=int, default=100)
     parser.add_argument("--rerank-max-queries", type=int, help="SciFact: a seeded sample of the 300 test queries")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: rerank, glue")
+    parser.add_argument("--rankers", default="dense,cross",
+                        help="rankers to evaluate; the others keep their previous figures")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.json"))
     args = parser.parse_args()
 
     from elastic_core.classify import eval_glue
     from elastic_core.data import DEFAULT_DATA_DIR
-    from elastic_core.ranker import eval_rerank_dl19, eval_rerank_scifact
+    from elastic_core.ranker import eval_rerank_dl19, eval_rerank_scifact, load_ranker, teacher_ranker
 
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     tasks = Path(args.checkpoint) / "tasks"
@@ -50,19 +56,26 @@ def main():
     # a skipped part keeps its previous figures, and the command and date that produced them
     command = {"command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.machine()} x{os.cpu_count()} CPUs"}
-    result = {"runs": {part: previous.get("runs", {}).get(part) if part in skip else command
-                       for part in ("rerank", "glue")},
+    result = {"runs": {part: run for part, run in previous.get("runs", {}).items() if part != "rerank"},
               "glue": previous.get("glue", {}), "rerank": previous.get("rerank", {})}
+    if "glue" not in skip:
+        result["runs"]["glue"] = command
     if "glue" not in skip:
         for task in GLUE:
             if (tasks / task / "adapter.safetensors").exists():
                 static = {s: Path(args.static_dir) / f"{task}-static-{s}" for s in ("w100", "w75", "w50", "w25")}
                 result["glue"][task] = eval_glue(task, tasks / task, data_dir, static)
-    if "rerank" not in skip and (tasks / "rerank" / "adapter.safetensors").exists():
-        result["rerank"]["scifact"] = eval_rerank_scifact(tasks / "rerank", args.checkpoint, data_dir,
-                                                          ("bm25", "dense"), args.rerank_depth,
-                                                          args.rerank_max_queries)
-        result["rerank"]["dl19"] = eval_rerank_dl19(tasks / "rerank", data_dir, args.rerank_depth)
+    if "rerank" not in skip:
+        baselines = {"teacher": teacher_ranker()}
+        for kind in filter(None, args.rankers.split(",")):
+            if kind == "cross" and not (tasks / "rerank" / "adapter.safetensors").exists():
+                continue
+            ranker = load_ranker(kind, args.checkpoint)
+            result["rerank"][kind] = {
+                "scifact": eval_rerank_scifact(ranker, args.checkpoint, data_dir, ("bm25",), args.rerank_depth,
+                                               args.rerank_max_queries, baselines=baselines)["bm25"],
+                "dl19": eval_rerank_dl19(ranker, data_dir, args.rerank_depth, baselines=baselines)}
+            result["runs"][f"rerank {kind}"] = command
     result["targets"] = targets(result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
@@ -75,11 +88,23 @@ def main():
 
 def targets(r: dict) -> dict:
     out = {}
-    sci = r["rerank"].get("scifact", {}).get("bm25")
-    if sci:
-        out["ranker w100 NDCG@10 > BM25 (SciFact)"] = {
-            "met": sci["sublms"]["w100"]["ndcg@10"] > sci["first_stage"]["ndcg@10"],
-            "w100": sci["sublms"]["w100"]["ndcg@10"], "bm25": sci["first_stage"]["ndcg@10"]}
+    for kind, res in r["rerank"].items():
+        dl19, sci = res["dl19"], res["scifact"]
+        ndcg = {s: m["ndcg@10"] for s, m in dl19["sublms"].items()}
+        full, bm25 = ndcg["w100"], dl19["first_stage"]["ndcg@10"]
+        out[f"{kind} ranker, DL19: w100 >= BM25 + 0.05"] = {"met": full >= bm25 + 0.05, "w100": full, "bm25": bm25}
+        if "teacher" in dl19.get("baselines", {}):
+            teacher = dl19["baselines"]["teacher"]["ndcg@10"]
+            out[f"{kind} ranker, DL19: w100 >= the teacher's rerank"] = {"met": full >= teacher, "w100": full,
+                                                                         "teacher": teacher}
+        for s, ratio in (("w50", 0.95), ("w25", 0.85)):
+            if s in ndcg:
+                out[f"{kind} ranker, DL19: {s} >= {ratio}x w100"] = {"met": ndcg[s] >= ratio * full,
+                                                                    "ratio": ndcg[s] / full}
+        worst = min(m["ndcg@10"] for m in sci["sublms"].values())
+        out[f"{kind} ranker, SciFact: every SubLM > BM25"] = {"met": worst > sci["first_stage"]["ndcg@10"],
+                                                             "smallest SubLM": worst,
+                                                             "bm25": sci["first_stage"]["ndcg@10"]}
     sst = r["glue"].get("sst2")
     if sst:
         acc = {s: v["accuracy"] for s, v in sst["sublms"].items()}
@@ -98,14 +123,13 @@ def markdown(r: dict) -> str:
     parts = [f"Commands, {runs}. Task heads: LoRA adapters + linear head on the shared elastic backbone "
              "(`elastic_core/tasks.py`), merged at load time, so each task SubLM runs at the backbone SubLM's "
              "speed (latency table above)."]
-    for name, runs in (("SciFact test", r["rerank"].get("scifact", {})),):
-        for stage, res in runs.items():
-            parts.append(_rerank_table(f"ElasticRanker on {name}, reranking the {res['first_stage_name']} top-"
-                                       f"{res['depth']} ({res['queries']} queries)", res))
-    if "dl19" in r["rerank"]:
-        res = r["rerank"]["dl19"]
-        parts.append(_rerank_table(f"ElasticRanker on TREC DL 2019 passage, reranking the BM25 top-{res['depth']} "
-                                   f"({res['queries']} queries; MRR/recall at relevance >= 2)", res))
+    names = {"dense": "the dense ranker (the backbone's cosine; served)", "cross": "the cross-encoder adapter"}
+    for kind, res in sorted(r["rerank"].items(), key=lambda kv: list(names).index(kv[0])):
+        for data, name, note in (("dl19", "TREC DL 2019 passage", "; MRR/recall at relevance >= 2"),
+                                 ("scifact", "SciFact test", "")):
+            x = res[data]
+            parts.append(_rerank_table(f"{names[kind]} on {name}, reranking the BM25 top-{x['depth']} "
+                                       f"({x['queries']} queries{note})", x))
     for task, res in r["glue"].items():
         metrics = list(next(iter(res["sublms"].values())))
         lines = [f"**GLUE {task.upper()} dev ({res['examples']} examples)**", "",
@@ -125,11 +149,15 @@ def markdown(r: dict) -> str:
 
 
 def _rerank_table(title: str, res: dict) -> str:
-    lines = [f"**{title}**", "", "| | NDCG@10 | MRR@10 | recall@10 |", "|---|---|---|---|",
-             f"| first stage alone | {res['first_stage']['ndcg@10']:.4f} | {res['first_stage']['mrr@10']:.4f} | "
+    lines = [f"**{title}**", "", "| | NDCG@10 | / w100 | MRR@10 | recall@10 |", "|---|---|---|---|---|",
+             f"| first stage alone | {res['first_stage']['ndcg@10']:.4f} | | {res['first_stage']['mrr@10']:.4f} | "
              f"{res['first_stage']['recall@10']:.4f} |"]
-    for s, m in res["sublms"].items():
-        lines.append(f"| reranked by {s} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@10']:.4f} |")
+    full = res["sublms"]["w100"]["ndcg@10"]
+    rows = [(f"reranked by {s}", m) for s, m in res["sublms"].items()]
+    rows += [(f"reranked by the {b} (bi-encoder as shipped)", m) for b, m in res.get("baselines", {}).items()]
+    for name, m in rows:
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['ndcg@10'] / full:.3f} | {m['mrr@10']:.4f} | "
+                     f"{m['recall@10']:.4f} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from deployments.contract import TASKS
 
+RANKERS = ("dense", "cross")  # elastic_core.ranker.load_ranker's kinds, checked here before any model loads
+
 DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6")  # the committed one
 
 
@@ -28,10 +30,14 @@ class ReplicaConfig:
     tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
                                                    # schedule and global depth (deployments/contract.py:TASKS)
     classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>
+    ranker: str = "dense"                          # /rerank: "dense" (the backbone's cosine, the better ranker
+                                                   # measured on TREC DL) or "cross" (<checkpoint>/tasks/rerank)
     profile_path: str | None = None                # a saved `elasticlm profile --out` table; None: measure at start
     profile_cache: str | None = "~/.cache/elasticlm"  # measured tables, per device and checkpoint; None: always measure
     # the schedule
     target_ms: float = 150.0                       # latency target T per request (a client may send a tighter one)
+    task_target_ms: dict | None = None             # a task's own T, e.g. {rerank: 400}: a request of 50 pairs
+                                                   # is not an embedding; unnamed tasks keep target_ms
     admission_factor: float = 1.0                  # refuse at once what even the fastest SubLM would answer after
                                                    # factor x T; 0: queue everything (saturation benchmarks)
     calibration_alpha: float = 0.1                 # EWMA weight of each batch in measured / profiled time;
@@ -63,6 +69,11 @@ class ReplicaConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             bad.append(f"tasks={list(self.tasks)!r} (distinct names out of {list(TASKS)}, at least one)")
+        if self.ranker not in RANKERS:
+            bad.append(f"ranker={self.ranker!r} (one of {list(RANKERS)})")
+        for task, target in (self.task_target_ms or {}).items():
+            if task not in self.tasks or not isinstance(target, (int, float)) or not target > 0:
+                bad.append(f"task_target_ms[{task!r}]={target!r} (a served task's target, > 0 ms)")
         if bad:
             raise ValueError("invalid replica settings: " + ", ".join(bad))
 

@@ -243,12 +243,13 @@ class Validator:
 
 
 # --------------------------------------------------------------------------- answers both ingresses format
-def ranked(logits, raw_scores: bool = False, top_n: int | None = None) -> list[tuple[int, float]]:
-    """A rerank's (candidate index, score), best first: the relevance logit, or its sigmoid (0..1, as
-    text-embeddings-inference answers) unless ``raw_scores``. Ties keep the candidates' order."""
-    scores = np.asarray(logits, dtype=np.float64).reshape(-1)
+def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None) -> list[tuple[int, float]]:
+    """A rerank's (candidate index, score), best first: the ranker's raw relevance (a cross-encoder's logit,
+    a bi-encoder's cosine) or, unless ``raw_scores``, ``unit(raw)`` in 0..1 as text-embeddings-inference
+    answers (the ranker's ``unit_score``; default: the sigmoid of a logit). Ties keep the candidates' order."""
+    scores = np.asarray(raw, dtype=np.float64).reshape(-1)
     if not raw_scores:
-        scores = 1.0 / (1.0 + np.exp(-scores))
+        scores = np.asarray(unit(scores) if unit else 1.0 / (1.0 + np.exp(-scores)), dtype=np.float64)
     order = np.argsort(-scores, kind="stable")[:top_n]
     return [(int(i), float(scores[i])) for i in order]
 

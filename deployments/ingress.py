@@ -280,6 +280,9 @@ class ElasticReplica:
     def _labels(self) -> list[str]:
         return self.replica.models["predict"].labels
 
+    def _unit_score(self, raw):
+        return self.replica.models["rerank"].unit_score(raw)
+
     # ----------------------------------------------------------------- HTTP
     @app.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]], responses=REFUSALS)
     async def embed(self, body: TEIEmbedRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
@@ -315,7 +318,7 @@ class ElasticReplica:
                                                 _deadline(deadline_ms))
         served = await self._serve(request)
         ranks = [{"index": i, "score": score, **({"text": request.texts[i]} if body.return_text else {})}
-                 for i, score in ranked(served.outputs, body.raw_scores)]
+                 for i, score in ranked(served.outputs, body.raw_scores, unit=self._unit_score)]
         return JSON(ranks, headers={SUBLM_HEADER: served.sublm})
 
     @app.post("/v1/rerank", summary="Cohere / Jina-compatible reranking", responses=REFUSALS)
@@ -327,7 +330,7 @@ class ElasticReplica:
         served = await self._serve(request)
         results = [{"index": i, "relevance_score": score,
                     **({"document": {"text": request.texts[i]}} if body.return_documents else {})}
-                   for i, score in ranked(served.outputs, top_n=body.top_n)]
+                   for i, score in ranked(served.outputs, top_n=body.top_n, unit=self._unit_score)]
         return JSON({"results": results, "model": self.replica.model_name, "sublm": served.sublm,
                      "usage": {"total_tokens": served.num_tokens}}, headers={SUBLM_HEADER: served.sublm})
 
@@ -403,7 +406,7 @@ class ElasticReplica:
     async def Rerank(self, request: elasticlm_pb2.RerankRequest, grpc_context) -> elasticlm_pb2.RerankResponse:
         def answer(valid, served):
             ranks = [elasticlm_pb2.Rank(index=i, score=score, **({"text": valid.texts[i]} if request.return_text else {}))
-                     for i, score in ranked(served.outputs, request.raw_scores)]
+                     for i, score in ranked(served.outputs, request.raw_scores, unit=self._unit_score)]
             return elasticlm_pb2.RerankResponse(ranks=ranks, sublm=served.sublm, prompt_tokens=served.num_tokens)
 
         response = await self._rpc(
@@ -432,7 +435,8 @@ class ElasticReplica:
         predict = info["tasks"].get("predict", {})
         return elasticlm_pb2.InfoResponse(
             model=info["model"], sublms=info["sublms"], target_ms=info["target_ms"],
-            tasks=[elasticlm_pb2.TaskInfo(name=name, max_input_tokens=t["max_input_tokens"])
+            tasks=[elasticlm_pb2.TaskInfo(name=name, max_input_tokens=t["max_input_tokens"], target_ms=t["target_ms"],
+                                          ranker=t.get("ranker", ""))
                    for name, t in info["tasks"].items()],
             max_inputs=info["max_inputs"], max_input_chars=info["max_input_chars"],
             max_body_bytes=info["max_body_bytes"], classifier=predict.get("classifier", ""),

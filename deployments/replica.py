@@ -35,17 +35,19 @@ LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500]
 
 
 def load_task_models(cfg: ReplicaConfig, device) -> dict:
-    """The model of every served task, on ``device``: ElasticDenser (embed), ElasticRanker (rerank: the
-    checkpoint's ``tasks/rerank`` adapter), ElasticClassifier (predict: ``tasks/<classifier>``). All share
-    the checkpoint's backbone and SubLMs; each task's adapter is merged into its own copy of the weights."""
+    """The model of every served task, on ``device``: ElasticDenser (embed), a ranker (rerank: the backbone's
+    cosine, sharing the embedding model's weights, or the cross-encoder adapter ``tasks/rerank``),
+    ElasticClassifier (predict: ``tasks/<classifier>``). All share the checkpoint's backbone and SubLMs;
+    an adapter is merged into its own copy of the weights."""
     from elastic_core.classify import ElasticClassifier
     from elastic_core.denser import ElasticDenser
-    from elastic_core.ranker import ElasticRanker
+    from elastic_core.ranker import DenseRanker, ElasticRanker
 
-    models = {}
+    models, denser = {}, None
     for task in cfg.tasks:
-        if task == "embed":
-            models[task] = ElasticDenser.from_checkpoint(cfg.checkpoint, device)
+        if task == "embed" or (task == "rerank" and cfg.ranker == "dense"):
+            denser = denser or ElasticDenser.from_checkpoint(cfg.checkpoint, device)
+            models[task] = denser if task == "embed" else DenseRanker.from_denser(denser)
             continue
         adapter = "rerank" if task == "rerank" else cfg.classifier
         task_dir = Path(cfg.checkpoint) / "tasks" / adapter
@@ -98,7 +100,8 @@ class Replica:
             schedule = ElasticSchedule(profile, sublms, ranking=ranking, max_batch_texts=cfg.max_batch_texts,
                                        chunking=chunking, admission_factor=cfg.admission_factor,
                                        calibration_alpha=cfg.calibration_alpha)
-            lanes[task] = TaskLane(model, schedule, self._depth_source(redis_url, task))
+            lanes[task] = TaskLane(model, schedule, self._depth_source(redis_url, task),
+                                   target_ms=(cfg.task_target_ms or {}).get(task))
         classifier = self.models.get("predict")
         self.validator = Validator(first.tokenizer, {task: m.max_length for task, m in self.models.items()}, ranking,
                                    Limits(max_inputs=cfg.max_inputs, max_input_chars=cfg.max_input_chars),
@@ -169,7 +172,9 @@ class Replica:
         schedule = next(iter(self.engine.lanes.values())).schedule
         tasks = {}
         for task, tokenizer in self.validator.tokenizers.items():
-            tasks[task] = {"max_input_tokens": tokenizer.max_tokens}
+            tasks[task] = {"max_input_tokens": tokenizer.max_tokens, "target_ms": self.engine.target(task)}
+            if task == "rerank":
+                tasks[task]["ranker"] = self.models["rerank"].kind
             if task == "predict":
                 classifier = self.models["predict"]
                 tasks[task] |= {"classifier": self.config.classifier, "labels": classifier.labels,

@@ -76,18 +76,16 @@ def _cmd_eval(args):
         result = eval_dl19_dense(args.checkpoint, args.data_dir, baselines=not args.no_baselines,
                                  progress=not args.json)
         table = format_eval_table
-    elif args.task == "rerank-scifact":
-        from .ranker import eval_rerank_scifact
+    elif args.task in ("rerank-scifact", "rerank-dl19"):
+        from .ranker import eval_rerank_dl19, eval_rerank_scifact, load_ranker, teacher_ranker
 
-        result = eval_rerank_scifact(args.task_dir or _task_dir(args, "rerank"), args.checkpoint, args.data_dir,
-                                     (args.first_stage,), args.depth, args.max_queries,
-                                     progress=not args.json)[args.first_stage]
-        table = format_metrics_table
-    elif args.task == "rerank-dl19":
-        from .ranker import eval_rerank_dl19
-
-        result = eval_rerank_dl19(args.task_dir or _task_dir(args, "rerank"), args.data_dir, args.depth,
-                                  progress=not args.json)
+        ranker = load_ranker(args.ranker, args.checkpoint, task_dir=args.task_dir)
+        baselines = {} if args.no_baselines else {"teacher": teacher_ranker()}
+        if args.task == "rerank-dl19":
+            result = eval_rerank_dl19(ranker, args.data_dir, args.depth, not args.json, baselines)
+        else:
+            result = eval_rerank_scifact(ranker, args.checkpoint, args.data_dir, (args.first_stage,), args.depth,
+                                         args.max_queries, not args.json, baselines=baselines)[args.first_stage]
         table = format_metrics_table
     else:
         from .classify import eval_glue
@@ -107,12 +105,13 @@ def _task_dir(args, task: str) -> Path:
 
 
 def format_metrics_table(result: dict) -> str:
-    """Rows: every SubLM, then the baselines (``first_stage`` or each ``static`` size)."""
+    """Rows: every SubLM, then the baselines (``first_stage``, the teacher, or each ``static`` size)."""
     metrics = list(next(iter(result["sublms"].values())))
     lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     rows = [(name, r) for name, r in result["sublms"].items()]
     if "first_stage" in result:
         rows.append((f"first stage alone ({result.get('first_stage_name', '')})", result["first_stage"]))
+    rows += [(f"{name} (bi-encoder, as shipped)", r) for name, r in result.get("baselines", {}).items()]
     rows += [(f"static {name}", r) for name, r in result.get("static", {}).items()]
     lines += [f"| {name} | " + " | ".join(f"{r[m]:.4f}" for m in metrics) + " |" for name, r in rows]
     return "\n".join(lines)
@@ -194,6 +193,8 @@ def main(argv=None):
     p.add_argument("task", choices=["scifact", "dl19-dense", "rerank-scifact", "rerank-dl19", "glue"])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--task-dir", help="rerank / glue: the task adapter (default: <checkpoint>/tasks/<task>)")
+    p.add_argument("--ranker", default="dense", choices=["dense", "cross"],
+                   help="rerank: the backbone's cosine (served) or the cross-encoder adapter (tasks/rerank)")
     p.add_argument("--glue-task", "--task", dest="glue_task", default="sst2", choices=["sst2", "mrpc", "rte"])
     p.add_argument("--static-dir", default="runs/glue", help="glue: where the static baselines were trained")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))

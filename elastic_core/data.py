@@ -58,16 +58,19 @@ def subsample_corpus(ds: BeirDataset, max_docs: int | None, seed: int = 0) -> Be
 
 
 def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000) -> list[str]:
-    """Unlabeled texts for distillation. No labels and no test queries are used:
-    SciFact corpus + SciFact *train* queries, TREC DL 2019 passages, GLUE train sentences
-    (SST-2, MRPC, RTE). Each source is capped at ``max_per_source`` (seeded sample)."""
+    """Unlabeled texts for distillation: SciFact corpus + SciFact *train* queries, GLUE train sentences
+    (SST-2, MRPC, RTE) and QNLI's questions and Wikipedia sentences (general-domain, question-shaped
+    like web search). No labels, no test queries, and nothing of TREC DL (not even its passages: it
+    is the held-out evaluation). Each source is capped at ``max_per_source`` (seeded sample)."""
     data_dir = Path(data_dir)
     rng = random.Random(seed)
     scifact = load_scifact(data_dir, split="train")
+    qnli = list(_read_tsv(data_dir / "glue" / "QNLI" / "dev.tsv"))
     sources = {
         "scifact_corpus": list(scifact.corpus.values()),
         "scifact_train_queries": list(scifact.queries.values()),
-        "dl19_passages": [p["text"] for p in _read_jsonl(data_dir / "msmarco_trec_dl" / "dl19" / "passages.jsonl")],
+        "qnli_questions": [r["question"] for r in qnli],
+        "qnli_sentences": [r["sentence"] for r in qnli],
         "sst2_train": [r["sentence"] for r in _read_tsv(data_dir / "glue" / "SST-2" / "train.tsv")],
         "mrpc_train": [s for r in _read_tsv(data_dir / "glue" / "MRPC" / "train.tsv")
                        for s in (r["#1 String"], r["#2 String"])],

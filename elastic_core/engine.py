@@ -127,6 +127,8 @@ class TaskLane:
     queued_tokens: int = 0
     running_texts: int = 0
     reading: DepthReading = field(default_factory=lambda: DepthReading(0, 1, False))  # its last global reading
+    target_ms: float | None = None   # the task's own latency target (a rerank of 50 pairs is not an embedding);
+                                     # None: the engine's
 
     @property
     def depth_texts(self) -> int:
@@ -198,8 +200,10 @@ class ServingEngine:
         """What this request takes alone on its fastest allowed SubLM (``ElasticSchedule.alone_ms``)."""
         return self.lanes[task].schedule.alone_ms(texts, tokens, min_sublm)
 
-    def target(self, deadline_ms: float | None) -> float:
-        return min(self.target_ms, deadline_ms) if deadline_ms else self.target_ms
+    def target(self, task: str, deadline_ms: float | None = None) -> float:
+        """A request's latency target: its task's, or the client's own deadline if tighter."""
+        target = self.lanes[task].target_ms or self.target_ms
+        return min(target, deadline_ms) if deadline_ms else target
 
     def running_left_ms(self) -> float:
         if self._running is None:
@@ -219,7 +223,7 @@ class ServingEngine:
             other.schedule.drain_ms(other.schedule.sublms[-1], other.queued_texts, other.queued_tokens)
             for name, other in self.lanes.items() if name != task)
         return lane.schedule.admits(texts, tokens, lane.queued_texts, lane.queued_tokens, ahead_ms,
-                                    self.target(deadline_ms), min_sublm, idle=self.idle,
+                                    self.target(task, deadline_ms), min_sublm, idle=self.idle,
                                     client_deadline=deadline_ms is not None)
 
     # ----------------------------------------------------------------- the call
@@ -298,7 +302,7 @@ class ServingEngine:
             reading = lane.reading = await lane.depth.sync(lane.depth_texts)
             start = time.perf_counter()
             waited_ms = (start - min(job.arrived for job in jobs)) * 1000
-            choice = lane.schedule.choose(lengths, reading, min(self.target(j.deadline_ms) for j in jobs),
+            choice = lane.schedule.choose(lengths, reading, min(self.target(task, j.deadline_ms) for j in jobs),
                                           waited_ms, lane.schedule.strictest([j.min_sublm for j in jobs]))
             self._running = (start, choice.predicted_ms)
             outputs, forward_ms = await loop.run_in_executor(self._executor, self._forward, lane, choice.sublm,
@@ -310,7 +314,7 @@ class ServingEngine:
         self.forward_s += forward_ms / 1000
         self.forward_texts += len(seqs)
         done = time.perf_counter()
-        late = sum((done - job.arrived) * 1000 > self.target(job.deadline_ms) for job in jobs)
+        late = sum((done - job.arrived) * 1000 > self.target(task, job.deadline_ms) for job in jobs)
         offset = 0
         for job in jobs:
             if not job.future.done():
@@ -328,8 +332,11 @@ class ServingEngine:
         Returns the threads that compute the model (this one and the intra-op workers it starts),
         whose CPU time ``stats()`` reports apart from everything else the process spends."""
         before = _thread_ids()
-        for lane in self.lanes.values():  # two 3-token texts (BERT's [CLS] "this" [SEP]): a real forward
-            lane.runner.forward(lane.schedule.sublms[0], [[101, 2023, 102]] * 2, None, lane.schedule.chunking)
+        # two short pairs, [CLS] "this" [SEP] "this" [SEP] with their token types: a real forward for every
+        # runner (an embedding model ignores the types; a ranker needs them to find the query)
+        pair, types = [101, 2023, 102, 2023, 102], [0, 0, 0, 1, 1]
+        for lane in self.lanes.values():
+            lane.runner.forward(lane.schedule.sublms[0], [pair] * 2, [types] * 2, lane.schedule.chunking)
         return (_thread_ids() - before) | {threading.get_native_id()}
 
     def model_cpu_s(self) -> float | None:

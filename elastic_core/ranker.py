@@ -1,16 +1,22 @@
-"""ElasticRanker: a cross-encoder on the elastic backbone; every SubLM scores (query, passage) pairs.
+"""ElasticRanker: every SubLM scores (query, passage) pairs, in one of two forms.
 
-    elasticlm train rerank                               # ~20 min on 2 CPU cores; adapter in models/.../tasks/rerank
+    elasticlm eval rerank-dl19 --json                      # the served ranker (dense), with BM25 and the teacher
     elasticlm eval rerank-scifact --first-stage bm25 --json
-    elasticlm eval rerank-dl19 --json
+    elasticlm train rerank                                 # the cross-encoder adapter (~20 min on 2 CPU cores)
 
-No pretrained cross-encoder is available offline, so it is trained here, from the retrieval
-backbone's weights plus a task adapter (``tasks.py``):
-  * positives: SciFact ``qrels/train.tsv`` (never test, never TREC DL);
-  * negatives: mined by two first stages, BM25 (``bm25s``) and ElasticDenser's full SubLM, from
-    each training query's top ``mine_depth`` minus its positives;
-  * loss: listwise softmax cross-entropy over ``[positive, negatives...]`` groups; every SubLM
-    also distils from the full SubLM's distribution over the group (elastic optimization).
+* ``DenseRanker`` (served by default): relevance is the cosine of the query's and the passage's
+  embeddings from the same SubLM of the elastic backbone. The backbone is distilled from a
+  bi-encoder trained on a billion web pairs (MS MARCO among them), and no cross-encoder is
+  available offline; measured on TREC DL 2019, this is the ranker that beats its first stage
+  (``docs/benchmarks.md``). It also costs less than a cross-encoder: the query is encoded once
+  per request, not once per candidate.
+* ``ElasticRanker`` (``ranker: cross``): a cross-encoder, the backbone plus a task adapter
+  (``tasks.py``) trained here on SciFact ``qrels/train.tsv`` with negatives mined by BM25 and the
+  dense model (listwise softmax cross-entropy; each SubLM also distils from the full one). With
+  919 in-domain positives it learns SciFact, not the web: below BM25 on TREC DL 2019.
+
+Both are the serving engine's ``Runner`` over the same input, the pair ``[CLS] query [SEP] passage
+[SEP]`` with its token types: a request is tokenized one way whatever the ranker.
 """
 
 from __future__ import annotations
@@ -19,19 +25,27 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .batching import pad
+from .batching import Chunking, pad
 from .data import DEFAULT_DATA_DIR, BeirDataset, load_dl19, load_scifact
 from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits, save_task
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 
 
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
 class ElasticRanker(TaskPredictor):
-    """``score(query, passages, sublm=...)`` -> one relevance score per passage (higher: more relevant)."""
+    """The cross-encoder: ``score(query, passages, sublm=...)`` -> one relevance logit per passage."""
+
+    kind = "cross"
+    unit_score = staticmethod(sigmoid)  # a relevance logit -> 0..1, as text-embeddings-inference answers
 
     def tokenize_pairs(self, queries: list[str], passages: list[str]) -> dict:
         # the query is never cut; long passages are
@@ -44,6 +58,91 @@ class ElasticRanker(TaskPredictor):
         enc = self.tokenize_pairs(queries, passages)
         return predict_logits(self.model, enc, sublm or self.sublms[0], self.tokenizer.pad_token_id,
                               progress=progress)[:, 0]
+
+
+Encode = Callable[..., np.ndarray]  # (input_ids, sublm, chunking, progress) -> L2-normalized rows
+
+
+def split_pairs(input_ids, token_type_ids) -> tuple[list[list[int]], list[list[int]]]:
+    """``[CLS] q [SEP] p [SEP]`` (types 0..0 1..1) -> ``[CLS] q [SEP]`` and ``[CLS] p [SEP]``: exactly
+    what the tokenizer makes of each text alone, so a bi-encoder sees what it was trained on."""
+    if token_type_ids is None:
+        raise ValueError("a ranker scores pairs: token_type_ids must mark the query (0) and the passage (1)")
+    queries, passages = [], []
+    for ids, types in zip(input_ids, token_type_ids):
+        first = [i for i, t in zip(ids, types) if t == 0]
+        queries.append(first)
+        passages.append(first[:1] + [i for i, t in zip(ids, types) if t == 1])
+    return queries, passages
+
+
+class DenseRanker:
+    """The bi-encoder: relevance = cos(query, passage), both embedded by the same SubLM."""
+
+    kind = "dense"
+
+    def __init__(self, encode: Encode, sublms: list[str], tokenizer, max_length: int):
+        self.encode = encode
+        self.sublms = list(sublms)
+        self.tokenizer = tokenizer
+        self.max_length = max_length  # of a pair, query and passage together (as the cross-encoder's)
+
+    @classmethod
+    def from_denser(cls, denser) -> "DenseRanker":
+        ranker = cls(denser.encode_tokenized, denser.sublms, denser.tokenizer, denser.max_length)
+        ranker.model = denser.model  # the backbone (latency profile)
+        return ranker
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device="cpu") -> "DenseRanker":
+        from .denser import ElasticDenser
+
+        return cls.from_denser(ElasticDenser.from_checkpoint(checkpoint, device))
+
+    @staticmethod
+    def unit_score(cosine):
+        """A cosine (-1..1) -> 0..1."""
+        return (np.asarray(cosine, dtype=np.float64) + 1.0) / 2.0
+
+    def forward(self, sublm: str, input_ids, token_type_ids, chunking: Chunking = Chunking(),
+                progress=None) -> np.ndarray:
+        """The serving engine's runner interface: one cosine per pair (a column). A request's query,
+        repeated in each of its pairs, is embedded once."""
+        queries, passages = split_pairs(input_ids, token_type_ids)
+        distinct = {tuple(q): i for i, q in enumerate(dict.fromkeys(map(tuple, queries)))}
+        emb = self.encode([list(q) for q in distinct] + passages, sublm, chunking, progress)
+        query_rows = emb[[distinct[tuple(q)] for q in queries]]
+        return np.einsum("ij,ij->i", query_rows, emb[len(distinct):])[:, None]
+
+    def score_pairs(self, queries: list[str], passages: list[str], sublm: str | None = None, progress=None):
+        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length)
+        return self.forward(sublm or self.sublms[0], enc["input_ids"], enc["token_type_ids"], progress=progress)[:, 0]
+
+
+def teacher_ranker(max_length: int = 256) -> DenseRanker:
+    """The baseline of every rerank table: the teacher bi-encoder as shipped (HF transformers), one "SubLM"."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .batching import run_chunked
+    from .model import mean_pool_normalize, teacher_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir()))
+    model = AutoModel.from_pretrained(str(teacher_dir())).eval()
+
+    def encode(input_ids, sublm, chunking=Chunking(), progress=None):
+        return run_chunked(input_ids, lambda b: mean_pool_normalize(model(**b).last_hidden_state, b["attention_mask"]),
+                           tokenizer.pad_token_id, chunking, progress=progress)
+
+    return DenseRanker(encode, ["teacher"], tokenizer, max_length)
+
+
+def load_ranker(kind: str, checkpoint: str | Path, device="cpu", task_dir: str | Path | None = None):
+    """The served ranker of ``checkpoint``: ``dense`` (its backbone) or ``cross`` (its ``tasks/rerank``)."""
+    if kind == "dense":
+        return DenseRanker.from_checkpoint(checkpoint, device)
+    if kind == "cross":
+        return ElasticRanker.from_task_dir(task_dir or Path(checkpoint) / "tasks" / "rerank", device)
+    raise ValueError(f"ranker must be 'dense' or 'cross', got {kind!r}")
 
 
 # --------------------------------------------------------------------------- first stages
@@ -162,34 +261,44 @@ def retrieval_metrics(qrels, run: Run, relevance_level: int = 1) -> dict[str, fl
             "recall@10": mean_measure(qrels, run, "recall.10", relevance_level)}
 
 
-def rerank_eval(ranker: ElasticRanker, queries: dict[str, str], passages: dict[str, str], first_stage: Run,
-                qrels, depth: int = 100, relevance_level: int = 1, progress: bool = True,
-                cache: dict | None = None) -> dict:
-    """Rerank each query's top ``depth`` with every SubLM; the first stage alone beside it.
-    ``cache`` ((sublm, qid, pid) -> score) lets a second first stage reuse pairs already scored."""
+def rerank_eval(ranker, queries: dict[str, str], passages: dict[str, str], first_stage: Run, qrels,
+                depth: int = 100, relevance_level: int = 1, progress: bool = True, cache: dict | None = None,
+                baselines: dict | None = None) -> dict:
+    """Rerank each query's top ``depth`` with every SubLM of ``ranker`` and every ``baselines`` ranker
+    (name -> a one-SubLM ranker, e.g. ``teacher_ranker()``); the first stage alone beside them.
+    ``cache`` ((name, qid, pid) -> score) lets a second first stage reuse pairs already scored."""
     from tqdm.auto import tqdm
 
     cache = {} if cache is None else cache
     candidates = top(first_stage, depth)
     pairs = [(q, p) for q, docs in candidates.items() for p in docs]
-    todo = {s: [(q, p) for q, p in pairs if (s, q, p) not in cache] for s in ranker.sublms}
+    scorers = [(s, ranker, s) for s in ranker.sublms] + [(name, b, b.sublms[0]) for name, b in (baselines or {}).items()]
+    todo = {name: [(q, p) for q, p in pairs if (name, q, p) not in cache] for name, _, _ in scorers}
     bar = tqdm(total=sum(map(len, todo.values())), desc="rerank", unit="pair", disable=not progress)
-    for sublm, new in todo.items():
-        if new:
-            scores = ranker.score_pairs([queries[q] for q, _ in new], [passages[p] for _, p in new], sublm, bar)
-            cache.update({(sublm, q, p): float(s) for (q, p), s in zip(new, scores)})
+    for name, model, sublm in scorers:
+        if todo[name]:
+            new = todo[name]
+            scores = model.score_pairs([queries[q] for q, _ in new], [passages[p] for _, p in new], sublm, bar)
+            cache.update({(name, q, p): float(s) for (q, p), s in zip(new, scores)})
     bar.close()
-    result = {"depth": depth, "queries": len(candidates), "max_seq_length": ranker.max_length,
-              "first_stage": retrieval_metrics(qrels, candidates, relevance_level), "sublms": {}}
-    for sublm in ranker.sublms:
-        run = {q: {p: cache[(sublm, q, p)] for p in docs} for q, docs in candidates.items()}
-        result["sublms"][sublm] = retrieval_metrics(qrels, run, relevance_level)
+    result = {"ranker": ranker.kind, "depth": depth, "queries": len(candidates), "max_seq_length": ranker.max_length,
+              "first_stage": retrieval_metrics(qrels, candidates, relevance_level), "sublms": {}, "baselines": {}}
+    shallower = [d for d in (20, 50) if d < depth]  # what a request of d candidates gets (the load tests')
+    result["ndcg@10_at_depth"] = {str(d): {"first_stage": retrieval_metrics(qrels, top(first_stage, d))["ndcg@10"]}
+                                  for d in shallower}
+    for name, model, _ in scorers:
+        run = {q: {p: cache[(name, q, p)] for p in docs} for q, docs in candidates.items()}
+        result["sublms" if model is ranker else "baselines"][name] = retrieval_metrics(qrels, run, relevance_level)
+        for d in shallower:
+            kept = top(first_stage, d)
+            result["ndcg@10_at_depth"][str(d)][name] = retrieval_metrics(
+                qrels, {q: {p: s for p, s in docs.items() if p in kept[q]} for q, docs in run.items()})["ndcg@10"]
     return result
 
 
-def eval_rerank_scifact(task_dir: str | Path, checkpoint: str | Path, data_dir=DEFAULT_DATA_DIR,
-                        first_stages=("bm25",), depth: int = 100, max_queries: int | None = None,
-                        progress: bool = True, seed: int = 0) -> dict[str, dict]:
+def eval_rerank_scifact(ranker, checkpoint: str | Path, data_dir=DEFAULT_DATA_DIR, first_stages=("bm25",),
+                        depth: int = 100, max_queries: int | None = None, progress: bool = True, seed: int = 0,
+                        baselines: dict | None = None) -> dict[str, dict]:
     """SciFact test: {first stage name: result}. ``max_queries``: a seeded sample of the test queries."""
     ds = load_scifact(data_dir, "test")
     queries = ds.queries
@@ -197,22 +306,21 @@ def eval_rerank_scifact(task_dir: str | Path, checkpoint: str | Path, data_dir=D
         keep = sorted(random.Random(seed).sample(sorted(queries), max_queries))
         queries = {q: queries[q] for q in keep}
     qrels = {q: ds.qrels[q] for q in queries}
-    ranker = ElasticRanker.from_task_dir(task_dir)
     cache: dict = {}
     out = {}
     for name in first_stages:
         run = bm25_run(ds.corpus, queries, depth) if name == "bm25" else \
             dense_first_stage(ds.corpus, queries, checkpoint, depth, progress)
         out[name] = {"dataset": "beir/scifact test", "first_stage_name": name if name == "bm25" else "elasticdenser-w100",
-                     **rerank_eval(ranker, queries, ds.corpus, run, qrels, depth, 1, progress, cache)}
+                     **rerank_eval(ranker, queries, ds.corpus, run, qrels, depth, 1, progress, cache, baselines)}
     return out
 
 
-def eval_rerank_dl19(task_dir: str | Path, data_dir=DEFAULT_DATA_DIR, depth: int = 100, progress: bool = True) -> dict:
+def eval_rerank_dl19(ranker, data_dir=DEFAULT_DATA_DIR, depth: int = 100, progress: bool = True,
+                     baselines: dict | None = None) -> dict:
     """TREC DL 2019 (a test set: never trained on): rerank the BM25 top-``depth``; graded NDCG@10,
     MRR@10 and recall@10 with relevance >= 2 (the track's binarization)."""
     queries, passages, run, qrels = load_dl19(data_dir)
     qrels = {q: qrels[q] for q in queries}
-    ranker = ElasticRanker.from_task_dir(task_dir)
     return {"dataset": "trec-dl-2019 passage", "first_stage_name": "bm25 (candidates.tsv)",
-            **rerank_eval(ranker, queries, passages, run, qrels, depth, 2, progress)}
+            **rerank_eval(ranker, queries, passages, run, qrels, depth, 2, progress, baselines=baselines)}

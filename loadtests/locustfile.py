@@ -10,7 +10,8 @@ a shared schedule, so the requests *started* per second follow the curve whateve
 
 Users: ``HttpEmbedUser`` (TEI ``POST /embed``, or with ``--peer-openai`` an OpenAI-style
 ``POST /embeddings`` of a peer such as infinity-emb) and ``GrpcEmbedUser``
-(``elasticlm.v1.ElasticLM/Embed``). Choose with ``--protocol http|grpc|mixed`` or by naming the
+(``elasticlm.v1.ElasticLM/Embed``); with ``--task rerank`` they send a TREC DL 2019 query and its BM25
+top ``--candidates`` to TEI ``POST /rerank`` and ``Rerank`` instead. Choose with ``--protocol http|grpc|mixed`` or by naming the
 classes on the command line; ``mixed`` splits one schedule between them (``--grpc-share``).
 
 Shedding: HTTP 503/429 and gRPC RESOURCE_EXHAUSTED are the server's designed answer to overload
@@ -29,7 +30,7 @@ Record file (``--record-file``, JSON lines; everything an analysis needs, no ser
   ``lag_ms`` (start - due: > 0 means the generator fell behind), ``latency_ms``,
   ``status`` (ok | shed | failed), ``code`` (HTTP status, 0 = no response; or gRPC status name),
   ``sublm`` (the SubLM that served it; the peer's label with ``--peer-openai``; null unless ok),
-  ``kind`` (query | passage), ``n_texts``, ``n_chars``, ``prompt_tokens`` (gRPC only), ``bytes``,
+  ``kind`` (query | passage | rerank), ``n_texts`` (a rerank: the query and its candidates), ``n_chars``, ``prompt_tokens`` (gRPC only), ``bytes``,
   ``offered_rps`` (the shape's total rate at ``due_s``), ``error`` (failed only), ``attempts`` (> 1
   with ``--retry-on-shed``: the fields above are the last attempt's) and ``retry_ms`` (from the first
   attempt to the last one's start);
@@ -73,7 +74,7 @@ if str(REPO) not in sys.path:  # run as a plain file by locust, from any directo
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
 from elastic_core.data import DEFAULT_DATA_DIR  # noqa: E402  (plain file readers: no torch)
 from loadtests.shapes import SHAPES, ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
-from loadtests.texts import TextSampler  # noqa: E402
+from loadtests.texts import request_sampler  # noqa: E402
 
 logger = logging.getLogger("elasticlm.loadtest")
 
@@ -106,6 +107,10 @@ def _add_arguments(parser):
                    help="after the schedule ends, wait up to this long for requests still in flight")
 
     g = parser.add_argument_group("elasticlm requests")
+    g.add_argument("--task", choices=("embed", "rerank"), default="embed",
+                   help="embed: texts to /embed or Embed; rerank: a TREC DL 2019 query and its BM25 top "
+                        "--candidates to /rerank or Rerank")
+    g.add_argument("--candidates", type=int, default=20, help="with --task rerank: passages per request")
     g.add_argument("--protocol", choices=("http", "grpc", "mixed"), default=None,
                    help="which users run (default: the user classes named on the command line, else http)")
     g.add_argument("--grpc-share", type=float, default=0.5, help="with --protocol mixed: share of requests over gRPC")
@@ -216,7 +221,7 @@ class Plan:
     shape: Shape
     streams: dict[str, Stream]
     user_classes: list
-    texts: TextSampler
+    texts: object  # loadtests.texts: TextSampler (embed) or RerankSampler
     peer: bool
     capped: bool
     clock_start: float | None = None   # time.monotonic() at test_start: every stream's t = 0
@@ -280,8 +285,10 @@ def _plan(environment, **_):
             kw.setdefault("trace", options.trace or None)
         duration = options.duration_s if options.duration_s > 0 or options.shape != "replay" else None
         shape = make_shape(options.shape, options.capacity_rps, duration, **kw)
-        texts = TextSampler(options.data_dir, options.passages, options.query_share, options.texts_per_request,
-                            options.seed)
+        if options.peer_openai and options.task != "embed":
+            raise ValueError("--peer-openai serves embeddings only: use --task embed")
+        texts = request_sampler(options.task, options.data_dir, options.passages, options.query_share,
+                                options.texts_per_request, options.candidates, options.seed)
     except (ValueError, OSError) as e:
         _fail(str(e))
     shares = {"http": 1.0 - options.grpc_share, "grpc": options.grpc_share} if len(protocols) == 2 else \
@@ -330,6 +337,7 @@ def _start(environment, **_):
         "users_capped": PLAN.capped, "max_users": o.max_users, "latency_headroom_s": o.latency_headroom_s,
         "host": environment.host or HttpEmbedUser.host, "grpc_target": o.grpc_target if "grpc" in PLAN.streams else None,
         "api": "openai" if PLAN.peer else "tei", "peer_model": o.peer_model if PLAN.peer else None,
+        "task": o.task, "candidates": o.candidates if o.task == "rerank" else None,
         "texts_per_request": o.texts_per_request, "query_share": o.query_share, "passages": o.passages,
         "data_dir": str(o.data_dir), "seed": o.seed, "deadline_ms": o.deadline_ms, "min_sublm": o.min_sublm or None,
         "request_timeout_s": o.request_timeout_s,
@@ -470,6 +478,10 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
             headers[DEADLINE_HEADER] = str(o.deadline_ms)
         if PLAN.peer:
             path, body = o.peer_path, {"model": o.peer_model, "input": texts}
+        elif kind == "rerank":
+            path, body = "/rerank", {"query": texts[0], "texts": texts[1:]}
+            if o.min_sublm:
+                headers[MIN_SUBLM_HEADER] = o.min_sublm
         else:
             path, body = "/embed", {"inputs": texts, "kind": kind}
             if o.min_sublm:
@@ -524,24 +536,27 @@ class GrpcEmbedUser(_PacedUser, User):
         metadata = [("application", o.grpc_app)]
         if o.deadline_ms:
             metadata.append((DEADLINE_HEADER, str(o.deadline_ms)))
-        request = elasticlm_pb2.EmbedRequest(inputs=texts, kind=kind, min_sublm=o.min_sublm)
+        if kind == "rerank":
+            rpc, request = "Rerank", elasticlm_pb2.RerankRequest(query=texts[0], texts=texts[1:], min_sublm=o.min_sublm)
+        else:
+            rpc, request = "Embed", elasticlm_pb2.EmbedRequest(inputs=texts, kind=kind, min_sublm=o.min_sublm)
         start_ts, t0 = time.time(), time.perf_counter()
         response, error, code = None, None, "OK"
         try:
-            response, call = self.stub.Embed.with_call(request, metadata=metadata, timeout=o.request_timeout_s)
+            response, call = getattr(self.stub, rpc).with_call(request, metadata=metadata, timeout=o.request_timeout_s)
         except grpc.RpcError as e:
             code, error = e.code().name, f"{e.code().name}: {e.details()}"
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        name, exception, status, sublm, size, tokens = "Embed", None, "failed", None, 0, None
+        name, exception, status, sublm, size, tokens = rpc, None, "failed", None, 0, None
         if response is not None:
             sublm = response.sublm or dict(call.trailing_metadata() or ()).get(SUBLM_HEADER)
-            size, tokens = response.ByteSize(), response.prompt_tokens
+            size, tokens = response.ByteSize(), getattr(response, "prompt_tokens", None)
             if sublm:
                 status = "ok"
             else:
                 error = "OK without a SubLM in the response"
         elif code == "RESOURCE_EXHAUSTED":
-            status, name, error = "shed", "Embed [shed]", None
+            status, name, error = "shed", f"{rpc} [shed]", None
         if status == "failed":
             exception = RuntimeError(error)
         events.request.fire(request_type="grpc", name=name, response_time=latency_ms, response_length=size,

@@ -9,6 +9,8 @@
 
     elasticlm loadtest --shape spike                       # spike to 2.5 x the full SubLM's capacity
     elasticlm loadtest --shape constant --shape-kw rps_frac=0.3 --configs elastic,static-full
+    elasticlm loadtest --task rerank --candidates 20 --protocol grpc --target-ms 1000 \
+        --configs elastic,static-full,static-smallest --name loadtest-rerank-20     # a search backend's reranks
 
 Capacity first: the full SubLM's saturation throughput is measured here (static-full at its largest
 replica count, driven by closed-loop clients that keep its batches full), and every shape is scaled to it,
@@ -62,14 +64,17 @@ def _replica_options(cfg: dict) -> dict:
 
 
 def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = True,
-                  fixed_replicas: int | None = None) -> dict:
+                  fixed_replicas: int | None = None, task: str = "embed", target_ms: float | None = None) -> dict:
     """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching).
     ``admission=False`` queues everything (up to the Serve queues): for measuring saturation throughput.
-    ``fixed_replicas``: no autoscaling, that many replicas."""
+    ``fixed_replicas``: no autoscaling, that many replicas. ``task``'s latency target is ``target_ms``
+    (the load test's T, whatever the base config says)."""
     cfg = copy.deepcopy(base)
     (app,) = cfg["applications"]
     replica = _replica_options(cfg)
     scaling = replica.get("autoscaling_config")
+    if target_ms and task != "embed":
+        app["args"]["task_target_ms"] = {**(app["args"].get("task_target_ms") or {}), task: target_ms}
     if not admission:
         app["args"]["admission_factor"] = 0
     if name == "elastic-noauto" and scaling and not fixed_replicas:
@@ -200,6 +205,8 @@ class LoadOptions:
     shape_kw: str = ""
     trace: str = ""
     protocol: str = "http"
+    task: str = "embed"               # or "rerank": a DL19 query + its BM25 top `candidates` per request
+    candidates: int = 20
     texts_per_request: int = 1
     query_share: float = 0.5
     data_dir: str | None = None
@@ -215,7 +222,7 @@ def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: Lo
            "--shape", opts.shape, "--capacity-rps", f"{capacity_rps:.3f}", "--duration-s", str(opts.duration_s),
            "--record-file", str(record), "--texts-per-request", str(opts.texts_per_request),
            "--query-share", str(opts.query_share), "--max-users", str(opts.max_users), "--seed", str(opts.seed),
-           "--only-summary", "--loglevel", "WARNING"]
+           "--task", opts.task, "--candidates", str(opts.candidates), "--only-summary", "--loglevel", "WARNING"]
     if opts.shape_kw:
         cmd += ["--shape-kw", opts.shape_kw]
     if opts.trace:
@@ -244,14 +251,19 @@ def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: Lo
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
-def warm_up(deployment, peer: bool, n: int = 20) -> None:
+def warm_up(deployment, peer: bool, n: int = 20, task: str = "embed") -> None:
     """A few requests before the clock starts: first calls pay one-time costs (allocations, caches)."""
     import urllib.request
 
     for i in range(n):
-        body = {"model": "all-MiniLM-L6-v2", "input": [f"warm-up request {i}"]} if peer else {"inputs": [f"warm-up {i}"]}
-        req = urllib.request.Request(deployment.url + ("/embeddings" if peer else "/embed"),
-                                     data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        if peer:
+            path, body = "/embeddings", {"model": "all-MiniLM-L6-v2", "input": [f"warm-up request {i}"]}
+        elif task == "rerank":
+            path, body = "/rerank", {"query": f"warm-up {i}", "texts": [f"candidate {j}" for j in range(8)]}
+        else:
+            path, body = "/embed", {"inputs": [f"warm-up {i}"]}
+        req = urllib.request.Request(deployment.url + path, data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=60):
             pass
 
@@ -265,12 +277,13 @@ def sample_replicas(deployment, stop: threading.Event, out: list, every_s: float
 
 
 def _deployment(kind: str, run_dir: Path, base_config: dict, sublms: list[str], target_ms: float,
-                num_cpus: int | None, label: str, admission: bool = True, fixed_replicas: int | None = None):
+                num_cpus: int | None, label: str, admission: bool = True, fixed_replicas: int | None = None,
+                task: str = "embed"):
     if kind == "infinity":
         return PeerDeployment(run_dir / f"{label}.server.log")
     cfg_path = run_dir / f"config.{label}.yaml"
-    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms, admission, fixed_replicas),
-                                       sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms, admission, fixed_replicas, task,
+                                                     target_ms), sort_keys=False))
     return ServeDeployment(cfg_path, target_ms, run_dir / f"{label}.server.log", num_cpus)
 
 
@@ -279,14 +292,14 @@ def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir
     """Start configuration ``kind`` clean, warm it up, run the shape, tear it down. Returns its record file."""
     name = label or kind
     peer = kind == "infinity"
-    deployment = _deployment(kind, run_dir, base_config, sublms, target_ms, num_cpus, label=name)
+    deployment = _deployment(kind, run_dir, base_config, sublms, target_ms, num_cpus, label=name, task=opts.task)
     record = run_dir / f"{name}.records.jsonl"
     replicas: list = []
     stop = threading.Event()
     log(f"[{name}] starting ...")
     deployment.start()
     try:
-        warm_up(deployment, peer)
+        warm_up(deployment, peer, task=opts.task)
         sampler = threading.Thread(target=sample_replicas, args=(deployment, stop, replicas), daemon=True)
         sampler.start()
         log(f"[{name}] {opts.shape} at capacity {capacity_rps:.1f} req/s for {opts.duration_s:.0f} s ...")
@@ -309,26 +322,28 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
 
     from elastic_core.data import DEFAULT_DATA_DIR
     from loadtests.closed_loop import closed_loop
-    from loadtests.texts import TextSampler
+    from loadtests.texts import request_sampler
 
-    sampler = TextSampler(opts.data_dir or str(DEFAULT_DATA_DIR), "both", opts.query_share, opts.texts_per_request,
-                          opts.seed)
+    sampler = request_sampler(opts.task, opts.data_dir or str(DEFAULT_DATA_DIR), "both", opts.query_share,
+                              opts.texts_per_request, opts.candidates, opts.seed)
     peer = name == "infinity"
 
     def body(seq):
         texts = sampler.sample("capacity", seq)[1]
-        return {"model": "all-MiniLM-L6-v2", "input": texts} if peer else {"inputs": texts}
+        if peer:
+            return {"model": "all-MiniLM-L6-v2", "input": texts}
+        return {"query": texts[0], "texts": texts[1:]} if opts.task == "rerank" else {"inputs": texts}
 
     # saturation throughput of the whole machine: as many replicas as the config may run, everything
     # queued, nothing refused for being late (as infinity-emb does)
     deployment = _deployment(name, run_dir, base_config, sublms, target_ms, num_cpus, label=f"{name}.capacity",
-                             admission=False, fixed_replicas=max_replicas(base_config))
+                             admission=False, fixed_replicas=max_replicas(base_config), task=opts.task)
     log(f"[{name}] measuring capacity: {concurrency} closed-loop clients, {warmup_s:.0f} s + {measure_s:.0f} s ...")
     deployment.start()
     try:
-        warm_up(deployment, peer)
-        return asyncio.run(closed_loop(deployment.url + ("/embeddings" if peer else "/embed"), body, concurrency,
-                                       warmup_s, measure_s)).rps
+        warm_up(deployment, peer, task=opts.task)
+        path = "/embeddings" if peer else "/rerank" if opts.task == "rerank" else "/embed"
+        return asyncio.run(closed_loop(deployment.url + path, body, concurrency, warmup_s, measure_s)).rps
     finally:
         deployment.stop()
 
@@ -346,6 +361,22 @@ def sublm_quality(core_results: Path = REPO / "benchmarks" / "results" / "core.j
         sets["dl19"] = {s: row["dl19_ndcg@10"] for s, row in core["sublms"].items()}
         sets["dl19"][peer_model] = core["dl19"]["teacher_ndcg@10"]
     return {"dl19": sets["dl19"], "scifact": sets["scifact"]} if "dl19" in sets else sets
+
+
+def rerank_quality(candidates: int, ranker: str = "dense",
+                   task_results: Path = REPO / "benchmarks" / "results" / "tasks.json") -> dict[str, dict[str, float]]:
+    """NDCG@10 of each SubLM reranking TREC DL 2019's BM25 top ``candidates`` (what a rerank load test's
+    requests are), from ``benchmarks/tasks.py``; BM25's own order beside it as ``bm25``."""
+    dl19 = json.loads(task_results.read_text())["rerank"][ranker]["dl19"]
+    if candidates == dl19["depth"]:
+        table = {s: m["ndcg@10"] for s, m in dl19["sublms"].items()} | {"bm25": dl19["first_stage"]["ndcg@10"]}
+    elif str(candidates) in dl19.get("ndcg@10_at_depth", {}):
+        table = dict(dl19["ndcg@10_at_depth"][str(candidates)])
+        table["bm25"] = table.pop("first_stage")
+    else:
+        raise ValueError(f"benchmarks/tasks.py measured DL19 reranks of {dl19['depth']} and "
+                         f"{sorted(dl19.get('ndcg@10_at_depth', {}))} candidates, not {candidates}")
+    return {"dl19": table}
 
 
 SCALING = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) controller .*?(Upscaling|Downscaling) "
@@ -489,13 +520,19 @@ def markdown(doc: dict, image: str) -> str:
                         for k, v in doc["targets"].items())
     peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
     sets = {"dl19": "TREC DL 2019 NDCG@10 (held out)", "scifact": "SciFact NDCG@10 (corpus in the training text)"}
+    if doc.get("task") == "rerank":
+        requests = (f"reranks of a TREC DL 2019 query and its BM25 top {doc['candidates']} over {doc['protocol']}; "
+                    f"capacity (static-full saturation, all replicas) {doc['capacity_rps']:.1f} req/s. Quality = "
+                    f"NDCG@10 of the SubLM that answered, reranking those {doc['candidates']} candidates "
+                    f"(`benchmarks/results/tasks.json`; BM25's own order: {doc['quality'].get('bm25', float('nan')):.4f})")
+    else:
+        requests = (f"{doc['texts_per_request']} text(s) per request over {doc['protocol']}; capacity (static-full "
+                    f"saturation, all replicas) {doc['capacity_rps']:.1f} req/s{peer}. Quality = "
+                    f"{sets.get(headline, headline)} of the SubLM that answered (`benchmarks/results/core.json`)"
+                    + "".join(f"; beside it, {sets.get(o, o)}" for o in others))
     return (f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}).\n\n"
-            f"T = {doc['target_ms']:.0f} ms; shape `{json.dumps(doc['shape'])}`; "
-            f"{doc['texts_per_request']} text(s) per request over {doc['protocol']}; capacity (static-full "
-            f"saturation, all replicas) {doc['capacity_rps']:.1f} req/s{peer}. Quality = {sets.get(headline, headline)} "
-            "of the SubLM that answered (`benchmarks/results/core.json`)"
-            + "".join(f"; beside it, {sets.get(o, o)}" for o in others) + f".\n\n{head}\n" + "\n".join(rows) +
-            f"\n\nTargets:\n{targets}\n\n![{doc['run']}]({image})\n")
+            f"T = {doc['target_ms']:.0f} ms; shape `{json.dumps(doc['shape'])}`; {requests}.\n\n{head}\n"
+            + "\n".join(rows) + f"\n\nTargets:\n{targets}\n\n![{doc['run']}]({image})\n")
 
 
 LOADTESTS_HEADER = """# Load tests: elastic vs static vs infinity-emb
@@ -524,13 +561,17 @@ def run_experiment(args, log=print) -> dict:
     if "infinity" in configs and not infinity_available():
         log("infinity-emb is not installed (make peer): skipping that configuration")
         configs.remove("infinity")
+    if args.task == "rerank":
+        configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
+        target_ms = float(args.target_ms or (app["args"].get("task_target_ms") or {}).get("rerank", target_ms))
     opts = LoadOptions(shape=args.shape, duration_s=args.duration_s, shape_kw=args.shape_kw, trace=args.trace,
-                       protocol=args.protocol, texts_per_request=args.texts_per_request, query_share=args.query_share,
+                       protocol=args.protocol, task=args.task, candidates=args.candidates,
+                       texts_per_request=args.texts_per_request, query_share=args.query_share,
                        data_dir=args.data_dir, max_users=args.max_users, seed=args.seed)
     run_name = args.name or f"loadtest-{args.shape}"
     run_dir = Path(args.run_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    quality_sets = sublm_quality()
+    quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality()
     headline = next(iter(quality_sets))  # dl19 (held out) when measured
     quality = quality_sets[headline]
 
@@ -572,6 +613,7 @@ def run_experiment(args, log=print) -> dict:
     doc = {"run": run_name, "command": command, "date": previous["date"] if previous else time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.platform()}",
            "target_ms": target_ms, "capacity_rps": capacity, "peer_capacity_rps": peer_capacity, "shape": shape,
+           "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
            "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
            "quality_set": headline, "quality_sets": quality_sets, "configs": results}
     doc["targets"] = check_targets(args.shape, results, quality, capacity, peer_capacity, sublms, target_ms)
@@ -600,6 +642,9 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=str(REPO / "cluster" / "config.local.yaml"), help="the base Serve config")
     p.add_argument("--target-ms", type=float, help="T (default: the config's target_ms)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc", "mixed"])
+    p.add_argument("--task", default="embed", choices=["embed", "rerank"],
+                   help="rerank: a TREC DL 2019 query and its BM25 top --candidates per request")
+    p.add_argument("--candidates", type=int, default=20, help="with --task rerank: passages per request")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--query-share", type=float, default=0.5)
     p.add_argument("--max-users", type=int, default=400)

@@ -47,3 +47,38 @@ class TextSampler:
         kind = "query" if rng.random() < self.query_share else "passage"
         pool = self.queries if kind == "query" else self.passages
         return kind, [pool[rng.randrange(len(pool))] for _ in range(self.n)]
+
+
+class RerankSampler:
+    """Real reranking requests: a TREC DL 2019 query and its BM25 top ``candidates`` passages (what a search
+    backend's second stage sends), chosen per ticket like ``TextSampler``. ``sample`` answers
+    ``("rerank", [query, passage, ...])``: the query first."""
+
+    def __init__(self, data_dir: str, candidates: int, seed: int):
+        from elastic_core.data import load_dl19  # plain file readers: no torch
+
+        if candidates < 1:
+            raise ValueError(f"--candidates must be >= 1, got {candidates}")
+        queries, passages, run, _ = load_dl19(data_dir)
+        self.requests = []
+        for qid, cands in sorted(run.items()):
+            top = [p for p, _ in sorted(cands.items(), key=lambda kv: -kv[1]) if p in passages][:candidates]
+            if len(top) == candidates:
+                self.requests.append((qid, [queries[qid]] + [passages[p] for p in top]))
+        if not self.requests:
+            raise ValueError(f"no TREC DL 2019 query has {candidates} BM25 candidates with text")
+        self.seed = seed
+
+    def sample(self, stream: str, seq: int) -> tuple[str, list[str]]:
+        rng = random.Random(f"{self.seed}:{stream}:{seq}")
+        return "rerank", list(self.requests[rng.randrange(len(self.requests))][1])
+
+
+def request_sampler(task: str, data_dir: str, passages: str = "both", query_share: float = 0.5,
+                    texts_per_request: int = 1, candidates: int = 20, seed: int = 0):
+    """The sampler of a load test's task: embeddings of queries and passages, or reranks of DL19 queries."""
+    if task == "rerank":
+        return RerankSampler(data_dir, candidates, seed)
+    if task != "embed":
+        raise ValueError(f"--task must be embed or rerank, got {task!r}")
+    return TextSampler(data_dir, passages, query_share, texts_per_request, seed)

@@ -75,6 +75,7 @@ TEXTS = ["Vitamin D deficiency weakens bones.", "Central banks raise rates to fi
          "A guitarist practises scales every morning."]
 MS_PER_TEXT = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w25": 1.0}
 TARGET_MS = 1000.0
+RERANK_TARGET_MS = 2000.0  # a task's own T (ReplicaConfig.task_target_ms)
 MAX_INPUTS = 8
 
 
@@ -104,7 +105,8 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     config = load_serve_config(DEFAULT_CONFIG)
     (app,) = config.applications
     app.args = {**app.args, "checkpoint": str(checkpoint_dir), "target_ms": TARGET_MS, "profile_path": str(profile),
-                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0}
+                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0,
+                "task_target_ms": {"rerank": RERANK_TARGET_MS}}
     (replica,) = app.deployments
     replica.num_replicas, replica.autoscaling_config = 1, None
     start_serve(config, "127.0.0.1", http_port, grpc_port)

@@ -44,6 +44,13 @@ def test_replica_settings_are_checked_by_name():
     with pytest.raises(ValueError, match="target_ms=0"):
         ReplicaConfig.from_args({"target_ms": 0})
     assert ReplicaConfig.from_args({"checkpoint": None}).checkpoint.endswith("elastic-minilm-l6")
+    with pytest.raises(ValueError, match="ranker='colbert'"):
+        ReplicaConfig.from_args({"ranker": "colbert"})
+    with pytest.raises(ValueError, match=r"task_target_ms\['rerank'\]=0"):
+        ReplicaConfig.from_args({"task_target_ms": {"rerank": 0}})
+    with pytest.raises(ValueError, match=r"task_target_ms\['rerank'\]=400"):  # a task it does not serve
+        ReplicaConfig.from_args({"tasks": ["embed"], "task_target_ms": {"rerank": 400}})
+    assert ReplicaConfig.from_args({"task_target_ms": {"rerank": 400}}).task_target_ms == {"rerank": 400}
 
 
 def test_gpu_config_places_several_replicas_per_gpu():

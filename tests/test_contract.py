@@ -116,6 +116,10 @@ def test_ranked_and_predictions_are_best_first():
     assert [i for i, _ in ranked([[0.0], [2.0], [-1.0]])] == [1, 0, 2]
     assert ranked([[0.0], [2.0]], top_n=1)[0][1] == pytest.approx(1 / (1 + math.exp(-2.0)))
     assert ranked([[0.0], [2.0]], raw_scores=True) == [(1, 2.0), (0, 0.0)]
+    cosines = [[0.2], [-0.6], [0.8]]  # a bi-encoder's: its own map to 0..1, and raw as they are
+    assert ranked(cosines, unit=lambda c: (c + 1) / 2) == [(2, pytest.approx(0.9)), (0, pytest.approx(0.6)),
+                                                          (1, pytest.approx(0.2))]
+    assert ranked(cosines, raw_scores=True, unit=lambda c: (c + 1) / 2)[0] == (2, pytest.approx(0.8))
     (row,) = predictions([[0.0, 1.0]], ["neg", "pos"])
     assert [label for label, _ in row] == ["pos", "neg"] and sum(score for _, score in row) == pytest.approx(1.0)
 

@@ -252,3 +252,21 @@ def test_tasks_are_lanes_of_one_queue_and_a_batch_holds_one_task():
 
     # the rank request waited longest: its lane goes first and takes both rank requests
     assert asyncio.run(run()) == [("embed", 1), ("rank", 2), ("embed", 1)]
+
+
+def test_each_lane_schedules_against_its_own_target():
+    """A task's own T (a rerank of 50 pairs is not an embedding): the same depth and batch get the full
+    SubLM on the lane with the looser target and a smaller one on the other."""
+    async def run():
+        depth = FixedDepth(depth=200)  # the lanes differ in their target only
+        lanes = {"embed": TaskLane(GatedRunner(), schedule(), depth),
+                 "rank": TaskLane(GatedRunner(), schedule(), depth, target_ms=5_000)}
+        eng = ServingEngine(lanes, target_ms=500, heartbeat_s=0).start()
+        embed, rank = await eng.submit(job(1)), await eng.submit(job(2, task="rank"))
+        targets = eng.target("embed"), eng.target("rank"), eng.target("rank", deadline_ms=300)
+        await eng.close()
+        return embed.sublm, rank.sublm, targets
+
+    embed, rank, targets = asyncio.run(run())
+    assert (embed, rank) == ("w25", "w75")
+    assert targets == (500, 5_000, 300)          # a client's tighter deadline still wins

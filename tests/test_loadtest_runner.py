@@ -77,6 +77,24 @@ def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
         load_serve_config_from_dict(cfg)
 
 
+def test_a_rerank_run_sets_reranking_target_and_weighs_answers_by_rerank_quality(tmp_path):
+    from loadtests.runner import rerank_quality
+
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg = serve_variant(base, "static-smallest", SUBLMS, task="rerank", target_ms=700)
+    assert cfg["applications"][0]["args"]["task_target_ms"]["rerank"] == 700
+    assert serve_variant(base, "elastic", SUBLMS, task="embed", target_ms=700)["applications"][0]["args"] \
+        .get("task_target_ms") == base["applications"][0]["args"].get("task_target_ms")  # embed: `--target-ms`
+    dl19 = {"depth": 100, "first_stage": {"ndcg@10": 0.5}, "sublms": {"w100": {"ndcg@10": 0.7}},
+            "ndcg@10_at_depth": {"20": {"first_stage": 0.45, "w100": 0.6}}}
+    results = tmp_path / "tasks.json"
+    results.write_text(json.dumps({"rerank": {"dense": {"dl19": dl19}}}))
+    assert rerank_quality(20, task_results=results) == {"dl19": {"bm25": 0.45, "w100": 0.6}}
+    assert rerank_quality(100, task_results=results) == {"dl19": {"bm25": 0.5, "w100": 0.7}}
+    with pytest.raises(ValueError, match="not 30"):
+        rerank_quality(30, task_results=results)
+
+
 def load_serve_config_from_dict(cfg):
     from ray.serve.schema import ServeDeploySchema
 

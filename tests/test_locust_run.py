@@ -133,6 +133,21 @@ def test_mixed_run_offers_the_schedule_and_records_sublms(stack, checkpoint_dir,
     assert starts[-1] - starts[0] == pytest.approx(duration - 1 / rps, abs=1.0)
 
 
+def test_rerank_run_sends_dl19_queries_with_their_bm25_candidates(stack, checkpoint_dir, tmp_path):
+    """The search-backend workload: a TREC DL 2019 query and its BM25 top N, over /rerank and gRPC Rerank."""
+    sublms = set(json.loads((checkpoint_dir / "elastic_config.json").read_text())["sublms"])
+    record = tmp_path / "records.jsonl"
+    result = run_locust(["--host", stack["http"], "--grpc-target", stack["grpc"], "--protocol", "mixed",
+                         "--task", "rerank", "--candidates", "5", "--shape", "constant", "--capacity-rps", "8",
+                         "--duration-s", "5", "--record-file", str(record)], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    run, requests, summary = read_records(record)
+    assert (run["task"], run["candidates"]) == ("rerank", 5)
+    assert len(requests) == 20 and [r for r in requests if r["status"] != "ok"] == []
+    assert {r["kind"] for r in requests} == {"rerank"} and {r["n_texts"] for r in requests} == {6}  # query + 5
+    assert {r["code"] for r in requests} == {200, "OK"} and {r["sublm"] for r in requests} <= sublms
+
+
 # ---------------------------------------------------------------- shed vs failed, against fake servers
 
 HTTP_ANSWERS = [(200, "w50"), (503, None), (429, None), (500, None), (200, None)]  # in turn

@@ -21,7 +21,7 @@ import redis
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from conftest import APP, MAX_INPUTS, TARGET_MS, TEXTS  # noqa: E402
+from conftest import APP, MAX_INPUTS, RERANK_TARGET_MS, TARGET_MS, TEXTS  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2  # noqa: E402
 from deployments.queue_depth import GlobalQueueDepth, depth_keys, task_namespace  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
@@ -175,9 +175,9 @@ def test_a_deadline_unmeetable_at_any_load_is_the_clients_to_change(stack):
 # ----------------------------------------------------------------------------- every task, both ingresses
 @pytest.fixture(scope="module")
 def ranker(checkpoint_dir):
-    from elastic_core.ranker import ElasticRanker
+    from elastic_core.ranker import DenseRanker
 
-    return ElasticRanker.from_task_dir(checkpoint_dir / "tasks" / "rerank")
+    return DenseRanker.from_checkpoint(checkpoint_dir)  # the served one (ReplicaConfig.ranker)
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +191,21 @@ def grpc_call(stack, rpc, request, metadata=()):
     return getattr(stack["grpc"], rpc).with_call(request, metadata=[("application", APP), *metadata], timeout=60)
 
 
-def test_rerank_puts_the_relevant_passage_first_on_both_ingresses(stack, ranker):
+def test_rerank_puts_the_relevant_passage_first_on_both_ingresses(stack, ranker, denser):
     clear_ghost(stack["redis_client"], "rerank")
     r = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True}, timeout=60)
     assert r.status_code == 200, r.text
     ranks, sublm = r.json(), r.headers["x-elasticlm-sublm"]
     assert sublm == "w100" and ranks[0]["index"] == 0 and ranks[0]["text"] == TEXTS[0]
     assert [x["score"] for x in ranks] == sorted((x["score"] for x in ranks), reverse=True)
-    logits = ranker.score(QUERY, TEXTS, sublm)  # the served scores are the ranker's, as a sigmoid
-    np.testing.assert_allclose([x["score"] for x in sorted(ranks, key=lambda x: x["index"])],
-                               1 / (1 + np.exp(-logits)), atol=1e-4)
+    cosines = ranker.score_pairs([QUERY] * len(TEXTS), TEXTS, sublm)  # the served scores: the ranker's, in 0..1
+    emb = denser.encode([QUERY] + TEXTS, sublm)  # the dense ranker is the embeddings' cosine, query embedded alone
+    np.testing.assert_allclose(cosines, emb[1:] @ emb[0], atol=1e-5)
+    np.testing.assert_allclose([x["score"] for x in sorted(ranks, key=lambda x: x["index"])], (cosines + 1) / 2,
+                               atol=1e-4)
     raw = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True},
                      timeout=60).json()
-    np.testing.assert_allclose([x["score"] for x in sorted(raw, key=lambda x: x["index"])], logits, atol=1e-4)
+    np.testing.assert_allclose([x["score"] for x in sorted(raw, key=lambda x: x["index"])], cosines, atol=1e-4)
     response, call = grpc_call(stack, "Rerank", elasticlm_pb2.RerankRequest(query=QUERY, texts=TEXTS))
     assert dict(call.trailing_metadata())["x-elasticlm-sublm"] == response.sublm == "w100"
     assert [x.index for x in response.ranks] == [x["index"] for x in ranks] and not response.ranks[0].HasField("text")
@@ -261,14 +263,19 @@ def test_info_is_the_same_on_both_ingresses(stack):
     reply = stack["grpc"].Info(elasticlm_pb2.InfoRequest(), metadata=[("application", APP)], timeout=30)
     assert list(info["tasks"]) == [t.name for t in reply.tasks] == ["embed", "rerank", "predict"]
     assert [info["tasks"][t.name]["max_input_tokens"] for t in reply.tasks] == [t.max_input_tokens for t in reply.tasks]
-    assert info["tasks"]["rerank"]["max_input_tokens"] == 160  # the length the ranker was trained at
+    assert info["tasks"]["rerank"]["max_input_tokens"] == 256  # the dense ranker: the backbone's limit, a pair
+    assert [(t.target_ms, t.ranker) for t in reply.tasks] == [(TARGET_MS, ""), (RERANK_TARGET_MS, "dense"),
+                                                              (TARGET_MS, "")]
+    assert [info["tasks"][t]["target_ms"] for t in ("embed", "rerank", "predict")] == [TARGET_MS, RERANK_TARGET_MS,
+                                                                                      TARGET_MS]
     assert (reply.model, list(reply.sublms), reply.max_inputs, reply.classifier, list(reply.labels)) == \
         (info["model"], info["sublms"], info["max_inputs"], "sst2", info["tasks"]["predict"]["labels"])
 
 
-def test_each_task_degrades_on_its_own_global_depth(stack):
-    """A rerank surge (depth in the rerank namespace) shrinks reranking only; embeddings stay full, and
-    the other way round. 3 candidates are 3 texts: the same table as the embedding schedule test."""
+def test_each_task_degrades_on_its_own_global_depth_and_target(stack):
+    """A rerank surge (depth in the rerank namespace) shrinks reranking only, against reranking's own T;
+    embeddings stay full, and the other way round. 3 candidates are 3 texts: the same table as the
+    embedding schedule test, 463 texts ahead: w25 within T = 1 s, w50 within the rerank T = 2 s."""
     r = stack["redis_client"]
     set_ghost_depth(r, 920, "rerank")
     try:
@@ -276,14 +283,16 @@ def test_each_task_degrades_on_its_own_global_depth(stack):
         embed = http_embed(stack, {"inputs": TEXTS})
     finally:
         clear_ghost(r, "rerank")
-    assert (rerank.headers["x-elasticlm-sublm"], embed.headers["x-elasticlm-sublm"]) == ("w25", "w100")
+    assert (rerank.headers["x-elasticlm-sublm"], embed.headers["x-elasticlm-sublm"]) == ("w50", "w100")
     set_ghost_depth(r, 920)
     try:
         rerank = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS}, timeout=60)
         predict = httpx.post(f"{stack['http']}/predict", json={"inputs": "fine"}, timeout=60)
+        embed = http_embed(stack, {"inputs": TEXTS})
     finally:
         clear_ghost(r)
-    assert rerank.headers["x-elasticlm-sublm"] == predict.headers["x-elasticlm-sublm"] == "w100"
+    assert (rerank.headers["x-elasticlm-sublm"], predict.headers["x-elasticlm-sublm"],
+            embed.headers["x-elasticlm-sublm"]) == ("w100", "w100", "w25")
 
 
 TASK_REFUSALS = [  # (route, body, gRPC rpc, its request, status, needle): the same refusal on both
@@ -292,7 +301,7 @@ TASK_REFUSALS = [  # (route, body, gRPC rpc, its request, status, needle): the s
     ("/rerank", {"query": QUERY, "texts": ["t"] * (MAX_INPUTS + 1)}, "Rerank",
      {"query": QUERY, "texts": ["t"] * (MAX_INPUTS + 1)}, 413, "more than the limit of 8"),
     ("/rerank", {"query": QUERY, "texts": [LONG], "truncate": False}, "Rerank",
-     {"query": QUERY, "texts": [LONG], "truncate": False}, 413, "more than the model's limit of 160"),
+     {"query": QUERY, "texts": [LONG], "truncate": False}, 413, "more than the model's limit of 256"),
     ("/rerank", {"query": QUERY, "texts": ["ok", " "]}, "Rerank", {"query": QUERY, "texts": ["ok", " "]}, 422,
      "texts[1] is empty"),
     ("/rerank", {"query": QUERY, "texts": TEXTS, "min_sublm": "w10"}, "Rerank",

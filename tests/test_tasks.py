@@ -10,7 +10,7 @@ from elastic_core.batching import pad
 from elastic_core.classify import GLUE_TASKS, ElasticClassifier, GlueTrainConfig, glue_metrics, load_glue, train_glue
 from elastic_core.data import load_dl19
 from elastic_core.model import load_checkpoint
-from elastic_core.ranker import ElasticRanker, bm25_run, retrieval_metrics, top
+from elastic_core.ranker import DenseRanker, ElasticRanker, bm25_run, retrieval_metrics, split_pairs, top
 from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
                                 new_task_model, save_task)
 
@@ -177,6 +177,30 @@ def test_ranker_puts_the_relevant_passage_first_for_every_sublm(rerank_dir):
             assert scores[1] > scores[0], (sublm, query, scores)
 
 
+def test_dense_ranker_splits_a_pair_into_what_each_text_tokenizes_to_alone(checkpoint_dir):
+    ranker = DenseRanker.from_checkpoint(checkpoint_dir)
+    query, relevant, irrelevant = RANKING_CASES[0]
+    enc = ranker.tokenizer([query, query], [relevant, irrelevant])
+    queries, passages = split_pairs(enc["input_ids"], enc["token_type_ids"])
+    assert queries == [ranker.tokenizer(query)["input_ids"]] * 2
+    assert passages == [ranker.tokenizer(relevant)["input_ids"], ranker.tokenizer(irrelevant)["input_ids"]]
+
+
+def test_dense_ranker_puts_the_relevant_passage_first_for_every_sublm(checkpoint_dir):
+    """The served ranker: the cosine of the SubLM's embeddings, two queries in one batch each embedded once."""
+    from elastic_core.denser import ElasticDenser
+
+    ranker, denser = DenseRanker.from_checkpoint(checkpoint_dir), ElasticDenser.from_checkpoint(checkpoint_dir)
+    assert ranker.sublms == SUBLMS
+    for sublm in SUBLMS:
+        queries = [q for q, _, _ in RANKING_CASES for _ in range(2)]
+        passages = [p for _, rel, irr in RANKING_CASES for p in (irr, rel)]
+        scores = ranker.score_pairs(queries, passages, sublm).reshape(-1, 2)
+        assert (scores[:, 1] > scores[:, 0]).all(), (sublm, scores)
+        emb = denser.encode([RANKING_CASES[0][0], RANKING_CASES[0][2]], sublm)
+        assert scores[0, 0] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+
+
 def test_sst2_head_predicts_clear_sentences_for_every_sublm(sst2_dir):
     clf = ElasticClassifier.from_task_dir(sst2_dir)
     texts = ["a wonderful , moving and beautifully acted film", "an utterly boring and pointless mess",
@@ -204,3 +228,13 @@ def test_task_models_keep_the_backbones_speed_structure(sst2_dir, checkpoint_dir
     assert model.encoder.config.sublms == backbone.config.sublms
     assert {k: v.shape for k, v in model.encoder.state_dict().items()} == \
         {k: v.shape for k, v in backbone.state_dict().items()}
+
+
+def test_a_replica_serves_the_dense_ranker_on_the_embedding_weights_or_the_cross_encoder(checkpoint_dir):
+    from deployments.config import ReplicaConfig
+    from deployments.replica import load_task_models
+
+    models = load_task_models(ReplicaConfig(checkpoint=str(checkpoint_dir), tasks=("embed", "rerank")), "cpu")
+    assert models["rerank"].kind == "dense" and models["rerank"].model is models["embed"].model  # one copy
+    cross = load_task_models(ReplicaConfig(checkpoint=str(checkpoint_dir), tasks=("rerank",), ranker="cross"), "cpu")
+    assert isinstance(cross["rerank"], ElasticRanker) and cross["rerank"].max_length == 160
