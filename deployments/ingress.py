@@ -86,7 +86,8 @@ class TEIRerankRequest(BaseModel):
     texts: list[str] = Field(..., description="the candidates (e.g. a first stage's top 20-100)")
     truncate: bool = Field(True, description="cut a pair over the ranker's token limit, longest text first "
                                              "(false: reject with 413)")
-    raw_scores: bool = Field(False, description="the relevance logit instead of its sigmoid (0..1)")
+    raw_scores: bool = Field(False, description="the ranker's raw relevance (a cross-encoder's logit, the dense "
+                                                "ranker's cosine) instead of a 0..1 score")
     return_text: bool = Field(False, description="echo each candidate's text in its rank")
     min_sublm: str | None = Field(None, description="quality floor, e.g. 'w50'")
 

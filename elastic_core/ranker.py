@@ -81,17 +81,16 @@ class DenseRanker:
 
     kind = "dense"
 
-    def __init__(self, encode: Encode, sublms: list[str], tokenizer, max_length: int):
+    def __init__(self, encode: Encode, sublms: list[str], tokenizer, max_length: int, model=None):
         self.encode = encode
         self.sublms = list(sublms)
         self.tokenizer = tokenizer
         self.max_length = max_length  # of a pair, query and passage together (as the cross-encoder's)
+        self.model = model            # the elastic backbone, when it is one (the latency profile reads it)
 
     @classmethod
     def from_denser(cls, denser) -> "DenseRanker":
-        ranker = cls(denser.encode_tokenized, denser.sublms, denser.tokenizer, denser.max_length)
-        ranker.model = denser.model  # the backbone (latency profile)
-        return ranker
+        return cls(denser.encode_tokenized, denser.sublms, denser.tokenizer, denser.max_length, denser.model)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device="cpu") -> "DenseRanker":
@@ -109,10 +108,10 @@ class DenseRanker:
         """The serving engine's runner interface: one cosine per pair (a column). A request's query,
         repeated in each of its pairs, is embedded once."""
         queries, passages = split_pairs(input_ids, token_type_ids)
-        distinct = {tuple(q): i for i, q in enumerate(dict.fromkeys(map(tuple, queries)))}
-        emb = self.encode([list(q) for q in distinct] + passages, sublm, chunking, progress)
-        query_rows = emb[[distinct[tuple(q)] for q in queries]]
-        return np.einsum("ij,ij->i", query_rows, emb[len(distinct):])[:, None]
+        keys = [tuple(q) for q in queries]
+        row = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # each distinct query, in order
+        emb = self.encode([list(key) for key in row] + passages, sublm, chunking, progress)
+        return np.einsum("ij,ij->i", emb[[row[key] for key in keys]], emb[len(row):])[:, None]
 
     def score_pairs(self, queries: list[str], passages: list[str], sublm: str | None = None, progress=None):
         enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length)
@@ -283,16 +282,18 @@ def rerank_eval(ranker, queries: dict[str, str], passages: dict[str, str], first
     bar.close()
     result = {"ranker": ranker.kind, "depth": depth, "queries": len(candidates), "max_seq_length": ranker.max_length,
               "first_stage": retrieval_metrics(qrels, candidates, relevance_level), "sublms": {}, "baselines": {}}
-    shallower = [d for d in (20, 50) if d < depth]  # what a request of d candidates gets (the load tests')
-    result["ndcg@10_at_depth"] = {str(d): {"first_stage": retrieval_metrics(qrels, top(first_stage, d))["ndcg@10"]}
-                                  for d in shallower}
+    from .eval import ndcg_at_10
+
+    # what a request of d candidates gets (the load tests' quality table), from the same scores
+    shallower = {d: top(first_stage, d) for d in (20, 50) if d < depth}
+    result["ndcg@10_at_depth"] = {str(d): {"first_stage": ndcg_at_10(qrels, kept)} for d, kept in shallower.items()}
     for name, model, _ in scorers:
         run = {q: {p: cache[(name, q, p)] for p in docs} for q, docs in candidates.items()}
         result["sublms" if model is ranker else "baselines"][name] = retrieval_metrics(qrels, run, relevance_level)
-        for d in shallower:
-            kept = top(first_stage, d)
-            result["ndcg@10_at_depth"][str(d)][name] = retrieval_metrics(
-                qrels, {q: {p: s for p, s in docs.items() if p in kept[q]} for q, docs in run.items()})["ndcg@10"]
+        for d, kept in shallower.items():
+            result["ndcg@10_at_depth"][str(d)][name] = ndcg_at_10(qrels, {q: {p: s for p, s in docs.items()
+                                                                               if p in kept[q]}
+                                                                          for q, docs in run.items()})
     return result
 
 
