@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from elastic_core.denser import KINDS
+from elastic_core.ranker import fuse_with_first_stage
 
 TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
 
@@ -26,23 +27,24 @@ class RequestError(Exception):
     GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
                   503: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED"}
 
-    def __init__(self, status: int, message: str, error_type: str = "Validation"):
+    def __init__(self, status: int, message: str, error_type: str = "Validation", retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.retry_after_s = retry_after_s  # 503: how long the client should wait (Retry-After)
 
     @property
     def grpc_code(self) -> str:
         return self.GRPC_CODES.get(self.status, "INTERNAL")
 
     def __reduce__(self):  # it may cross a process boundary (a deployment handle call)
-        return RequestError, (self.status, self.message, self.error_type)
+        return RequestError, (self.status, self.message, self.error_type, self.retry_after_s)
 
 
-def overloaded() -> RequestError:
-    return RequestError(503, "overloaded: this request cannot be answered within its latency target; retry shortly",
-                        "Overloaded")
+def overloaded(retry_after_s: int) -> RequestError:
+    return RequestError(503, "overloaded: this request cannot be answered within its latency target; retry after "
+                             f"{retry_after_s} s", "Overloaded", retry_after_s)
 
 
 # A text is blank when every character is whitespace as Python's str.strip() sees it. The OpenAPI states
@@ -77,6 +79,7 @@ class TaskRequest:
     min_sublm: str | None = None
     deadline_ms: float | None = None
     kind: str = "passage"
+    first_stage_scores: list[float] | None = None  # rerank: the retriever's score of each text (fused by rank)
 
     @property
     def examples(self) -> int:
@@ -157,14 +160,23 @@ class Validator:
                            **self._options(min_sublm, deadline_ms))
 
     def rerank_request(self, query, texts, truncate: bool | None = True, min_sublm: str | None = None,
-                       deadline_ms: float | None = None) -> TaskRequest:
+                       deadline_ms: float | None = None, first_stage_scores=None) -> TaskRequest:
         if query is None:
             raise RequestError(422, "query is missing: send the text the candidates are ranked against")
         [query] = self.texts([query] if isinstance(query, str) else query, "query", one=True)
         if isinstance(texts, str):
             raise RequestError(422, "texts must be a list of candidate texts, got one string")
-        return TaskRequest("rerank", self.texts(texts, "texts"), query=query, truncate=self._truncate(truncate),
-                           **self._options(min_sublm, deadline_ms))
+        texts = self.texts(texts, "texts")
+        if first_stage_scores is not None:
+            if len(first_stage_scores) != len(texts):
+                raise RequestError(400, f"first_stage_scores has {len(first_stage_scores)} scores for {len(texts)} "
+                                        "texts: send one score per candidate, in the candidates' order")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                       for x in first_stage_scores):
+                raise RequestError(422, "first_stage_scores must be finite numbers")
+            first_stage_scores = [float(x) for x in first_stage_scores]
+        return TaskRequest("rerank", texts, query=query, truncate=self._truncate(truncate),
+                           first_stage_scores=first_stage_scores, **self._options(min_sublm, deadline_ms))
 
     def predict_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
                         deadline_ms: float | None = None) -> tuple[TaskRequest, bool]:
@@ -243,14 +255,22 @@ class Validator:
 
 
 # --------------------------------------------------------------------------- answers both ingresses format
-def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None) -> list[tuple[int, float]]:
+def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None,
+           first_stage_scores: list[float] | None = None) -> list[tuple[int, float]]:
     """A rerank's (candidate index, score), best first: the ranker's raw relevance (a cross-encoder's logit,
     a bi-encoder's cosine) or, unless ``raw_scores``, ``unit(raw)`` in 0..1 as text-embeddings-inference
-    answers (the ranker's ``unit_score``; default: the sigmoid of a logit). Ties keep the candidates' order."""
+    answers (the ranker's ``unit_score``; default: the sigmoid of a logit). Ties keep the candidates' order.
+    With ``first_stage_scores`` the order is the ranker's fused with the first stage's
+    (``elastic_core.ranker.fuse_with_first_stage``) and, unless ``raw_scores``, the score is the fusion's."""
     scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-    if not raw_scores:
+    order_by = None
+    if first_stage_scores is not None:
+        order_by = fuse_with_first_stage(scores, first_stage_scores)
+        if not raw_scores:
+            scores = order_by
+    elif not raw_scores:
         scores = np.asarray(unit(scores) if unit else 1.0 / (1.0 + np.exp(-scores)), dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")[:top_n]
+    order = np.argsort(-(scores if order_by is None else order_by), kind="stable")[:top_n]
     return [(int(i), float(scores[i])) for i in order]
 
 

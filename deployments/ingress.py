@@ -45,7 +45,7 @@ logger = logging.getLogger("ray.serve")
 SUBLM_HEADER = "x-elasticlm-sublm"
 DEADLINE_HEADER = "x-elasticlm-deadline-ms"     # HTTP header and gRPC metadata key
 MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
-RETRY_AFTER_S = 1
+RETRY_AFTER_HEADER = "retry-after"  # HTTP header (seconds) and, on RESOURCE_EXHAUSTED, gRPC trailing metadata
 
 # /openapi.json and /docs are the replica's own routes (below): the schema states its configured limits
 app = FastAPI(title="elasticlm", version="0.2.0", openapi_url=None, docs_url=None, redoc_url=None,
@@ -90,6 +90,9 @@ class TEIRerankRequest(BaseModel):
                                                 "ranker's cosine) instead of a 0..1 score")
     return_text: bool = Field(False, description="echo each candidate's text in its rank")
     min_sublm: str | None = Field(None, description="quality floor, e.g. 'w50'")
+    first_stage_scores: list[float] | None = Field(
+        None, description="hybrid reranking: the first stage's score of each text (e.g. BM25), in the texts' order; "
+                          "the answer is the ranker's order fused with the first stage's (reciprocal-rank fusion)")
 
 
 class RerankDocumentsRequest(BaseModel):
@@ -98,6 +101,9 @@ class RerankDocumentsRequest(BaseModel):
     top_n: int | None = Field(None, description="answer only the best n (default: all)")
     return_documents: bool = Field(False, description="echo each document's text")
     model: str | None = None
+    first_stage_scores: list[float] | None = Field(
+        None, description="hybrid reranking: the first stage's score of each document (e.g. BM25), in the documents' order; "
+                          "the answer is the ranker's order fused with the first stage's (reciprocal-rank fusion)")
 
 
 class TEIPredictRequest(BaseModel):
@@ -129,7 +135,9 @@ REFUSALS = {400: {"model": ErrorBody, "description": "a field has a value the se
             413: {"model": ErrorBody, "description": "over a limit: body bytes, texts, characters or tokens"},
             422: {"model": ErrorBody, "description": "malformed: a missing field, a wrong type, an empty text"},
             503: {"model": ErrorBody, "description": "overloaded: not answerable within the latency target",
-                  "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}}}
+                  "headers": {"Retry-After": {
+                      "description": "seconds to wait: grows with the refusals per admitted request (1 to 30)",
+                      "schema": {"type": "integer"}}}}}
 # the headers are read by the one validator too; the patterns only document them
 DEADLINE = Header(None, alias=DEADLINE_HEADER, description="this request's latency target in ms (tighter than T)",
                   json_schema_extra={"pattern": r"^[0-9]*[1-9][0-9]*(\.[0-9]+)?$"})
@@ -153,6 +161,7 @@ def openapi_with_limits(schema: dict, info: dict) -> dict:
         for model, field in (("TEIRerankRequest", "texts"), ("RerankDocumentsRequest", "documents")):
             models[model]["properties"][field] = texts | {"title": field.title()}
             models[model]["properties"]["query"] |= text
+            models[model]["properties"]["first_stage_scores"]["anyOf"][0]["maxItems"] = info["max_inputs"]
         models["RerankDocumentsRequest"]["properties"]["top_n"]["anyOf"][0]["minimum"] = 1
     if "predict" in info["tasks"]:
         width = 2 if info["tasks"]["predict"]["pairs"] else 1
@@ -170,14 +179,14 @@ def openapi_with_limits(schema: dict, info: dict) -> dict:
     return schema
 
 
-def _error(status: int, message: str, error_type: str) -> Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+def _error(status: int, message: str, error_type: str, retry_after_s: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after_s or 1)} if status == 503 else None
     return JSON({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, e: RequestError):
-    return _error(e.status, e.message, e.error_type)
+    return _error(e.status, e.message, e.error_type, e.retry_after_s)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -269,14 +278,14 @@ class ElasticReplica:
         # admission before tokenizing: under overload refusing must cost next to nothing
         if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms):
             self.replica.count_shed()
-            raise overloaded()
+            raise overloaded(self.engine.pacing.retry_after_s())
         input_ids, token_type_ids = self.validator.tokenize(request)
         job = Job(input_ids, token_type_ids, task=request.task, min_sublm=request.min_sublm,
                   deadline_ms=request.deadline_ms)
         try:
             return await self.engine.submit(job)
         except Overloaded:
-            raise overloaded() from None
+            raise overloaded(self.engine.pacing.retry_after_s()) from None
 
     def _labels(self) -> list[str]:
         return self.replica.models["predict"].labels
@@ -316,10 +325,11 @@ class ElasticReplica:
                      min_sublm: str | None = MIN_SUBLM):
         request = self.validator.rerank_request(body.query, body.texts, body.truncate,
                                                 self.validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
-                                                _deadline(deadline_ms))
+                                                _deadline(deadline_ms), body.first_stage_scores)
         served = await self._serve(request)
         ranks = [{"index": i, "score": score, **({"text": request.texts[i]} if body.return_text else {})}
-                 for i, score in ranked(served.outputs, body.raw_scores, unit=self._unit_score)]
+                 for i, score in ranked(served.outputs, body.raw_scores, unit=self._unit_score,
+                                        first_stage_scores=request.first_stage_scores)]
         return JSON(ranks, headers={SUBLM_HEADER: served.sublm})
 
     @app.post("/v1/rerank", summary="Cohere / Jina-compatible reranking", responses=REFUSALS)
@@ -327,11 +337,13 @@ class ElasticReplica:
                                min_sublm: str | None = MIN_SUBLM):
         if body.top_n is not None and body.top_n < 1:
             raise RequestError(400, f"top_n must be at least 1, got {body.top_n}")
-        request = self.validator.rerank_request(body.query, body.documents, True, min_sublm, _deadline(deadline_ms))
+        request = self.validator.rerank_request(body.query, body.documents, True, min_sublm, _deadline(deadline_ms),
+                                                body.first_stage_scores)
         served = await self._serve(request)
         results = [{"index": i, "relevance_score": score,
                     **({"document": {"text": request.texts[i]}} if body.return_documents else {})}
-                   for i, score in ranked(served.outputs, top_n=body.top_n, unit=self._unit_score)]
+                   for i, score in ranked(served.outputs, top_n=body.top_n, unit=self._unit_score,
+                                          first_stage_scores=request.first_stage_scores)]
         return JSON({"results": results, "model": self.replica.model_name, "sublm": served.sublm,
                      "usage": {"total_tokens": served.num_tokens}}, headers={SUBLM_HEADER: served.sublm})
 
@@ -383,6 +395,8 @@ class ElasticReplica:
         except RequestError as e:
             grpc_context.set_code(getattr(grpc.StatusCode, e.grpc_code))
             grpc_context.set_details(e.message)
+            if e.retry_after_s:
+                grpc_context.set_trailing_metadata([(RETRY_AFTER_HEADER, str(e.retry_after_s))])
             return None
         grpc_context.set_trailing_metadata([(SUBLM_HEADER, served.sublm)])
         return answer(request, served)
@@ -407,12 +421,14 @@ class ElasticReplica:
     async def Rerank(self, request: elasticlm_pb2.RerankRequest, grpc_context) -> elasticlm_pb2.RerankResponse:
         def answer(valid, served):
             ranks = [elasticlm_pb2.Rank(index=i, score=score, **({"text": valid.texts[i]} if request.return_text else {}))
-                     for i, score in ranked(served.outputs, request.raw_scores, unit=self._unit_score)]
+                     for i, score in ranked(served.outputs, request.raw_scores, unit=self._unit_score,
+                                            first_stage_scores=valid.first_stage_scores)]
             return elasticlm_pb2.RerankResponse(ranks=ranks, sublm=served.sublm, prompt_tokens=served.num_tokens)
 
         response = await self._rpc(
             request, grpc_context, "RerankRequest",
-            lambda m, meta: self.validator.rerank_request(m.query or None, list(m.texts), **self._grpc_options(m, meta)),
+            lambda m, meta: self.validator.rerank_request(m.query or None, list(m.texts), **self._grpc_options(m, meta),
+                                                          first_stage_scores=list(m.first_stage_scores) or None),
             answer)
         return response or elasticlm_pb2.RerankResponse()
 

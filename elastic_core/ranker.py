@@ -76,6 +76,22 @@ def split_pairs(input_ids, token_type_ids) -> tuple[list[list[int]], list[list[i
     return queries, passages
 
 
+FUSION_K = 60  # reciprocal-rank fusion's constant (Cormack et al., 2009): nothing here is tuned on a test set
+
+
+def fuse_with_first_stage(model_scores, first_stage_scores, k: int = FUSION_K) -> np.ndarray:
+    """Reciprocal-rank fusion of the ranker's scores with the first stage's over one query's candidates,
+    scaled to 0..1 (1: first in both lists). Ranks, not scores, so a BM25 score and a cosine need no
+    common scale; ties rank in the candidates' order."""
+    total = 0.0
+    for scores in (model_scores, first_stage_scores):
+        x = np.asarray(scores, dtype=np.float64).reshape(-1)
+        rank = np.empty(len(x))
+        rank[np.argsort(-x, kind="stable")] = np.arange(1, len(x) + 1)
+        total = total + 1.0 / (k + rank)
+    return total * (k + 1) / 2
+
+
 class DenseRanker:
     """The bi-encoder: relevance = cos(query, passage), both embedded by the same SubLM."""
 
@@ -287,9 +303,13 @@ def rerank_eval(ranker, queries: dict[str, str], passages: dict[str, str], first
     # what a request of d candidates gets (the load tests' quality table), from the same scores
     shallower = {d: top(first_stage, d) for d in (20, 50) if d < depth}
     result["ndcg@10_at_depth"] = {str(d): {"first_stage": ndcg_at_10(qrels, kept)} for d, kept in shallower.items()}
+    result["hybrid"] = {}  # each ranker fused with the first stage's own scores (a request's first_stage_scores)
     for name, model, _ in scorers:
         run = {q: {p: cache[(name, q, p)] for p in docs} for q, docs in candidates.items()}
         result["sublms" if model is ranker else "baselines"][name] = retrieval_metrics(qrels, run, relevance_level)
+        fused = {q: dict(zip(docs, fuse_with_first_stage([cache[(name, q, p)] for p in docs], list(docs.values()))))
+                 for q, docs in candidates.items()}
+        result["hybrid"][name] = retrieval_metrics(qrels, fused, relevance_level)
         for d, kept in shallower.items():
             result["ndcg@10_at_depth"][str(d)][name] = ndcg_at_10(qrels, {q: {p: s for p, s in docs.items()
                                                                                if p in kept[q]}

@@ -8,6 +8,8 @@ twice: as the gRPC time-out (the client gives up after it) and as ``x-elasticlm-
 which the service's schedule plans with (Serve's gRPC proxy does not pass the call's deadline on). Under
 load the answer comes from a smaller SubLM, named in the response, rather than late; if the service
 refuses (RESOURCE_EXHAUSTED) or the deadline passes, the backend serves BM25's order instead of nothing.
+The request also carries BM25's scores (``first_stage_scores``): the service fuses its ranking with
+BM25's (hybrid reranking; ``--no-hybrid``: the ranker's order alone).
 """
 
 from __future__ import annotations
@@ -31,15 +33,18 @@ class SearchBackend:
         self.stub = elasticlm_pb2_grpc.ElasticLMStub(self.channel)
         self.app = app
 
-    def first_stage(self, query: str, k: int) -> list[int]:
-        docs, _ = self.bm25.retrieve(bm25s.tokenize([query], stopwords="en", show_progress=False), k=k,
-                                     show_progress=False)
-        return [int(d) for d in docs[0]]
+    def first_stage(self, query: str, k: int) -> tuple[list[int], list[float]]:
+        """BM25's top ``k``: document indices and their scores, best first."""
+        docs, scores = self.bm25.retrieve(bm25s.tokenize([query], stopwords="en", show_progress=False), k=k,
+                                          show_progress=False)
+        return [int(d) for d in docs[0]], [float(x) for x in scores[0]]
 
-    def search(self, query: str, candidates: int = 50, top: int = 10, deadline_ms: float = 150.0) -> dict:
+    def search(self, query: str, candidates: int = 50, top: int = 10, deadline_ms: float = 150.0,
+               hybrid: bool = True) -> dict:
         """The top ``top`` documents: reranked when the service answers within the deadline, BM25's otherwise."""
-        first = self.first_stage(query, candidates)
-        request = elasticlm_pb2.RerankRequest(query=query, texts=[self.texts[i] for i in first])
+        first, scores = self.first_stage(query, candidates)
+        request = elasticlm_pb2.RerankRequest(query=query, texts=[self.texts[i] for i in first],
+                                              first_stage_scores=scores if hybrid else None)
         metadata = [("application", self.app), ("x-elasticlm-deadline-ms", f"{deadline_ms:g}")]
         start = time.perf_counter()
         try:
@@ -47,7 +52,7 @@ class SearchBackend:
         except grpc.RpcError as e:  # overloaded, too late or down: the first stage's order still answers
             return {"ranked_by": f"bm25 (rerank: {e.code().name})", "ms": (time.perf_counter() - start) * 1000,
                     "hits": [(self.doc_ids[i], None) for i in first[:top]]}
-        return {"ranked_by": f"elasticlm {response.sublm}", "ms": (time.perf_counter() - start) * 1000,
+        return {"ranked_by": f"elasticlm {response.sublm}{' + bm25' if hybrid else ''}", "ms": (time.perf_counter() - start) * 1000,
                 "hits": [(self.doc_ids[first[r.index]], r.score) for r in response.ranks[:top]]}
 
 
@@ -59,10 +64,12 @@ def main():
     parser.add_argument("--app", default="elasticlm")
     parser.add_argument("--candidates", type=int, default=50)
     parser.add_argument("--deadline-ms", type=float, default=150.0)
+    parser.add_argument("--no-hybrid", dest="hybrid", action="store_false",
+                        help="rank by the service's ranker alone, not fused with BM25's scores")
     a = parser.parse_args()
     corpus = load_scifact(a.data_dir, "test").corpus
     backend = SearchBackend(corpus, a.target, a.app)
-    result = backend.search(a.query, a.candidates, deadline_ms=a.deadline_ms)
+    result = backend.search(a.query, a.candidates, deadline_ms=a.deadline_ms, hybrid=a.hybrid)
     print(f"top 10 of {a.candidates} BM25 candidates, ranked by {result['ranked_by']} in {result['ms']:.0f} ms")
     for rank, (doc_id, score) in enumerate(result["hits"], 1):
         text = corpus[doc_id].replace("\n", " ")

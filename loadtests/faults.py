@@ -260,6 +260,10 @@ def analyze(requests: list[dict], samples: list[tuple], t0: float, fault_start: 
     lost = [r for r in requests if r["status"] not in ("ok", "shed")]
     out["lost"] = len(lost)
     out["lost_codes"] = {c: sum(1 for r in lost if str(r["code"]) == c) for c in sorted({str(r["code"]) for r in lost})}
+    # of those, the ones whose connection was refused: they never reached the stack (nothing was
+    # accepted, and a client may resend them safely); the rest were cut, timed out or answered wrongly
+    out["lost_unconnected"] = sum(1 for r in lost if str(r["code"]) in ("0", "UNAVAILABLE")
+                                  and "refused" in (r.get("error") or "").lower())
     for name, (lo, hi) in windows.items():
         ok = [response_ms(r) for r in requests if r["status"] == "ok" and lo <= due(r) < hi]
         out[f"p99_{name}_ms"] = float(np.percentile(ok, 99)) if ok else None
@@ -459,6 +463,11 @@ def plot(name: str, result: dict, target_ms: float, path: Path) -> None:
     plt.close(fig)
 
 
+def _unconnected(a: dict) -> str:
+    n = a.get("lost_unconnected")
+    return f" ({n} never connected)" if n else ""
+
+
 def markdown(doc: dict) -> str:
     rows = ["| scenario | run at | sent | answered | shed | **lost** | p99 before / during / after (ms) | within T during | "
             "answering again (s after the fault) | replicas back in Redis (s) | dead share gone (s) | "
@@ -471,7 +480,8 @@ def markdown(doc: dict) -> str:
     for name, r in doc["scenarios"].items():
         a = r["analysis"]
         within = f"{a['within_T_during']:.3f}" if a["within_T_during"] is not None else "-"
-        rows.append(f"| {name} | {r.get('run_at', '-')} | {a['requests']} | {a['ok']} | {a['shed']} | **{a['lost']}** | "
+        rows.append(f"| {name} | {r.get('run_at', '-')} | {a['requests']} | {a['ok']} | {a['shed']} | **{a['lost']}**"
+                    f"{_unconnected(a)} | "
                     f"{ms(a['p99_before_ms'])} / {ms(a['p99_during_ms'])} / {ms(a['p99_after_ms'])} | {within} | "
                     f"{a['answers_back_s'] if a['answers_back_s'] is not None else 'never'} | "
                     f"{a['replicas_back_s'] if a['replicas_back_s'] is not None else 'never'} | "
@@ -498,7 +508,8 @@ def markdown(doc: dict) -> str:
     return (f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}).{note}\n\n"
             f"Load: {doc['load_rps']:.1f} req/s of one query ({doc['load_frac']} x the full SubLM's capacity "
             f"{doc['capacity_rps']:.1f} req/s), T = {doc['target_ms']:.0f} ms, two replicas; \"during\" is the "
-            f"fault and {SETTLE_S:.0f} s after it. Lost = any outcome but 200 or 503 (codes in the JSON).\n\n"
+            f"fault and {SETTLE_S:.0f} s after it. Lost = any outcome but 200 or 503 (codes in the JSON); "
+            "\"never connected\": of those, the ones whose connection was refused (the stack never saw them).\n\n"
             + "\n".join(rows) + "\n\nTargets:\n" + targets + "\n\n" + images)
 
 

@@ -81,6 +81,7 @@ logger = logging.getLogger("elasticlm.loadtest")
 SUBLM_HEADER = "x-elasticlm-sublm"            # deployments/ingress.py (not imported: it pulls in ray)
 DEADLINE_HEADER = "x-elasticlm-deadline-ms"
 MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
+RETRY_AFTER_HEADER = "retry-after"            # gRPC trailing metadata of a RESOURCE_EXHAUSTED
 SHED_HTTP = (429, 503)
 PROTOCOLS = ("http", "grpc")
 
@@ -392,7 +393,7 @@ class _Outcome:
     bytes: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
-    retry_after_s: float = 1.0   # what the server asked a shed client to wait (HTTP Retry-After)
+    retry_after_s: float = 1.0   # what the server asked a shed client to wait (Retry-After, header or trailer)
 
 
 class _PacedUser:
@@ -541,11 +542,15 @@ class GrpcEmbedUser(_PacedUser, User):
         else:
             rpc, request = "Embed", elasticlm_pb2.EmbedRequest(inputs=texts, kind=kind, min_sublm=o.min_sublm)
         start_ts, t0 = time.time(), time.perf_counter()
-        response, error, code = None, None, "OK"
+        response, error, code, retry_after = None, None, "OK", 1.0
         try:
             response, call = getattr(self.stub, rpc).with_call(request, metadata=metadata, timeout=o.request_timeout_s)
         except grpc.RpcError as e:
             code, error = e.code().name, f"{e.code().name}: {e.details()}"
+            try:
+                retry_after = float(dict(e.trailing_metadata() or ()).get(RETRY_AFTER_HEADER) or 1.0)
+            except ValueError:
+                pass
         latency_ms = (time.perf_counter() - t0) * 1000.0
         name, exception, status, sublm, size, tokens = rpc, None, "failed", None, 0, None
         if response is not None:
@@ -561,7 +566,7 @@ class GrpcEmbedUser(_PacedUser, User):
             exception = RuntimeError(error)
         events.request.fire(request_type="grpc", name=name, response_time=latency_ms, response_length=size,
                             exception=exception, context={})
-        return _Outcome(status, code, sublm, latency_ms, start_ts, size, tokens, error)
+        return _Outcome(status, code, sublm, latency_ms, start_ts, size, tokens, error, retry_after)
 
 
 # --------------------------------------------------------------------------- the shape

@@ -75,3 +75,23 @@ def test_rayservice_embeds_the_cluster_config_and_redis_secret():
             assert env[name]["value"] == SERVE_ENV[name]
     redis_docs = list(yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()))
     assert {d["kind"] for d in redis_docs} == {"Secret", "Deployment", "Service"}
+
+
+def test_network_policies_open_only_the_serving_ports_to_outsiders():
+    """Ray binds its own ports on every interface; the policies are what keeps them in the cluster."""
+    redis = next(d for d in yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()) if d["kind"] == "Deployment")
+    service = yaml.safe_load((ROOT / "cluster/config.yaml").read_text())
+    policies = {d["metadata"]["name"]: d for d in yaml.safe_load_all((ROOT / "cluster/kuberay/networkpolicy.yaml").read_text())}
+    ray_pods = {"ray.io/is-ray-node": "yes"}
+    for policy in policies.values():
+        assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    ray_rules = policies["elasticlm-ray"]["spec"]["ingress"]
+    assert policies["elasticlm-ray"]["spec"]["podSelector"]["matchLabels"] == ray_pods
+    open_to_all = [r for r in ray_rules if "from" not in r]
+    assert [sorted(p["port"] for p in r["ports"]) for r in open_to_all] == [
+        sorted([service["http_options"]["port"], service["grpc_options"]["port"]])]
+    assert all("ports" in r or r["from"] == [{"podSelector": {"matchLabels": ray_pods}}] for r in ray_rules)
+    redis_policy = policies["elasticlm-redis"]["spec"]
+    assert redis_policy["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert redis_policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": ray_pods}}],
+                                        "ports": [{"port": 6379, "protocol": "TCP"}]}]

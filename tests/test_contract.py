@@ -84,6 +84,10 @@ def test_request_error_survives_pickling():
     (lambda v: v.rerank_request("q", "a"), 422, "texts must be a list"),
     (lambda v: v.rerank_request("q", []), 422, "texts is empty"),
     (lambda v: v.rerank_request("q", ["a"] * 4), 413, "4 texts in one request"),
+    (lambda v: v.rerank_request("q", ["a", "b"], first_stage_scores=[1.0]), 400,
+     "first_stage_scores has 1 scores for 2 texts"),
+    (lambda v: v.rerank_request("q", ["a"], first_stage_scores=[float("nan")]), 422, "must be finite numbers"),
+    (lambda v: v.rerank_request("q", ["a"], first_stage_scores=[True]), 422, "must be finite numbers"),
     (lambda v: v.tokenize(v.rerank_request("q", ["ok", "token " * 40], truncate=False)), 413,
      "texts[1] with the query has"),
     (lambda v: v.predict_request(["a", "b"]), 422, "takes single texts"),
@@ -120,6 +124,11 @@ def test_ranked_and_predictions_are_best_first():
     assert ranked(cosines, unit=lambda c: (c + 1) / 2) == [(2, pytest.approx(0.9)), (0, pytest.approx(0.6)),
                                                           (1, pytest.approx(0.2))]
     assert ranked(cosines, raw_scores=True, unit=lambda c: (c + 1) / 2)[0] == (2, pytest.approx(0.8))
+    # hybrid: the ranker's order fused with the first stage's by rank; the scores are the fusion's
+    fused = ranked(cosines, unit=lambda c: (c + 1) / 2, first_stage_scores=[9.0, 1.0, 3.0])
+    assert [i for i, _ in fused] == [0, 2, 1]  # 0 and 2 tie (first and second, each in one list): input order
+    assert fused[0][1] == pytest.approx((61 / 2) * (1 / 62 + 1 / 61)) and fused[-1][1] < fused[0][1] <= 1
+    assert ranked(cosines, raw_scores=True, first_stage_scores=[9.0, 1.0, 3.0])[0] == (0, pytest.approx(0.2))
     (row,) = predictions([[0.0, 1.0]], ["neg", "pos"])
     assert [label for label, _ in row] == ["pos", "neg"] and sum(score for _, score in row) == pytest.approx(1.0)
 
@@ -135,3 +144,11 @@ def test_the_openapi_not_blank_pattern_is_the_validators_blank():
         if 0xD800 <= ord(c) <= 0xDFFF:
             continue
         assert bool(pattern.search(c)) == bool(c.strip()), repr(c)
+
+
+def test_rank_fusion_is_one_for_first_in_both_and_follows_either_list_on_ties():
+    from elastic_core.ranker import fuse_with_first_stage
+
+    assert fuse_with_first_stage([0.9, 0.1], [5.0, 1.0]).tolist() == pytest.approx([1.0, 61 / 62])
+    crossed = fuse_with_first_stage([0.9, 0.1], [1.0, 5.0])  # each first in one list: equal
+    assert crossed[0] == pytest.approx(crossed[1])

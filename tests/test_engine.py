@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from elastic_core.batching import Chunking
-from elastic_core.engine import Job, Overloaded, ServingEngine, TaskLane
+from elastic_core.engine import Job, Overloaded, RetryPacing, ServingEngine, TaskLane
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import DepthReading, ElasticSchedule
 
@@ -270,3 +270,33 @@ def test_each_lane_schedules_against_its_own_target():
     embed, rank, targets = asyncio.run(run())
     assert (embed, rank) == ("w25", "w75")
     assert targets == (500, 5_000, 300)          # a client's tighter deadline still wins
+
+
+def test_retry_pacing_grows_with_the_refusals_per_admission_and_forgets_them():
+    now = [0.0]
+    pacing = RetryPacing(window_s=2.0, min_s=1, max_s=30, clock=lambda: now[0])
+    assert pacing.retry_after_s() == 1                 # nothing seen: the floor
+    for _ in range(10):
+        pacing.record(True)
+    for _ in range(25):
+        pacing.record(False)
+    assert pacing.retry_after_s() == 3                 # 25 refused per 10 admitted, rounded up
+    for _ in range(400):
+        pacing.record(False)
+    assert pacing.retry_after_s() == 30                # capped
+    now[0] = 2.5                                       # the window moved on: the crowd is forgotten
+    pacing.record(True)
+    assert pacing.retry_after_s() == 1
+
+
+def test_admission_verdicts_feed_the_retry_pacing():
+    async def run():
+        eng = engine(GatedRunner(), target_ms=100)
+        assert eng.admits("embed", 1, 10)
+        for _ in range(5):  # a deadline no SubLM can meet: refused, and counted
+            assert not eng.admits("embed", 64, 64 * 256, deadline_ms=1)
+        pause = eng.pacing.retry_after_s()
+        await eng.close()
+        return pause
+
+    assert asyncio.run(run()) == 5                      # five refusals per admission

@@ -13,15 +13,17 @@ def request(due_s, status="ok", latency_ms=20.0, sublm="w100", code=200):
 def test_lost_is_anything_but_answered_or_shed_and_windows_split_at_the_fault():
     requests = [request(t / 10) for t in range(0, 200)]                          # 0-20 s: fine
     requests += [request(20 + t / 10, latency_ms=400, sublm="w25") for t in range(50)]  # the fault: slow, small
-    requests += [request(25.1, "shed", code=503), request(25.2, "failed", code=0), request(25.3, "failed", code=500)]
+    requests += [request(25.1, "shed", code=503), request(25.2, "failed", code=0), request(25.3, "failed", code=500),
+                 {**request(25.4, "failed", code=0), "error": "no response: ConnectionRefusedError(111, 'Connection refused')"}]
     requests += [request(40 + t / 10) for t in range(100)]                        # after
     samples = [(T0 + t / 4, 2, 3) for t in range(0, 80)]                          # 0-20 s: 2 live
     samples += [(T0 + 20 + t / 4, None, None) for t in range(40)]                 # Redis down 20-30 s
     samples += [(T0 + 30 + t / 4, 1, 0) for t in range(8)]                        # 30-32 s: 1 live
     samples += [(T0 + 32 + t / 4, 2, 1) for t in range(80)]                       # back at 32 s
     a = analyze(requests, samples, T0, fault_start=T0 + 20, fault_end=T0 + 30, target_ms=150)
-    assert (a["requests"], a["ok"], a["shed"], a["lost"]) == (353, 350, 1, 2)
-    assert a["lost_codes"] == {"0": 1, "500": 1}
+    assert (a["requests"], a["ok"], a["shed"], a["lost"]) == (354, 350, 1, 3)
+    assert a["lost_codes"] == {"0": 2, "500": 1}
+    assert a["lost_unconnected"] == 1                      # refused at connect: never reached the stack
     assert a["p99_before_ms"] == 20 and a["p99_during_ms"] == 400 and a["p99_after_ms"] == 20
     assert a["within_T_during"] == 0.0
     assert a["live_replicas_before"] == 2 and a["replicas_back_s"] == 2.0

@@ -80,11 +80,12 @@ embed_requests = st.builds(
     st.one_of(st.none(), st.sampled_from(["query", "passage", "document"]), st.text(max_size=10)))
 floors = st.one_of(st.none(), st.sampled_from(["w100", "w50", "w25", "w10", ""]), st.text(max_size=10))
 rerank_requests = st.builds(
-    lambda query, candidates, truncate, floor, raw, echo: elasticlm_pb2.RerankRequest(
+    lambda query, candidates, truncate, floor, raw, echo, first_stage: elasticlm_pb2.RerankRequest(
         query=query, texts=candidates, **({} if truncate is None else {"truncate": truncate}),
-        **({} if floor is None else {"min_sublm": floor}), raw_scores=raw, return_text=echo),
+        **({} if floor is None else {"min_sublm": floor}), raw_scores=raw, return_text=echo,
+        first_stage_scores=first_stage),
     texts, st.lists(texts, max_size=MAX_INPUTS + 3), st.one_of(st.none(), st.booleans()), floors, st.booleans(),
-    st.booleans())
+    st.booleans(), st.lists(st.floats(width=32), max_size=6))
 predict_requests = st.builds(
     lambda inputs, truncate, floor: elasticlm_pb2.PredictRequest(
         inputs=inputs, **({} if truncate is None else {"truncate": truncate}),

@@ -212,6 +212,36 @@ def test_rerank_puts_the_relevant_passage_first_on_both_ingresses(stack, ranker,
     np.testing.assert_allclose([x.score for x in response.ranks], [x["score"] for x in ranks], atol=1e-5)
 
 
+def test_hybrid_rerank_fuses_the_first_stage_alike_on_both_ingresses(stack):
+    """first_stage_scores: the ranker's order fused with the first stage's by rank; HTTP and gRPC agree."""
+    from elastic_core.ranker import fuse_with_first_stage
+
+    first_stage = [0.0, 9.0, 0.5]  # the first stage puts the relevant text last
+    raw = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True},
+                     timeout=60).json()
+    cosines = [x["score"] for x in sorted(raw, key=lambda x: x["index"])]
+    expected = fuse_with_first_stage(cosines, first_stage)
+    r = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "first_stage_scores": first_stage},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    ranks = r.json()
+    assert [x["index"] for x in ranks] == sorted(range(len(TEXTS)), key=lambda i: -expected[i])
+    np.testing.assert_allclose([x["score"] for x in ranks], sorted(expected, reverse=True), atol=1e-6)
+    response, _ = grpc_call(stack, "Rerank", elasticlm_pb2.RerankRequest(query=QUERY, texts=TEXTS,
+                                                                        first_stage_scores=first_stage))
+    assert [x.index for x in response.ranks] == [x["index"] for x in ranks]
+    np.testing.assert_allclose([x.score for x in response.ranks], [x["score"] for x in ranks], atol=1e-5)
+    docs = httpx.post(f"{stack['http']}/v1/rerank", json={"query": QUERY, "documents": TEXTS,
+                                                           "first_stage_scores": first_stage}, timeout=60).json()
+    assert [x["index"] for x in docs["results"]] == [x["index"] for x in ranks]
+    bad = httpx.post(f"{stack['http']}/rerank", json={"query": QUERY, "texts": TEXTS, "first_stage_scores": [1.0]},
+                     timeout=60)
+    assert bad.status_code == 400 and "first_stage_scores has 1 scores for 3 texts" in bad.json()["error"]
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_call(stack, "Rerank", elasticlm_pb2.RerankRequest(query=QUERY, texts=TEXTS, first_stage_scores=[1.0]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first_stage_scores" in refused.value.details()
+
+
 def test_cohere_style_rerank_answers_the_top_n(stack):
     r = httpx.post(f"{stack['http']}/v1/rerank", json={"query": QUERY, "documents": TEXTS, "top_n": 2,
                                                         "return_documents": True}, timeout=60)
@@ -250,12 +280,13 @@ def test_the_search_backend_example_reranks_bm25s_candidates(stack):
 
     corpus = {f"d{i}": text for i, text in enumerate(TEXTS + ["Bones need calcium and vitamin D to stay strong."])}
     backend = SearchBackend(corpus, stack["grpc_target"], APP)
-    result = backend.search(QUERY, candidates=4, top=2, deadline_ms=5000)
-    assert result["ranked_by"] == "elasticlm w100" and len(result["hits"]) == 2
-    assert {doc for doc, _ in result["hits"]} == {"d0", "d3"}  # the two about vitamin D and bones
+    for hybrid, name in ((False, "elasticlm w100"), (True, "elasticlm w100 + bm25")):
+        result = backend.search(QUERY, candidates=4, top=2, deadline_ms=5000, hybrid=hybrid)
+        assert result["ranked_by"] == name and len(result["hits"]) == 2
+        assert {doc for doc, _ in result["hits"]} == {"d0", "d3"}  # the two about vitamin D and bones
     too_tight = backend.search(QUERY, candidates=4, deadline_ms=1)  # refused: the backend answers with BM25's order
     assert too_tight["ranked_by"].startswith("bm25")
-    assert [d for d, _ in too_tight["hits"]] == [backend.doc_ids[i] for i in backend.first_stage(QUERY, 4)]
+    assert [d for d, _ in too_tight["hits"]] == [backend.doc_ids[i] for i in backend.first_stage(QUERY, 4)[0]]
 
 
 def test_info_is_the_same_on_both_ingresses(stack):
@@ -459,8 +490,10 @@ def test_overload_is_shed_with_503_and_retry_after(stack):
     assert set(codes) <= {200, 503}, codes   # nothing else: no 500, no time-out
     assert codes.count(200) >= 4, codes      # what was accepted was served
     assert codes.count(503) >= 10, codes     # the excess was shed at once
-    shed = next(r for r in responses if r.status_code == 503)
-    assert shed.headers["retry-after"] == "1" and shed.json()["error_type"] == "Overloaded"
+    for shed in (r for r in responses if r.status_code == 503):
+        pause = int(shed.headers["retry-after"])  # paced: the refusals per admission (RetryPacing)
+        assert 1 <= pause <= 30 and shed.json()["error_type"] == "Overloaded"
+        assert f"retry after {pause} s" in shed.json()["error"]
 
 
 # ----------------------------------------------------------------------------- Redis outage, replica death
