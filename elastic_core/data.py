@@ -86,31 +86,6 @@ def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_p
     return texts
 
 
-def training_pairs(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0,
-                   max_per_source: int = 6000) -> list[tuple[str, str]]:
-    """Unlabeled text pairs that belong together, for distilling how the teacher ranks one text
-    against many: QNLI (question, Wikipedia sentence), SciFact *train* (query, judged abstract),
-    MRPC and RTE train (sentence, sentence). Labels are not read (an unrelated pair still teaches
-    the teacher's score), nor anything of TREC DL. Each source capped at ``max_per_source``."""
-    data_dir = Path(data_dir)
-    rng = random.Random(seed)
-    scifact = load_scifact(data_dir, split="train")
-    sources = {
-        "qnli": [(r["question"], r["sentence"]) for r in _read_tsv(data_dir / "glue" / "QNLI" / "dev.tsv")],
-        "scifact_train": [(scifact.queries[q], scifact.corpus[d]) for q, rel in scifact.qrels.items()
-                          for d in rel if q in scifact.queries and d in scifact.corpus],
-        "mrpc_train": [(r["#1 String"], r["#2 String"]) for r in _read_tsv(data_dir / "glue" / "MRPC" / "train.tsv")],
-        "rte_train": [(r["sentence1"], r["sentence2"]) for r in _read_tsv(data_dir / "glue" / "RTE" / "train.tsv")],
-    }
-    pairs: list[tuple[str, str]] = []
-    for name in sorted(sources):
-        items = sorted(set((a.strip(), b.strip()) for a, b in sources[name] if a and b and a.strip() and b.strip()))
-        rng.shuffle(items)
-        pairs.extend(items[:max_per_source])
-    rng.shuffle(pairs)
-    return pairs
-
-
 def load_dl19(data_dir=DEFAULT_DATA_DIR, system: str | None = "BM25"):
     """TREC DL 2019 passage (a test set: never trained on): judged queries, passage texts, candidate lists
     (``system``'s from candidates.tsv, or with ``None`` the union of every system's, scored by how

@@ -9,12 +9,7 @@ The teacher is the unpruned model (frozen copy). Per SubLM the loss is
                 (softmax over each row of E E^T / tau): keeps who-is-near-whom, which is what
                 retrieval needs,
   * tokens:     1 - cos on every real token's final state: a dense signal that makes
-                the pooled embedding converge with far fewer texts,
-and, with ``pairs_per_step``, on pairs of texts that belong together (a question and a sentence, a
-query and an abstract):
-  * pair relation: KL between the teacher's and the student's distributions over one side's texts
-                for each text of the other (rows and columns of A B^T / tau): how the teacher ranks
-                a passage against the other passages for a query, which is what reranking asks.
+                the pooled embedding converge with far fewer texts.
 """
 
 from __future__ import annotations
@@ -55,8 +50,6 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str = "auto"
-    pairs_per_step: int = 0  # text pairs per step (data.training_pairs), beside batch_size single texts
-    pair_weight: float = 1.0
 
 
 # --------------------------------------------------------------------------- loss
@@ -72,44 +65,20 @@ def distillation_loss(states, teacher_states, teacher_emb, attention_mask, tau: 
     return {"loss": total, "embedding": embedding.detach(), "relation": relation.detach(), "tokens": tokens.detach()}
 
 
-def pair_relation_loss(a_emb, b_emb, teacher_a, teacher_b, tau: float) -> torch.Tensor:
-    """KL(teacher || student) over each row of A B^T / tau and each column: for every text of one
-    side, the teacher's distribution over the other side's texts."""
-    student, teacher = a_emb @ b_emb.T / tau, teacher_a @ teacher_b.T / tau
-
-    def kl(s, t):
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-
-    return 0.5 * (kl(student, teacher) + kl(student.T, teacher.T))
-
-
 def elastic_step(model: ElasticEncoder, teacher: ElasticEncoder, batch: dict, optimizer, cfg: TrainConfig,
-                 sublms: list[str] | None = None, pairs: tuple[dict, dict] | None = None) -> dict[str, float]:
-    """One optimization step over all SubLMs: forward + backward each, then a single update.
-    ``pairs``: two padded batches whose rows belong together (row i of one with row i of the other);
-    each side runs as its own forward, so a short question is not padded to its passage's length."""
-    groups = [batch, *(pairs or ())]
+                 sublms: list[str] | None = None) -> dict[str, float]:
+    """One optimization step over all SubLMs: forward + backward each, then a single update."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        targets = []
-        for g in groups:
-            states = teacher(g["input_ids"], g["attention_mask"])
-            targets.append((states, mean_pool_normalize(states, g["attention_mask"])))
-    texts = [len(g["input_ids"]) for g in groups]
+        teacher_states = teacher(ids, mask)
+        teacher_emb = mean_pool_normalize(teacher_states, mask)
     optimizer.zero_grad(set_to_none=True)
     losses = {}
     for name in sublms or model.config.sublm_names:
-        loss, embs = 0.0, []
-        for g, (t_states, t_emb), n in zip(groups, targets, texts):
-            states = model(g["input_ids"], g["attention_mask"], sublm=name)
-            parts = distillation_loss(states, t_states, t_emb, g["attention_mask"],
-                                      cfg.relation_tau, cfg.token_weight, cfg.relation_weight)
-            loss = loss + parts["loss"] * (n / sum(texts))  # per text, wherever the text came from
-            embs.append(mean_pool_normalize(states, g["attention_mask"]))
-        if pairs:
-            loss = loss + cfg.pair_weight * pair_relation_loss(embs[1], embs[2], targets[1][1], targets[2][1],
-                                                               cfg.relation_tau)
-        loss.backward()  # gradients of every SubLM accumulate in the shared weights
-        losses[name] = loss.item()
+        parts = distillation_loss(model(ids, mask, sublm=name), teacher_states, teacher_emb, mask,
+                                  cfg.relation_tau, cfg.token_weight, cfg.relation_weight)
+        parts["loss"].backward()  # gradients of every SubLM accumulate in the shared weights
+        losses[name] = parts["loss"].item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     return losses
@@ -155,7 +124,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .data import DEFAULT_DATA_DIR, training_pairs, training_texts
+    from .data import DEFAULT_DATA_DIR, training_texts
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -183,17 +152,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         batches += length_bucketed_batches([len(x) for x in enc["input_ids"]], cfg.batch_size, cfg.seed + epoch)
         epoch += 1
 
-    pair_batches, pair_enc = [], None
-    if cfg.pairs_per_step:
-        pairs = training_pairs(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source)
-        pair_enc = [tokenizer([p[side] for p in pairs], truncation=True, max_length=cfg.max_length)
-                    for side in (0, 1)]
-        epoch = 0
-        while len(pair_batches) < cfg.steps:  # bucketed by the longer side's length
-            pair_batches += length_bucketed_batches([len(x) for x in pair_enc[1]["input_ids"]], cfg.pairs_per_step,
-                                                    cfg.seed + epoch)
-            epoch += 1
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, int(cfg.warmup * cfg.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -214,11 +172,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     t0, seen = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         batch = collate(enc, batches[step], tokenizer.pad_token_id, device)
-        pairs = tuple(collate(side, pair_batches[step], tokenizer.pad_token_id, device)
-                      for side in pair_enc) if pair_enc else None
-        losses = elastic_step(model, teacher, batch, optimizer, cfg, pairs=pairs)
+        losses = elastic_step(model, teacher, batch, optimizer, cfg)
         schedule.step()
-        seen += len(batches[step]) + (2 * len(pair_batches[step]) if pair_enc else 0)
+        seen += len(batches[step])
         rate = seen / (time.perf_counter() - t0)
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"texts/s": f"{rate:.1f}"})
         bar.update(1)

@@ -2,8 +2,7 @@ import copy
 
 import torch
 
-from elastic_core.optimize import (TrainConfig, distillation_loss, elastic_step, length_bucketed_batches,
-                                   pair_relation_loss)
+from elastic_core.optimize import TrainConfig, distillation_loss, elastic_step, length_bucketed_batches
 from elastic_core.model import mean_pool_normalize
 
 
@@ -46,31 +45,3 @@ def test_length_buckets_cover_everything_once():
     assert batches == length_bucketed_batches(lengths, batch_size=4, seed=3)  # seeded
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert sorted(spread)[len(spread) // 2] <= 3  # most batches hold texts of similar length
-
-
-QUESTIONS = ["what is the boiling point of water", "who wrote the odyssey", "how do vaccines work",
-             "where is the eiffel tower"]
-ANSWERS = ["Water boils at 100 degrees Celsius at sea level.", "The Odyssey is attributed to the poet Homer.",
-           "Vaccines train the immune system to recognise a pathogen.", "The Eiffel Tower stands in Paris."]
-
-
-def _pair_relation(model, teacher, pairs, sublm, tau=0.05):
-    with torch.no_grad():
-        embs = [mean_pool_normalize(m(p["input_ids"], p["attention_mask"], sublm=s), p["attention_mask"])
-                for p in pairs for m, s in ((model, sublm), (teacher, "w100"))]
-    return pair_relation_loss(embs[0], embs[2], embs[1], embs[3], tau).item()
-
-
-def test_pair_steps_teach_the_teachers_ranking(teacher, tokenizer, batch):
-    pairs = tuple(dict(tokenizer(side, padding=True, return_tensors="pt", return_token_type_ids=False))
-                  for side in (QUESTIONS, ANSWERS))
-    assert abs(_pair_relation(teacher, teacher, pairs, "w100")) < 1e-5  # the teacher ranks as itself
-    cfg = TrainConfig(lr=2e-4, pairs_per_step=len(QUESTIONS))
-    model = copy.deepcopy(teacher).train()
-    before = _pair_relation(model, teacher, pairs, "w25")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    for _ in range(3):
-        losses = elastic_step(model, teacher, batch, optimizer, cfg, pairs=pairs)
-    assert set(losses) == {"w100", "w75", "w50", "w25"}
-    assert before > 1e-3
-    assert _pair_relation(model, teacher, pairs, "w25") < before
