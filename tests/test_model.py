@@ -32,8 +32,11 @@ def test_permutation_keeps_the_full_model(teacher, batch):
 
 
 def test_importance_puts_important_units_first(teacher, batch):
+    # the estimate draws random projections: a fixed draw, and 8 of them (with 2, an unlucky draw in CI
+    # flipped the last layer's halves)
+    torch.manual_seed(0)
     model = copy.deepcopy(teacher)
-    heads, neurons = score_importance(model, [batch], projections=2)
+    heads, neurons = score_importance(model, [batch], projections=8)
     assert heads.shape == (6, 12) and neurons.shape == (6, 1536)
     assert (heads > 0).all() and (neurons >= 0).all()
     permute_by_importance(model, heads, neurons)
