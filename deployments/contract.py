@@ -263,14 +263,11 @@ def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None,
     With ``first_stage_scores`` the order is the ranker's fused with the first stage's
     (``elastic_core.ranker.fuse_with_first_stage``) and, unless ``raw_scores``, the score is the fusion's."""
     scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-    order_by = None
-    if first_stage_scores is not None:
-        order_by = fuse_with_first_stage(scores, first_stage_scores)
-        if not raw_scores:
-            scores = order_by
-    elif not raw_scores:
-        scores = np.asarray(unit(scores) if unit else 1.0 / (1.0 + np.exp(-scores)), dtype=np.float64)
-    order = np.argsort(-(scores if order_by is None else order_by), kind="stable")[:top_n]
+    fused = None if first_stage_scores is None else fuse_with_first_stage(scores, first_stage_scores)
+    if not raw_scores:
+        scores = fused if fused is not None else np.asarray(unit(scores) if unit else 1.0 / (1.0 + np.exp(-scores)),
+                                                            dtype=np.float64)
+    order = np.argsort(-(scores if fused is None else fused), kind="stable")[:top_n]
     return [(int(i), float(scores[i])) for i in order]
 
 

@@ -86,20 +86,17 @@ class RetryPacing:
     def __init__(self, window_s: float = 2.0, min_s: int = 1, max_s: int = 30, clock=time.monotonic):
         self.window_s, self.min_s, self.max_s, self._clock = window_s, min_s, max_s, clock
         self._verdicts: collections.deque[tuple[float, bool]] = collections.deque()
-        self._admitted = self._refused = 0
+        self._admitted = 0  # of the verdicts in the window; the rest were refusals
 
     def record(self, admitted: bool) -> None:
         now = self._clock()
         self._verdicts.append((now, admitted))
         self._admitted += admitted
-        self._refused += not admitted
         while self._verdicts[0][0] < now - self.window_s:
-            _, old = self._verdicts.popleft()
-            self._admitted -= old
-            self._refused -= not old
+            self._admitted -= self._verdicts.popleft()[1]
 
     def retry_after_s(self) -> int:
-        ratio = self._refused / max(1, self._admitted)
+        ratio = (len(self._verdicts) - self._admitted) / max(1, self._admitted)
         return int(min(self.max_s, max(self.min_s, math.ceil(ratio))))
 
 
