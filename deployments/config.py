@@ -42,6 +42,9 @@ class ReplicaConfig:
                                                    # factor x T; 0: queue everything (saturation benchmarks)
     calibration_alpha: float = 0.1                 # EWMA weight of each batch in measured / profiled time;
                                                    # 0: predict from the profile alone
+    choice_quantile: float = 0.99                  # the schedule picks the largest SubLM whose completion fits T
+                                                   # this often, from the measured scatter of batch times; 0: on
+                                                   # the mean (half the batches chosen at the edge run late)
     # batching
     max_batch_texts: int = 64                      # texts the loop takes per batch, at most
     max_batch_tokens: int = 16384                  # tokens the loop takes per batch, at most
@@ -64,6 +67,8 @@ class ReplicaConfig:
         bad = [f"{name}={getattr(self, name)!r}" for name in positive if not getattr(self, name) > 0]
         if self.admission_factor < 0:
             bad.append(f"admission_factor={self.admission_factor!r} (must be >= 0)")
+        if not 0 <= self.choice_quantile < 1:
+            bad.append(f"choice_quantile={self.choice_quantile!r} (must be in [0, 1))")
         if not 0 <= self.calibration_alpha <= 1:
             bad.append(f"calibration_alpha={self.calibration_alpha!r} (must be in [0, 1])")
         unknown = [t for t in self.tasks if t not in TASKS]

@@ -99,7 +99,7 @@ class Replica:
             # and scales on its own signal; they share the queue, the batching loop and the model thread
             schedule = ElasticSchedule(profile, sublms, ranking=ranking, max_batch_texts=cfg.max_batch_texts,
                                        chunking=chunking, admission_factor=cfg.admission_factor,
-                                       calibration_alpha=cfg.calibration_alpha)
+                                       calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
             lanes[task] = TaskLane(model, schedule, self._depth_source(redis_url, task),
                                    target_ms=(cfg.task_target_ms or {}).get(task))
         classifier = self.models.get("predict")

@@ -23,6 +23,12 @@ and that one model serves three decisions:
   the same batch runs slower. Every prediction is scaled by measured / profiled time per SubLM, a
   ratio of two EWMAs (so a long batch weighs more than a one-text straggler; SubLMs not yet seen
   use the ratio over all), and choice and admission stay right under contention.
+* **headroom** (choice only): a calibrated prediction is right on average, and a batch chosen because
+  its mean just fits T misses T about half the time. The schedule also follows how far measured
+  times scatter around the calibrated prediction (an EWMA of the squared log ratio) and chooses on
+  the ``choice_quantile`` of the completion (log-normal): the largest SubLM that makes T that often.
+  A batch far larger than calibration has seen is an extrapolation and gets at least ``prior_spread``.
+  Admission keeps the mean: it refuses only what is certain to miss.
 
 Pure logic: no Ray, no Redis, no torch. ``deployments/replica.py`` only feeds it.
 """
@@ -30,6 +36,7 @@ Pure logic: no Ray, no Redis, no torch. ``deployments/replica.py`` only feeds it
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -83,10 +90,17 @@ class ElasticSchedule:
     admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
     calibration_alpha: float = 0.1    # EWMA weight of the newest batch; 0: predict from the profile alone
     calibration_bounds: tuple[float, float] = (0.25, 8.0)
+    choice_quantile: float = 0.99     # choose so the completion fits T this often; 0: on the mean prediction
     mean_tokens: float = 64.0         # running mean length of served texts: the queue's assumed mix
-    _seen: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)  # EWMAs [measured, profiled]
+    prior_spread: float = 0.45        # the scatter assumed where calibration has not been: a batch over twice
+                                      # the largest its SubLM ran (or the first) leaves exp(2.33 x 0.45) = 2.9x
+    # per SubLM and "*" (all): EWMAs [measured, profiled] and the largest profiled batch seen
+    _seen: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
+    _scatter: list[float] = field(default_factory=lambda: [0, 0.0], init=False, repr=False)  # [n, EWMA log² ratio]
 
     def __post_init__(self):
+        if not 0 <= self.choice_quantile < 1:
+            raise ValueError(f"choice_quantile must be in [0, 1), got {self.choice_quantile}")
         missing = [s for s in self.sublms if s not in self.profile.sublms]
         if not self.sublms or missing:
             raise ValueError(f"the latency profile has no entries for {missing or 'any SubLM'}")
@@ -97,9 +111,25 @@ class ElasticSchedule:
     # ----------------------------------------------------------------- the queue-wait model
     def factor(self, sublm: str) -> float:
         """Calibration: measured / profiled time, per SubLM (1.0 before anything ran)."""
-        measured, profiled = self._seen.get(sublm) or self._seen.get("*") or (1.0, 1.0)
+        measured, profiled, _ = self._seen.get(sublm) or self._seen.get("*") or (1.0, 1.0, 0.0)
         lo, hi = self.calibration_bounds
         return min(hi, max(lo, measured / profiled))
+
+    def headroom(self, sublm: str | None = None, profiled_ms: float = 0.0) -> float:
+        """How much longer than its calibrated prediction a batch may take ``choice_quantile`` of the time:
+        ``exp(z_q x spread)``, the spread being the RMS log ratio of measured to calibrated-predicted time.
+        A batch of ``sublm`` over twice the largest that calibration has seen of it (profiled time) is an
+        extrapolation (a replica's first batches; reranks of 50 after warm-up reranks of 8 short texts ran
+        at 0.4x their profile): there the spread is at least ``prior_spread``. 1.0 with ``choice_quantile``
+        0, or without calibration (predictions from the profile alone, exact by construction)."""
+        if not self.choice_quantile or not self.calibration_alpha:
+            return 1.0
+        spread = math.sqrt(self._scatter[1])
+        if sublm is not None:
+            largest = (self._seen.get(sublm) or self._seen.get("*") or (0.0, 0.0, 0.0))[2]
+            if profiled_ms > 2 * largest:
+                spread = max(spread, self.prior_spread)
+        return math.exp(NormalDist().inv_cdf(self.choice_quantile) * spread)
 
     def profiled_ms(self, sublm: str, lengths: Sequence[int]) -> float:
         return sum(self.profile.predict_ms(sublm, n, seq) for n, seq in self.chunking.shapes(lengths))
@@ -135,9 +165,12 @@ class ElasticSchedule:
                min_sublm: str | None = None) -> Choice:
         """The SubLM for this batch. Texts behind it: this replica's share of the global depth."""
         behind = max(0, reading.global_depth - len(lengths)) / max(1, reading.live_replicas)
-        sublm = choose_sublm(self.allowed(min_sublm),
-                             lambda k: waited_ms + self.batch_ms(k, lengths) + self.drain_ms(k, behind),
-                             target_ms)
+
+        def completion_ms(k: str) -> float:
+            profiled = self.profiled_ms(k, lengths)
+            return waited_ms + self.headroom(k, profiled) * (profiled * self.factor(k) + self.drain_ms(k, behind))
+
+        sublm = choose_sublm(self.allowed(min_sublm), completion_ms, target_ms)
         profiled = self.profiled_ms(sublm, lengths)
         return Choice(sublm, profiled * self.factor(sublm), profiled)
 
@@ -173,13 +206,22 @@ class ElasticSchedule:
         lo, hi = self.calibration_bounds
         actual_ms = min(hi * profiled, max(lo * profiled, actual_ms))  # one stalled batch cannot poison the EWMA
         a = self.calibration_alpha
+        # a SubLM's first batch sets its calibration, later ones measure the scatter; an extrapolation's
+        # error is the calibration's transient, not scatter (it would hold the headroom up for many batches)
+        if sublm in self._seen and profiled <= 2 * self._seen[sublm][2]:
+            scatter = self._scatter
+            scatter[0] += 1  # the first few weigh 1/n: an early estimate is not pulled towards zero
+            scatter[1] += max(a, 1 / scatter[0]) * (math.log(actual_ms / (profiled * self.factor(sublm))) ** 2
+                                                    - scatter[1])
         for key in (sublm, "*"):
-            seen = self._seen.setdefault(key, [actual_ms, profiled])
+            seen = self._seen.setdefault(key, [actual_ms, profiled, profiled])
             seen[0] += a * (actual_ms - seen[0])
             seen[1] += a * (profiled - seen[1])
+            seen[2] = max(seen[2], profiled)
 
     def calibration(self) -> dict[str, float]:
-        return {s: self.factor(s) for s in self.sublms}
+        """Measured / profiled time per SubLM, and the choice's ``headroom``."""
+        return {**{s: self.factor(s) for s in self.sublms}, "headroom": self.headroom()}
 
 
 __all__ = ["choose_sublm", "DepthReading", "Choice", "ElasticSchedule"]

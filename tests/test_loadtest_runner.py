@@ -65,6 +65,8 @@ def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
         replica = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "ElasticReplica")
         assert "policy" not in replica["autoscaling_config"]
         assert replica["autoscaling_config"]["max_replicas"] >= 1
+        # never fewer replicas than the configuration started with (the elastic one keeps them too)
+        assert replica["autoscaling_config"]["min_replicas"] == replica["autoscaling_config"]["initial_replicas"]
     assert "policy" in next(d for d in elastic["applications"][0]["deployments"]
                             if d["name"] == "ElasticReplica")["autoscaling_config"]
     assert "sublms" not in base["applications"][0]["args"]  # the base config is not modified

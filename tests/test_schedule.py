@@ -50,7 +50,8 @@ def linear_profile(sublms=NAMES):
 
 
 def schedule(**kw):
-    kw = {"max_batch_texts": 8, "chunking": Chunking(max_texts=4), **kw}
+    """Choosing on the mean prediction (the paper's rule) unless a test asks for a quantile."""
+    kw = {"max_batch_texts": 8, "chunking": Chunking(max_texts=4), "choice_quantile": 0, **kw}
     return ElasticSchedule(linear_profile(), list(kw.pop("sublms", NAMES)), ranking=NAMES, **kw)
 
 
@@ -137,6 +138,48 @@ def test_calibration_scales_predictions_to_what_the_device_measures():
     assert s.factor("w50") <= 8.0
     # calibrated predictions move the choice: w100 no longer fits where it did
     assert s.choose(batch, idle(depth=8 + 16), target_ms=100).sublm != "w100"
+
+
+def test_headroom_follows_the_scatter_of_measured_times_and_moves_the_choice():
+    batch = [32] * 8
+    steady, noisy, mean_only = schedule(choice_quantile=0.99), schedule(choice_quantile=0.99), schedule()
+    profiled = steady.profiled_ms("w100", batch)
+    # nothing measured yet: every batch is an extrapolation, cautious; without calibration the profile is exact
+    assert steady.headroom("w100", profiled) > 2.5
+    assert schedule(choice_quantile=0.99, calibration_alpha=0).headroom("w100", profiled) == 1.0
+    for i in range(60):
+        steady.observe("w100", batch, 1.5 * profiled)  # slower than profiled, but always the same
+        for s in (noisy, mean_only):  # the same mean, scattered +-30 %
+            s.observe("w100", batch, 1.5 * (1.3 if i % 2 else 0.7) * profiled)
+    assert steady.headroom("w100", profiled) == pytest.approx(1.0)
+    assert noisy.headroom("w100", profiled) > 1.5 and mean_only.headroom("w100", profiled) == 1.0
+    # w100's calibrated mean fits this target, its 99th percentile does not: the noisy schedule steps down
+    mean_ms = noisy.batch_ms("w100", batch)
+    assert mean_only.choose(batch, idle(depth=8), target_ms=mean_ms * 1.2).sublm == "w100"
+    assert noisy.choose(batch, idle(depth=8), target_ms=mean_ms * 1.2).sublm != "w100"
+    assert noisy.choose(batch, idle(depth=8), target_ms=mean_ms * noisy.headroom() * 1.01).sublm == "w100"
+    # admission keeps the mean: only what is certain to miss is refused
+    assert noisy.admits(8, 8 * 32, 0, 0, running_left_ms=0, target_ms=noisy.batch_ms("w25", batch) * 1.01)
+    with pytest.raises(ValueError, match="choice_quantile"):
+        schedule(choice_quantile=1.0)
+    assert ElasticSchedule(linear_profile(), NAMES).choice_quantile == 0.99  # the default serves an SLO
+
+
+def test_a_batch_far_larger_than_calibration_has_seen_gets_the_prior_headroom():
+    """Warm-up with tiny batches that ran at half their profile must not make a 16x larger batch look cheap."""
+    s = schedule(choice_quantile=0.99)
+    tiny, big = [32] * 2, [128] * 8
+    for _ in range(30):
+        s.observe("w100", tiny, 0.5 * s.profiled_ms("w100", tiny))
+    assert s.factor("w100") == pytest.approx(0.5)
+    assert s.headroom("w100", s.profiled_ms("w100", tiny)) == pytest.approx(1.0)
+    assert s.headroom("w100", s.profiled_ms("w100", big)) > 2.5  # never seen a batch this large
+    mean_ms = s.batch_ms("w100", big)
+    assert s.choose(big, idle(depth=8), target_ms=mean_ms * 1.5).sublm != "w100"
+    # once such batches have run, their error is calibration, not scatter: the headroom comes back down
+    for _ in range(30):
+        s.observe("w100", big, s.profiled_ms("w100", big))
+    assert s.headroom("w100", s.profiled_ms("w100", big)) < 1.3
 
 
 def test_the_running_mean_length_follows_served_batches():
