@@ -98,9 +98,12 @@ class ElasticSchedule:
     _seen: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
     _scatter: list[float] = field(default_factory=lambda: [0, 0.0], init=False, repr=False)  # [n, EWMA log² ratio]
 
+    EXTRAPOLATION = 2.0  # a batch over this many times the largest its SubLM ran is beyond calibration
+
     def __post_init__(self):
         if not 0 <= self.choice_quantile < 1:
             raise ValueError(f"choice_quantile must be in [0, 1), got {self.choice_quantile}")
+        self._z = NormalDist().inv_cdf(self.choice_quantile) if self.choice_quantile else 0.0
         missing = [s for s in self.sublms if s not in self.profile.sublms]
         if not self.sublms or missing:
             raise ValueError(f"the latency profile has no entries for {missing or 'any SubLM'}")
@@ -118,7 +121,7 @@ class ElasticSchedule:
     def headroom(self, sublm: str | None = None, profiled_ms: float = 0.0) -> float:
         """How much longer than its calibrated prediction a batch may take ``choice_quantile`` of the time:
         ``exp(z_q x spread)``, the spread being the RMS log ratio of measured to calibrated-predicted time.
-        A batch of ``sublm`` over twice the largest that calibration has seen of it (profiled time) is an
+        A batch of ``sublm`` over ``EXTRAPOLATION`` x the largest calibration has seen of it (profiled) is an
         extrapolation (a replica's first batches; reranks of 50 after warm-up reranks of 8 short texts ran
         at 0.4x their profile): there the spread is at least ``prior_spread``. 1.0 with ``choice_quantile``
         0, or without calibration (predictions from the profile alone, exact by construction)."""
@@ -127,9 +130,9 @@ class ElasticSchedule:
         spread = math.sqrt(self._scatter[1])
         if sublm is not None:
             largest = (self._seen.get(sublm) or self._seen.get("*") or (0.0, 0.0, 0.0))[2]
-            if profiled_ms > 2 * largest:
+            if profiled_ms > self.EXTRAPOLATION * largest:
                 spread = max(spread, self.prior_spread)
-        return math.exp(NormalDist().inv_cdf(self.choice_quantile) * spread)
+        return math.exp(self._z * spread)
 
     def profiled_ms(self, sublm: str, lengths: Sequence[int]) -> float:
         return sum(self.profile.predict_ms(sublm, n, seq) for n, seq in self.chunking.shapes(lengths))
@@ -208,7 +211,7 @@ class ElasticSchedule:
         a = self.calibration_alpha
         # a SubLM's first batch sets its calibration, later ones measure the scatter; an extrapolation's
         # error is the calibration's transient, not scatter (it would hold the headroom up for many batches)
-        if sublm in self._seen and profiled <= 2 * self._seen[sublm][2]:
+        if sublm in self._seen and profiled <= self.EXTRAPOLATION * self._seen[sublm][2]:
             scatter = self._scatter
             scatter[0] += 1  # the first few weigh 1/n: an early estimate is not pulled towards zero
             scatter[1] += max(a, 1 / scatter[0]) * (math.log(actual_ms / (profiled * self.factor(sublm))) ** 2

@@ -85,7 +85,6 @@ def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = Tr
     if name.startswith("static-"):
         app["args"]["sublms"] = [static_sublm(name, sublms)]
         if "autoscaling_config" in replica:
-            scaling = replica["autoscaling_config"]
             scaling.pop("policy", None)  # Serve's ordinary queue-length autoscaling
             # ... which may add replicas but not give back the ones it started with: its queue-length rule
             # counts requests, not their work, so after a minute of quiet it took one of two replicas away
