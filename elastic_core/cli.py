@@ -36,7 +36,7 @@ def _cmd_train(args):
 
         cfg = TrainConfig(out=args.out or str(DEFAULT_CHECKPOINT), state_dir=args.state_dir, data_dir=args.data_dir,
                           seed=args.seed, device=args.device,
-                          **_given(args, "steps", "batch_size", "max_length", "lr"))
+                          **_given(args, "steps", "batch_size", "max_length", "lr", "layer_weight"))
         print(train(cfg))
 
 
@@ -172,6 +172,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, help="token cap of the training texts")
     p.add_argument("--lr", type=float)
+    p.add_argument("--layer-weight", type=float, help="denser: weight of the layerwise hidden-state distillation")
     p.add_argument("--rank", type=int, help="rerank / glue: LoRA rank of the task adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

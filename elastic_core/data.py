@@ -57,13 +57,14 @@ def subsample_corpus(ds: BeirDataset, max_docs: int | None, seed: int = 0) -> Be
     return BeirDataset({d: t for d, t in ds.corpus.items() if d in keep}, ds.queries, ds.qrels)
 
 
-def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000) -> list[str]:
-    """Unlabeled texts for distillation: SciFact corpus + SciFact *train* queries, GLUE train sentences
-    (SST-2, MRPC, RTE) and QNLI's questions and Wikipedia sentences (general-domain, question-shaped
-    like web search). No labels, no test queries, and nothing of TREC DL (not even its passages: it
-    is the held-out evaluation). Each source is capped at ``max_per_source`` (seeded sample)."""
+def training_sources(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000,
+                     rng: random.Random | None = None) -> dict[str, list[str]]:
+    """Unlabeled texts for distillation, per source: SciFact corpus + SciFact *train* queries, GLUE train
+    sentences (SST-2, MRPC, RTE) and QNLI's questions and Wikipedia sentences (general-domain,
+    question-shaped like web search). No labels, no test queries, and nothing of TREC DL (not even its
+    passages: it is the held-out evaluation). Each source is capped at ``max_per_source`` (seeded sample)."""
     data_dir = Path(data_dir)
-    rng = random.Random(seed)
+    rng = rng or random.Random(seed)
     scifact = load_scifact(data_dir, split="train")
     qnli = list(_read_tsv(data_dir / "glue" / "QNLI" / "dev.tsv"))
     sources = {
@@ -77,13 +78,33 @@ def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_p
         "rte_train": [s for r in _read_tsv(data_dir / "glue" / "RTE" / "train.tsv")
                       for s in (r["sentence1"], r["sentence2"])],
     }
-    texts: list[str] = []
+    sampled = {}
     for name in sorted(sources):
         items = sorted(set(t.strip() for t in sources[name] if t and t.strip()))
         rng.shuffle(items)
-        texts.extend(items[:max_per_source])
+        sampled[name] = items[:max_per_source]
+    return sampled
+
+
+def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000) -> list[str]:
+    """``training_sources`` mixed in one seeded order: what elastic optimization reads."""
+    rng = random.Random(seed)
+    texts = [t for items in training_sources(data_dir, max_per_source=max_per_source, rng=rng).values() for t in items]
     rng.shuffle(texts)
     return texts
+
+
+def dl19_provenance(checkpoint_dir: str | Path) -> str:
+    """Whether TREC DL 2019 is held out for a checkpoint, from the sources its ``train_config.json`` records:
+    every table that reports DL19 says which (a checkpoint that read DL19's passages, even unlabeled, is
+    not measured on unseen text)."""
+    path = Path(checkpoint_dir) / "train_config.json"
+    recorded = json.loads(path.read_text()).get("training_text") if path.exists() else None
+    if recorded is None:
+        return "training text not recorded"
+    if any(name.startswith("dl19") for name in recorded):
+        return "not held out: its passages were in the training text, unlabeled"
+    return "held out"
 
 
 def load_dl19(data_dir=DEFAULT_DATA_DIR, system: str | None = "BM25"):

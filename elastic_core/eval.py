@@ -1,8 +1,9 @@
 """Quality evaluation: NDCG@10 for every SubLM, with baselines in the same run.
 
   * ``eval_scifact``:    BEIR SciFact test, dense retrieval over the corpus (in the backbone's training text);
-  * ``eval_dl19_dense``: TREC DL 2019 passage, dense reranking of the judged queries' candidates (held out:
-                         never trained on), graded NDCG@10, as the track scores it.
+  * ``eval_dl19_dense``: TREC DL 2019 passage, dense reranking of the judged queries' candidates, graded
+                         NDCG@10, as the track scores it (held out for every checkpoint the current recipe
+                         trains; ``data.dl19_provenance`` tells for a given one).
 
 Baselines, on the same corpus in the same run:
   * ``teacher``:     all-MiniLM-L6-v2 as shipped, run by HF transformers (not by our code);

@@ -174,9 +174,10 @@ class ElasticEncoder(nn.Module):
         return self.config.sublm(sublm) if isinstance(sublm, str) else sublm
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, sublm: SubLM | str | None = None,
-                head_mask=None, neuron_mask=None, packed: bool = False):
+                head_mask=None, neuron_mask=None, packed: bool = False, layer_states: list | None = None):
         """Token states of ``sublm`` (default: the full model). Masks are for importance scoring only.
-        ``packed``: per-token work on real tokens only (``Packing``; inference, no masks)."""
+        ``packed``: per-token work on real tokens only (``Packing``; inference, no masks).
+        ``layer_states``: a list that receives every layer's output but the last (layerwise distillation)."""
         s = self.resolve(sublm)
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
@@ -196,6 +197,8 @@ class ElasticEncoder(nn.Module):
             x = layer(x, attn_bias, s.heads, s.ffn,
                       None if head_mask is None else head_mask[:, i],
                       None if neuron_mask is None else neuron_mask[:, i], packing)
+            if layer_states is not None and i < s.layers - 1:
+                layer_states.append(packing.unpack(x) if packing is not None else x)
         return packing.unpack(x) if packing is not None else x
 
     def embed(self, input_ids, attention_mask, token_type_ids=None, sublm=None, packed: bool = False, **masks):

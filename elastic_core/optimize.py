@@ -9,7 +9,10 @@ The teacher is the unpruned model (frozen copy). Per SubLM the loss is
                 (softmax over each row of E E^T / tau): keeps who-is-near-whom, which is what
                 retrieval needs,
   * tokens:     1 - cos on every real token's final state: a dense signal that makes
-                the pooled embedding converge with far fewer texts.
+                the pooled embedding converge with far fewer texts,
+  * layers:     the same on every earlier layer's token states (DynaBERT distils hidden states
+                layer by layer), weighted by ``layer_weight``: it constrains how a small SubLM
+                computes, not only what it outputs.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class TrainConfig:
     relation_tau: float = 0.05
     token_weight: float = 1.0
     relation_weight: float = 1.0
+    layer_weight: float = 0.0
     calibration_texts: int = 512
     max_per_source: int = 6000
     save_every: int = 100
@@ -54,7 +58,8 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- loss
 def distillation_loss(states, teacher_states, teacher_emb, attention_mask, tau: float,
-                      token_weight: float, relation_weight: float) -> dict[str, torch.Tensor]:
+                      token_weight: float, relation_weight: float, layer_weight: float = 0.0,
+                      layer_states=(), teacher_layer_states=()) -> dict[str, torch.Tensor]:
     emb = mean_pool_normalize(states, attention_mask)
     embedding = (1 - (emb * teacher_emb).sum(-1)).mean()
     relation = F.kl_div(F.log_softmax(emb @ emb.T / tau, -1), F.log_softmax(teacher_emb @ teacher_emb.T / tau, -1),
@@ -62,21 +67,31 @@ def distillation_loss(states, teacher_states, teacher_emb, attention_mask, tau: 
     real = attention_mask.bool()
     tokens = (1 - F.cosine_similarity(states[real], teacher_states[real], dim=-1)).mean()
     total = embedding + relation_weight * relation + token_weight * tokens
-    return {"loss": total, "embedding": embedding.detach(), "relation": relation.detach(), "tokens": tokens.detach()}
+    parts = {"embedding": embedding.detach(), "relation": relation.detach(), "tokens": tokens.detach()}
+    if layer_weight and layer_states:
+        layers = torch.stack([(1 - F.cosine_similarity(s[real], t[real], dim=-1)).mean()
+                              for s, t in zip(layer_states, teacher_layer_states)]).mean()
+        total = total + layer_weight * layers
+        parts["layers"] = layers.detach()
+    return {"loss": total, **parts}
 
 
 def elastic_step(model: ElasticEncoder, teacher: ElasticEncoder, batch: dict, optimizer, cfg: TrainConfig,
                  sublms: list[str] | None = None) -> dict[str, float]:
     """One optimization step over all SubLMs: forward + backward each, then a single update."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    layerwise = cfg.layer_weight > 0
+    teacher_layers = [] if layerwise else None
     with torch.no_grad():
-        teacher_states = teacher(ids, mask)
+        teacher_states = teacher(ids, mask, layer_states=teacher_layers)
         teacher_emb = mean_pool_normalize(teacher_states, mask)
     optimizer.zero_grad(set_to_none=True)
     losses = {}
     for name in sublms or model.config.sublm_names:
-        parts = distillation_loss(model(ids, mask, sublm=name), teacher_states, teacher_emb, mask,
-                                  cfg.relation_tau, cfg.token_weight, cfg.relation_weight)
+        layers = [] if layerwise else None
+        states = model(ids, mask, sublm=name, layer_states=layers)
+        parts = distillation_loss(states, teacher_states, teacher_emb, mask, cfg.relation_tau, cfg.token_weight,
+                                  cfg.relation_weight, cfg.layer_weight, layers or (), teacher_layers or ())
         parts["loss"].backward()  # gradients of every SubLM accumulate in the shared weights
         losses[name] = parts["loss"].item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,7 +139,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .data import DEFAULT_DATA_DIR, training_texts
+    from .data import DEFAULT_DATA_DIR, training_sources, training_texts
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -192,5 +207,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     save_checkpoint(model, out)
     save_file(scores, str(out / IMPORTANCE_FILE))
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=2) + "\n")
+    sources = training_sources(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source)
+    record = cfg.__dict__ | {"training_text": {name: len(items) for name, items in sources.items()}}
+    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -356,7 +356,7 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
 def sublm_quality(core_results: Path = REPO / "benchmarks" / "results" / "core.json",
                   peer_model: str = "all-MiniLM-L6-v2") -> dict[str, dict[str, float]]:
     """NDCG@10 of each SubLM (and of the teacher, which the peer serves) from the core eval, per set:
-    ``dl19`` (TREC DL 2019: held out, what the headline figures use) when measured, and ``scifact``
+    ``dl19`` (TREC DL 2019, what the headline figures use) when measured, and ``scifact``
     (its corpus is in the backbone's training text)."""
     core = json.loads(core_results.read_text())
     sets = {"scifact": {s: row["ndcg@10"] for s, row in core["sublms"].items()}}
@@ -400,7 +400,7 @@ def scaling_decisions(server_log: Path) -> list[tuple[float, int, int]]:
 def check_targets(shape: str, configs: dict, quality: dict, capacity: float, peer_capacity: float | None,
                   sublms: list[str], target_ms: float | None = None) -> dict:
     """The issue's targets that this run can speak to, each with its measured figures (``quality``: the
-    headline quality table, held-out DL19 when measured)."""
+    headline quality table, DL19 when measured)."""
     s = {name: c["summary"] for name, c in configs.items()}
     out = {}
     if "elastic" in s:
@@ -523,12 +523,13 @@ def markdown(doc: dict, image: str) -> str:
                         f"({', '.join(f'{kk} {vv:.3f}' if isinstance(vv, float) else f'{kk} {vv}' for kk, vv in v.items() if kk != 'met')})"
                         for k, v in doc["targets"].items())
     peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
-    sets = {"dl19": "TREC DL 2019 NDCG@10 (held out)", "scifact": "SciFact NDCG@10 (corpus in the training text)"}
+    dl19 = doc.get("dl19_provenance", "training text not recorded")
+    sets = {"dl19": f"TREC DL 2019 NDCG@10 ({dl19})", "scifact": "SciFact NDCG@10 (corpus in the training text)"}
     if doc.get("task") == "rerank":
         requests = (f"reranks of a TREC DL 2019 query and its BM25 top {doc['candidates']} over {doc['protocol']}; "
                     f"capacity (static-full saturation, all replicas) {doc['capacity_rps']:.1f} req/s. Quality = "
                     f"NDCG@10 of the SubLM that answered, reranking those {doc['candidates']} candidates "
-                    f"(`benchmarks/results/tasks.json`; BM25's own order: {doc['quality'].get('bm25', float('nan')):.4f})")
+                    f"(TREC DL 2019 {dl19}; `benchmarks/results/tasks.json`; BM25's own order: {doc['quality'].get('bm25', float('nan')):.4f})")
     else:
         requests = (f"{doc['texts_per_request']} text(s) per request over {doc['protocol']}; capacity (static-full "
                     f"saturation, all replicas) {doc['capacity_rps']:.1f} req/s{peer}. Quality = "
@@ -550,6 +551,7 @@ Metric definitions: `loadtests/analysis.py`.
 
 def run_experiment(args, log=print) -> dict:
     from benchmarks.report import write_section
+    from elastic_core.data import dl19_provenance
     from elastic_core.model import load_config
     from loadtests.peer import infinity_available
 
@@ -576,7 +578,7 @@ def run_experiment(args, log=print) -> dict:
     run_dir = Path(args.run_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality()
-    headline = next(iter(quality_sets))  # dl19 (held out) when measured
+    headline = next(iter(quality_sets))  # dl19 when measured
     quality = quality_sets[headline]
 
     previous = json.loads((Path(args.out_dir) / f"{run_name}.json").read_text()) if args.reanalyze else None
@@ -619,7 +621,9 @@ def run_experiment(args, log=print) -> dict:
            "target_ms": target_ms, "capacity_rps": capacity, "peer_capacity_rps": peer_capacity, "shape": shape,
            "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
            "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
-           "quality_set": headline, "quality_sets": quality_sets, "configs": results}
+           "quality_set": headline, "quality_sets": quality_sets, "configs": results,
+           "dl19_provenance": previous.get("dl19_provenance", "training text not recorded") if previous
+           else dl19_provenance(checkpoint)}
     doc["targets"] = check_targets(args.shape, results, quality, capacity, peer_capacity, sublms, target_ms)
     out = Path(args.out_dir) / f"{run_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,3 +125,16 @@ def test_distillation_texts_never_hold_trec_dl():
     texts = training_texts(DEFAULT_DATA_DIR, max_per_source=2000)
     assert len(texts) > 10_000
     assert not held_out & set(texts)
+
+
+def test_dl19_provenance_follows_the_recorded_training_text(tmp_path):
+    """Every DL19 table says whether the checkpoint read DL19: from the sources its train_config records."""
+    from elastic_core.data import DEFAULT_DATA_DIR, dl19_provenance, training_sources, training_texts
+
+    assert dl19_provenance(tmp_path) == "training text not recorded"
+    sources = training_sources(DEFAULT_DATA_DIR, max_per_source=500)
+    assert sum(map(len, sources.values())) == len(training_texts(DEFAULT_DATA_DIR, max_per_source=500))
+    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {k: len(v) for k, v in sources.items()}}))
+    assert dl19_provenance(tmp_path) == "held out"
+    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {"dl19_passages": 6000}}))
+    assert dl19_provenance(tmp_path).startswith("not held out")

@@ -45,3 +45,21 @@ def test_length_buckets_cover_everything_once():
     assert batches == length_bucketed_batches(lengths, batch_size=4, seed=3)  # seeded
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert sorted(spread)[len(spread) // 2] <= 3  # most batches hold texts of similar length
+
+
+def test_layerwise_distillation_sees_every_earlier_layer(teacher, batch):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cfg = TrainConfig(layer_weight=1.0)
+    with torch.no_grad():
+        t_layers, w25_layers = [], []
+        t_states = teacher(ids, mask, layer_states=t_layers)
+        w25 = teacher(ids, mask, sublm="w25", layer_states=w25_layers)
+        t_emb = mean_pool_normalize(t_states, mask)
+        args = (t_emb, mask, cfg.relation_tau, cfg.token_weight, cfg.relation_weight, cfg.layer_weight)
+        itself = distillation_loss(t_states, t_states, *args, t_layers, t_layers)
+        small = distillation_loss(w25, t_states, *args, w25_layers, t_layers)
+        without = distillation_loss(w25, t_states, *args[:-1], 0.0, w25_layers, t_layers)
+    assert len(t_layers) == len(w25_layers) == teacher.config.num_layers - 1
+    assert abs(itself["layers"]) < 1e-5
+    assert small["layers"] > 0.01
+    assert torch.isclose(small["loss"], without["loss"] + small["layers"])
