@@ -12,7 +12,8 @@ The teacher is the unpruned model (frozen copy). Per SubLM the loss is
                 the pooled embedding converge with far fewer texts,
   * layers:     the same on every earlier layer's token states (DynaBERT distils hidden states
                 layer by layer), weighted by ``layer_weight``: it constrains how a small SubLM
-                computes, not only what it outputs.
+                computes, not only what it outputs. Off by default: at 1.0 it moved DL19 by
+                noise (``benchmarks/results/layerwise_recipe.json``) for 10 % more time.
 """
 
 from __future__ import annotations
