@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
+from elastic_core.data import DL19_UNRECORDED  # noqa: E402
 
 TARGETS = {"w100": 0.99, "w50": 0.95, "w25": 0.85}
 
@@ -173,7 +174,7 @@ def markdown(r: dict) -> str:
 
 
 def dl19_label(dl: dict) -> str:
-    return dl.get("provenance", "training text not recorded")
+    return dl.get("provenance", DL19_UNRECORDED)
 
 
 def plot(r: dict, path: Path):

@@ -86,12 +86,20 @@ def training_sources(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max
     return sampled
 
 
-def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000) -> list[str]:
-    """``training_sources`` mixed in one seeded order: what elastic optimization reads."""
+def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000,
+                   sizes: dict[str, int] | None = None) -> list[str]:
+    """``training_sources`` mixed in one seeded order: what elastic optimization reads. ``sizes``, when
+    given, receives each source's count (what ``train_config.json`` records), without reading them twice."""
     rng = random.Random(seed)
-    texts = [t for items in training_sources(data_dir, max_per_source=max_per_source, rng=rng).values() for t in items]
+    sources = training_sources(data_dir, max_per_source=max_per_source, rng=rng)
+    if sizes is not None:
+        sizes.update({name: len(items) for name, items in sources.items()})
+    texts = [t for items in sources.values() for t in items]
     rng.shuffle(texts)
     return texts
+
+
+DL19_UNRECORDED = "training text not recorded"  # a checkpoint trained before sources were recorded
 
 
 def dl19_provenance(checkpoint_dir: str | Path) -> str:
@@ -101,7 +109,7 @@ def dl19_provenance(checkpoint_dir: str | Path) -> str:
     path = Path(checkpoint_dir) / "train_config.json"
     recorded = json.loads(path.read_text()).get("training_text") if path.exists() else None
     if recorded is None:
-        return "training text not recorded"
+        return DL19_UNRECORDED
     if any(name.startswith("dl19") for name in recorded):
         return "not held out: its passages were in the training text, unlabeled"
     return "held out"

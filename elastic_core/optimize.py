@@ -60,7 +60,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------- loss
 def distillation_loss(states, teacher_states, teacher_emb, attention_mask, tau: float,
                       token_weight: float, relation_weight: float, layer_weight: float = 0.0,
-                      layer_states=(), teacher_layer_states=()) -> dict[str, torch.Tensor]:
+                      layer_states=None, teacher_layer_states=None) -> dict[str, torch.Tensor]:
     emb = mean_pool_normalize(states, attention_mask)
     embedding = (1 - (emb * teacher_emb).sum(-1)).mean()
     relation = F.kl_div(F.log_softmax(emb @ emb.T / tau, -1), F.log_softmax(teacher_emb @ teacher_emb.T / tau, -1),
@@ -92,7 +92,7 @@ def elastic_step(model: ElasticEncoder, teacher: ElasticEncoder, batch: dict, op
         layers = [] if layerwise else None
         states = model(ids, mask, sublm=name, layer_states=layers)
         parts = distillation_loss(states, teacher_states, teacher_emb, mask, cfg.relation_tau, cfg.token_weight,
-                                  cfg.relation_weight, cfg.layer_weight, layers or (), teacher_layers or ())
+                                  cfg.relation_weight, cfg.layer_weight, layers, teacher_layers)
         parts["loss"].backward()  # gradients of every SubLM accumulate in the shared weights
         losses[name] = parts["loss"].item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,14 +140,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from .data import DEFAULT_DATA_DIR, training_sources, training_texts
+    from .data import DEFAULT_DATA_DIR, training_texts
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     state_dir = Path(cfg.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer()
-    texts = training_texts(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source)
+    source_sizes: dict[str, int] = {}
+    texts = training_texts(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source,
+                           sizes=source_sizes)
     calibration, texts = texts[:cfg.calibration_texts], texts[cfg.calibration_texts:]
 
     importance_path = state_dir / IMPORTANCE_FILE
@@ -208,7 +210,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     save_checkpoint(model, out)
     save_file(scores, str(out / IMPORTANCE_FILE))
-    sources = training_sources(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source)
-    record = cfg.__dict__ | {"training_text": {name: len(items) for name, items in sources.items()}}
+    record = cfg.__dict__ | {"training_text": source_sizes}
     (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

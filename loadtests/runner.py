@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from elastic_core.data import DL19_UNRECORDED, dl19_provenance
 from loadtests.analysis import read_records, summarize, timeline
 from loadtests.peer import port_is_free
 
@@ -523,7 +524,7 @@ def markdown(doc: dict, image: str) -> str:
                         f"({', '.join(f'{kk} {vv:.3f}' if isinstance(vv, float) else f'{kk} {vv}' for kk, vv in v.items() if kk != 'met')})"
                         for k, v in doc["targets"].items())
     peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
-    dl19 = doc.get("dl19_provenance", "training text not recorded")
+    dl19 = doc.get("dl19_provenance", DL19_UNRECORDED)
     sets = {"dl19": f"TREC DL 2019 NDCG@10 ({dl19})", "scifact": "SciFact NDCG@10 (corpus in the training text)"}
     if doc.get("task") == "rerank":
         requests = (f"reranks of a TREC DL 2019 query and its BM25 top {doc['candidates']} over {doc['protocol']}; "
@@ -551,7 +552,6 @@ Metric definitions: `loadtests/analysis.py`.
 
 def run_experiment(args, log=print) -> dict:
     from benchmarks.report import write_section
-    from elastic_core.data import dl19_provenance
     from elastic_core.model import load_config
     from loadtests.peer import infinity_available
 
@@ -622,7 +622,7 @@ def run_experiment(args, log=print) -> dict:
            "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
            "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
            "quality_set": headline, "quality_sets": quality_sets, "configs": results,
-           "dl19_provenance": previous.get("dl19_provenance", "training text not recorded") if previous
+           "dl19_provenance": previous.get("dl19_provenance", DL19_UNRECORDED) if previous
            else dl19_provenance(checkpoint)}
     doc["targets"] = check_targets(args.shape, results, quality, capacity, peer_capacity, sublms, target_ms)
     out = Path(args.out_dir) / f"{run_name}.json"
