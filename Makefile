@@ -34,9 +34,11 @@ $(STAMP): pyproject.toml Makefile proto/elasticlm.proto
 	$(BIN)/python -c "from deployments.grpc_api.generate import generate; generate()"
 	touch $(STAMP)
 
-# The tests and `elasticlm serve` run a real redis-server (Debian's package).
+# Debian packages the project reads: the tests and `elasticlm serve` run a real redis-server; the
+# distillation corpus (`elasticlm corpus`) reads WordNet's glosses from wordnet-base.
+DEBIAN_PACKAGES := redis-server wordnet-base
 redis:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); }
 
 run: setup profile eval-quick serve
 

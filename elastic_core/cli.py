@@ -34,10 +34,23 @@ def _cmd_train(args):
     else:
         from .optimize import TrainConfig, train
 
-        cfg = TrainConfig(out=args.out or str(DEFAULT_CHECKPOINT), state_dir=args.state_dir, data_dir=args.data_dir,
-                          seed=args.seed, device=args.device,
-                          **_given(args, "steps", "batch_size", "max_length", "lr", "layer_weight"))
-        print(train(cfg))
+        cfg = TrainConfig(out=args.out or str(DEFAULT_CHECKPOINT), state_dir=args.state_dir, corpus_dir=args.corpus_dir,
+                          data_dir=args.data_dir, seed=args.seed, device=args.device,
+                          **_given(args, "texts", "hours", "max_length", "lr"))
+        print(train(cfg, resume=args.resume))
+
+
+def _cmd_corpus(args):
+    from .corpus import build_corpus
+
+    print(json.dumps(build_corpus(args.data_dir, args.out, seed=args.seed), indent=2))
+
+
+def _cmd_adapt(args):
+    from .adapt import adapt
+
+    print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
+                resume=args.resume))
 
 
 def _given(args, *names) -> dict:
@@ -167,16 +180,36 @@ def main(argv=None):
     p.add_argument("--out", help="default: the checkpoint (denser), <backbone>/tasks/<task> (rerank / glue), "
                                  "runs/glue/<task>-static-<sublm> (--static)")
     p.add_argument("--state-dir", default="runs/elastic-minilm-l6", help="denser: resumable training state")
+    p.add_argument("--corpus-dir", default="runs/corpus", help="denser: the corpus and its teacher cache "
+                                                              "(`elasticlm corpus`)")
+    p.add_argument("--resume", action="store_true", help="denser: continue the run in --state-dir")
+    p.add_argument("--hours", type=float, help="denser: wall-clock budget; the plan shrinks to fit it")
+    p.add_argument("--texts", type=int, help="denser: texts to read (default: one pass over the corpus)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--steps", type=int, help="default: the task's recipe")
+    p.add_argument("--steps", type=int, help="rerank / glue: default: the task's recipe")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int, help="token cap of the training texts")
     p.add_argument("--lr", type=float)
-    p.add_argument("--layer-weight", type=float, help="denser: weight of the layerwise hidden-state distillation")
     p.add_argument("--rank", type=int, help="rerank / glue: LoRA rank of the task adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("corpus", help="build the distillation corpus (no evaluation set's text) from --data-dir")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--out", default="runs/corpus")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_corpus)
+
+    p = sub.add_parser("adapt", help="adapt the elastic model to your own passages (unsupervised, from the teacher)")
+    p.add_argument("--corpus", required=True, help="JSON Lines of your passages (a 'text' field each) or plain text, "
+                                                   "one passage a line")
+    p.add_argument("--out", required=True, help="the adapted checkpoint")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the elastic checkpoint to start from")
+    p.add_argument("--field", default="text", help="the JSON field holding the text")
+    p.add_argument("--hours", type=float, default=1.0, help="wall-clock budget")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
+    p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("profile", help="measure t_k(batch, seq) for every SubLM on this device")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))

@@ -57,62 +57,32 @@ def subsample_corpus(ds: BeirDataset, max_docs: int | None, seed: int = 0) -> Be
     return BeirDataset({d: t for d, t in ds.corpus.items() if d in keep}, ds.queries, ds.qrels)
 
 
-def training_sources(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000,
-                     rng: random.Random | None = None) -> dict[str, list[str]]:
-    """Unlabeled texts for distillation, per source: SciFact corpus + SciFact *train* queries, GLUE train
-    sentences (SST-2, MRPC, RTE) and QNLI's questions and Wikipedia sentences (general-domain,
-    question-shaped like web search). No labels, no test queries, and nothing of TREC DL (not even its
-    passages: it is the held-out evaluation). Each source is capped at ``max_per_source`` (seeded sample)."""
-    data_dir = Path(data_dir)
-    rng = rng or random.Random(seed)
-    scifact = load_scifact(data_dir, split="train")
-    qnli = list(_read_tsv(data_dir / "glue" / "QNLI" / "dev.tsv"))
-    sources = {
-        "scifact_corpus": list(scifact.corpus.values()),
-        "scifact_train_queries": list(scifact.queries.values()),
-        "qnli_questions": [r["question"] for r in qnli],
-        "qnli_sentences": [r["sentence"] for r in qnli],
-        "sst2_train": [r["sentence"] for r in _read_tsv(data_dir / "glue" / "SST-2" / "train.tsv")],
-        "mrpc_train": [s for r in _read_tsv(data_dir / "glue" / "MRPC" / "train.tsv")
-                       for s in (r["#1 String"], r["#2 String"])],
-        "rte_train": [s for r in _read_tsv(data_dir / "glue" / "RTE" / "train.tsv")
-                      for s in (r["sentence1"], r["sentence2"])],
-    }
-    sampled = {}
-    for name in sorted(sources):
-        items = sorted(set(t.strip() for t in sources[name] if t and t.strip()))
-        rng.shuffle(items)
-        sampled[name] = items[:max_per_source]
-    return sampled
-
-
-def training_texts(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0, max_per_source: int = 6000,
-                   sizes: dict[str, int] | None = None) -> list[str]:
-    """``training_sources`` mixed in one seeded order: what elastic optimization reads. ``sizes``, when
-    given, receives each source's count (what ``train_config.json`` records), without reading them twice."""
-    rng = random.Random(seed)
-    sources = training_sources(data_dir, max_per_source=max_per_source, rng=rng)
-    if sizes is not None:
-        sizes.update({name: len(items) for name, items in sources.items()})
-    texts = [t for items in sources.values() for t in items]
-    rng.shuffle(texts)
-    return texts
-
-
 DL19_UNRECORDED = "training text not recorded"  # a checkpoint trained before sources were recorded
 
 
-def dl19_provenance(checkpoint_dir: str | Path) -> str:
-    """Whether TREC DL 2019 is held out for a checkpoint, from the sources its ``train_config.json`` records:
-    every table that reports DL19 says which (a checkpoint that read DL19's passages, even unlabeled, is
-    not measured on unseen text)."""
+def provenance(checkpoint_dir: str | Path, source_prefix: str) -> str:
+    """Whether an evaluation set is held out for a checkpoint, from the sources its ``train_config.json``
+    records (``source_prefix``: how that set's sources are named, e.g. ``dl19`` or ``scifact_corpus``).
+    Every table says which: a checkpoint that read a set's text, even unlabeled, is not measured on unseen
+    text."""
     path = Path(checkpoint_dir) / "train_config.json"
-    recorded = json.loads(path.read_text()).get("training_text") if path.exists() else None
+    record = json.loads(path.read_text()) if path.exists() else {}
+    recorded = record.get("training_text")
     if recorded is None:
         return DL19_UNRECORDED
-    if any(name.startswith("dl19") for name in recorded):
-        return "not held out: its passages were in the training text, unlabeled"
+    if record.get("adapted_to"):
+        return f"adapted (unlabeled) to {record['adapted_to']}"
+    if any(name.startswith(source_prefix) for name in recorded):
+        return "not held out: its text was in the training text, unlabeled"
     return "held out"
+
+
+def dl19_provenance(checkpoint_dir: str | Path) -> str:
+    return provenance(checkpoint_dir, "dl19")
+
+
+def scifact_provenance(checkpoint_dir: str | Path) -> str:
+    return provenance(checkpoint_dir, "scifact_corpus")
 
 
 def load_dl19(data_dir=DEFAULT_DATA_DIR, system: str | None = "BM25"):

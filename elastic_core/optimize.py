@@ -1,19 +1,23 @@
-"""Elastic optimization: every step traverses all SubLMs, distils each from the teacher,
-accumulates the gradients and steps once.
+"""Elastic optimization: the SubLMs distilled together from the teacher, on a large cached corpus.
 
-    elasticlm train --out models/elastic-minilm-l6           # the default recipe (~50 min on 2 CPU cores)
+    elasticlm corpus                                     # once: the texts and the teacher's embeddings
+    elasticlm train --hours 2.5                          # the default recipe; --resume continues a run
+    elasticlm adapt --corpus my_passages.jsonl --out models/my-domain   # the same recipe on a user's text
 
-The teacher is the unpruned model (frozen copy). Per SubLM the loss is
-  * embedding:  1 - cos(student, teacher) on the pooled, normalized embedding,
-  * relation:   KL between the teacher's and the student's in-batch similarity distributions
-                (softmax over each row of E E^T / tau): keeps who-is-near-whom, which is what
-                retrieval needs,
-  * tokens:     1 - cos on every real token's final state: a dense signal that makes
-                the pooled embedding converge with far fewer texts,
-  * layers:     the same on every earlier layer's token states (DynaBERT distils hidden states
-                layer by layer), weighted by ``layer_weight``: it constrains how a small SubLM
-                computes, not only what it outputs. Off by default: at 1.0 it moved DL19 by
-                noise (``benchmarks/results/layerwise_recipe.json``) for 10 % more time.
+Per SubLM the loss is
+  * embedding: 1 - cos(student, teacher) on the pooled, normalized embedding;
+  * relation:  KL between the teacher's and the student's similarity distributions of each text over
+               ``keys`` (softmax of e K^T / tau): the batch's teacher embeddings plus a *bank* of
+               ``bank_size`` cached teacher embeddings drawn from the whole corpus, so who-is-near-whom
+               is taught against thousands of neighbours instead of the batch;
+  * tokens:    1 - cos on every real token's final state, only when the step runs the teacher
+               (``teacher_free = False``, the small-corpus recipe this one replaced).
+
+Where a step's time goes (measured, ``benchmarks/results/training_speed.json``): a student's forward +
+backward costs ~3x a teacher forward and the larger SubLMs most of it. So the teacher's embeddings are
+computed once per corpus (``corpus.TeacherCache``); each step trains the small SubLMs, where the gap to
+the teacher is, and w100 only every ``full_every`` steps (it sits at ~1.0x the teacher); batches hold a
+token budget, not a text count (short queries run 128 to a batch); long batches run in bf16 autocast.
 """
 
 from __future__ import annotations
@@ -23,77 +27,118 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .batching import pad
-from .model import (ElasticEncoder, load_bert, load_tokenizer, mean_pool_normalize, permute_by_importance,
-                    resolve_device, save_checkpoint, score_importance, width_sublms)
+from .model import (ElasticEncoder, load_bert, load_checkpoint, load_tokenizer, mean_pool_normalize,
+                    permute_by_importance, resolve_device, save_checkpoint, score_importance)
 
 IMPORTANCE_FILE = "importance.safetensors"
+
+
+def ladder_candidates(num_heads: int = 12, ffn: int = 1536, layers: int = 6) -> dict[str, list[int]]:
+    """Every SubLM the default recipe trains, largest first by multiply-accumulates: width-only
+    (``w75``: 75 % of each layer's heads and neurons), depth-only (``l4``: the first 4 layers at full
+    width) and both (``l3w50``). The checkpoint keeps the measured Pareto front of them
+    (``benchmarks/ladder.py``); the schedule does not care which kind a SubLM is."""
+    def size(w: int, n_layers: int) -> list[int]:
+        return [max(1, round(num_heads * w / 100)), max(1, round(ffn * w / 100)), n_layers]
+
+    candidates = {"w100": size(100, layers), "w75": size(75, layers), "l4": size(100, 4), "w50": size(50, layers),
+                  "l3": size(100, 3), "l4w50": size(50, 4), "w25": size(25, layers), "l3w50": size(50, 3)}
+    # multiply-accumulates per token of a layer: 4 projections of 32-wide heads (4 * 32 * 384) + 2 FFN (2 * 384)
+    return dict(sorted(candidates.items(), key=lambda kv: -kv[1][2] * (kv[1][0] * 64 + kv[1][1])))
 
 
 @dataclass
 class TrainConfig:
     out: str = "models/elastic-minilm-l6"
     state_dir: str = "runs/elastic-minilm-l6"
+    corpus_dir: str = "runs/corpus"
     data_dir: str | None = None
-    steps: int = 1400
-    batch_size: int = 32
-    max_length: int = 128  # 256 (the serving limit) measured no better: see the model card
+    init: str | None = None       # an elastic checkpoint to start from (adapt); None: the teacher, pruned
+    texts: int | None = None      # texts to read (one pass over the corpus when None)
+    hours: float | None = None    # wall-clock budget: the plan shrinks to fit it (measured after 50 steps)
+    tokens_per_batch: int = 4096  # padded tokens a batch holds: 128 queries or 32 passages
+    max_batch: int = 128
+    max_length: int = 128         # 256 (the serving limit) measured no better on the old recipe
     lr: float = 1.5e-4
-    warmup: float = 0.05
+    warmup: float = 0.03
     relation_tau: float = 0.05
-    token_weight: float = 1.0
     relation_weight: float = 1.0
-    layer_weight: float = 0.0
+    bank_size: int = 4096
+    token_weight: float = 1.0     # used only by steps that run the teacher
+    teacher_free: bool = True     # targets from the cache; False: a teacher forward every step
+    full_every: int = 4           # w100 every n-th step (the small SubLMs every step)
+    sublms: dict[str, list[int]] = field(default_factory=ladder_candidates)
+    # each step takes the next SubLM of every group: the smallest share a group, so each trains every 2nd step
+    rotation: list[list[str]] = field(default_factory=lambda: [["w25", "l3w50"], ["w75", "l4", "w50", "l3", "l4w50"]])
+    bf16_min_length: int = 48     # autocast pays for itself only on longer batches (measured: slower at 16 tokens)
     calibration_texts: int = 512
-    max_per_source: int = 6000
-    save_every: int = 100
+    save_every: int = 200
     seed: int = 0
     device: str = "auto"
 
+    def sublms_at(self, step: int) -> list[str]:
+        """The SubLMs trained at ``step``: w100 every ``full_every``-th, plus one of each rotation group."""
+        names = [g[step % len(g)] for g in self.rotation]
+        full = next(iter(self.sublms))
+        if self.full_every and step % self.full_every == 0 and full not in names:
+            names.insert(0, full)
+        return names
+
 
 # --------------------------------------------------------------------------- loss
-def distillation_loss(states, teacher_states, teacher_emb, attention_mask, tau: float,
-                      token_weight: float, relation_weight: float, layer_weight: float = 0.0,
-                      layer_states=None, teacher_layer_states=None) -> dict[str, torch.Tensor]:
-    emb = mean_pool_normalize(states, attention_mask)
-    embedding = (1 - (emb * teacher_emb).sum(-1)).mean()
-    relation = F.kl_div(F.log_softmax(emb @ emb.T / tau, -1), F.log_softmax(teacher_emb @ teacher_emb.T / tau, -1),
-                        log_target=True, reduction="batchmean")
-    real = attention_mask.bool()
-    tokens = (1 - F.cosine_similarity(states[real], teacher_states[real], dim=-1)).mean()
-    total = embedding + relation_weight * relation + token_weight * tokens
-    parts = {"embedding": embedding.detach(), "relation": relation.detach(), "tokens": tokens.detach()}
-    if layer_weight and layer_states:
-        layers = torch.stack([(1 - F.cosine_similarity(s[real], t[real], dim=-1)).mean()
-                              for s, t in zip(layer_states, teacher_layer_states)]).mean()
-        total = total + layer_weight * layers
-        parts["layers"] = layers.detach()
+@dataclass
+class Targets:
+    """What the students are distilled towards, for one batch."""
+
+    emb: torch.Tensor                  # the teacher's pooled embeddings [B, H]
+    keys: torch.Tensor                 # embeddings the relation is taken over [B + bank, H]
+    states: torch.Tensor | None = None  # the teacher's token states (only when the step ran the teacher)
+
+
+def distillation_loss(states, attention_mask, targets: Targets, tau: float, relation_weight: float,
+                      token_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    emb = mean_pool_normalize(states.float(), attention_mask)
+    embedding = (1 - (emb * targets.emb).sum(-1)).mean()
+    relation = F.kl_div(F.log_softmax(emb @ targets.keys.T / tau, -1),
+                        F.log_softmax(targets.emb @ targets.keys.T / tau, -1), log_target=True, reduction="batchmean")
+    total = embedding + relation_weight * relation
+    parts = {"embedding": embedding.detach(), "relation": relation.detach()}
+    if targets.states is not None and token_weight:
+        real = attention_mask.bool()
+        tokens = (1 - F.cosine_similarity(states[real].float(), targets.states[real], dim=-1)).mean()
+        total = total + token_weight * tokens
+        parts["tokens"] = tokens.detach()
     return {"loss": total, **parts}
 
 
-def elastic_step(model: ElasticEncoder, teacher: ElasticEncoder, batch: dict, optimizer, cfg: TrainConfig,
-                 sublms: list[str] | None = None) -> dict[str, float]:
-    """One optimization step over all SubLMs: forward + backward each, then a single update."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    layerwise = cfg.layer_weight > 0
-    teacher_layers = [] if layerwise else None
+def teacher_targets(teacher: ElasticEncoder, batch: dict) -> Targets:
     with torch.no_grad():
-        teacher_states = teacher(ids, mask, layer_states=teacher_layers)
-        teacher_emb = mean_pool_normalize(teacher_states, mask)
+        states = teacher(batch["input_ids"], batch["attention_mask"])
+        emb = mean_pool_normalize(states, batch["attention_mask"])
+    return Targets(emb, emb, states)
+
+
+def elastic_step(model: ElasticEncoder, batch: dict, targets: Targets, optimizer, cfg: TrainConfig,
+                 sublms: list[str]) -> dict[str, float]:
+    """One optimization step: forward + backward of each SubLM (gradients accumulate in the shared
+    weights), then a single update."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bf16 = ids.shape[1] >= cfg.bf16_min_length
     optimizer.zero_grad(set_to_none=True)
     losses = {}
-    for name in sublms or model.config.sublm_names:
-        layers = [] if layerwise else None
-        states = model(ids, mask, sublm=name, layer_states=layers)
-        parts = distillation_loss(states, teacher_states, teacher_emb, mask, cfg.relation_tau, cfg.token_weight,
-                                  cfg.relation_weight, cfg.layer_weight, layers, teacher_layers)
-        parts["loss"].backward()  # gradients of every SubLM accumulate in the shared weights
+    for name in sublms:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            states = model(ids, mask, sublm=name)
+        parts = distillation_loss(states, mask, targets, cfg.relation_tau, cfg.relation_weight, cfg.token_weight)
+        parts["loss"].backward()
         losses[name] = parts["loss"].item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -101,8 +146,9 @@ def elastic_step(model: ElasticEncoder, teacher: ElasticEncoder, batch: dict, op
 
 
 # --------------------------------------------------------------------------- data
-def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of similar length (less padding), in a seeded random order."""
+def length_bucketed_batches(lengths, batch_size: int, seed: int, tokens_per_batch: int | None = None) -> list[list[int]]:
+    """Batches of similar length (less padding), in a seeded random order. With ``tokens_per_batch`` a
+    batch holds as many texts as fit that many padded tokens (at most ``batch_size``)."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -110,13 +156,21 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int) -> l
     batches = []
     for i in range(0, len(order), chunk):
         part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
-        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size) if len(part[k:k + batch_size]) > 1]
+        k = 0
+        while k < len(part):
+            longest = lengths[part[min(k + batch_size, len(part)) - 1]]
+            n = batch_size if not tokens_per_batch else max(2, min(batch_size, tokens_per_batch // max(1, longest)))
+            while n > 2 and lengths[part[min(k + n, len(part)) - 1]] * n > (tokens_per_batch or math.inf):
+                n -= 1
+            if len(part[k:k + n]) > 1:
+                batches.append(part[k:k + n])
+            k += n
     rng.shuffle(batches)
     return batches
 
 
-def collate(encoded: dict, idx: list[int], pad_id: int, device) -> dict:
-    return pad([encoded["input_ids"][i] for i in idx], pad_id, device=device)
+def collate(token_ids, idx: list[int], pad_id: int, device) -> dict:
+    return pad([token_ids[i] for i in idx], pad_id, device=device)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -130,86 +184,151 @@ def prepare_elastic_model(tokenizer, calibration: list[str], max_length: int, de
     batches = length_bucketed_batches([len(x) for x in enc["input_ids"]], batch_size, seed=0)
     bar = tqdm(total=len(calibration), desc="importance", unit="text", disable=not progress)
     head_scores, neuron_scores = score_importance(
-        model, (collate(enc, b, tokenizer.pad_token_id, device) for b in batches), progress=bar)
+        model, (collate(enc["input_ids"], b, tokenizer.pad_token_id, device) for b in batches), progress=bar)
     bar.close()
     permute_by_importance(model, head_scores, neuron_scores)
     return model, head_scores, neuron_scores
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
+def starting_model(cfg: TrainConfig, tokenizer, texts: list[str], device):
+    """(model, importance scores): a checkpoint to adapt, or the teacher ordered by importance. Kept in the
+    state directory: on resume the permutation is part of the run's state."""
     from safetensors.torch import load_file, save_file
+
+    path = Path(cfg.state_dir) / IMPORTANCE_FILE
+    source = Path(cfg.init) / IMPORTANCE_FILE if cfg.init else path
+    if cfg.init:
+        model = load_checkpoint(cfg.init, device)
+        cfg.sublms = dict(model.config.sublms)
+        scores = load_file(str(source))
+    elif path.exists():
+        scores = load_file(str(path))
+        model = permute_by_importance(load_bert().to(device), scores["head_scores"], scores["neuron_scores"])
+    else:
+        model, hs, ns = prepare_elastic_model(tokenizer, texts[:cfg.calibration_texts], cfg.max_length, device)
+        scores = {"head_scores": hs, "neuron_scores": ns}
+    save_file(scores, str(path))
+    model.config.sublms = dict(cfg.sublms)
+    # a checkpoint may carry another ladder than the recipe's: rotate over the SubLMs it has
+    groups = [[n for n in g if n in cfg.sublms] for g in cfg.rotation]
+    rotated = {n for g in groups for n in g} | {next(iter(cfg.sublms))}
+    cfg.rotation = [g for g in groups if g] + ([missing] if (missing := [n for n in cfg.sublms if n not in rotated])
+                                               else [])
+    return model, scores
+
+
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
+    """Run (or resume) the recipe; write the checkpoint to ``cfg.out``."""
     from tqdm.auto import tqdm
 
-    from .data import DEFAULT_DATA_DIR, training_texts
+    from .corpus import TeacherCache, read_corpus
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     state_dir = Path(cfg.state_dir)
+    state_file = state_dir / "train_state.pt"
+    if not resume and state_file.exists():
+        raise FileExistsError(f"{state_file} exists: pass --resume to continue it, or another --state-dir")
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer()
-    source_sizes: dict[str, int] = {}
-    texts = training_texts(cfg.data_dir or DEFAULT_DATA_DIR, seed=cfg.seed, max_per_source=cfg.max_per_source,
-                           sizes=source_sizes)
-    calibration, texts = texts[:cfg.calibration_texts], texts[cfg.calibration_texts:]
-
-    importance_path = state_dir / IMPORTANCE_FILE
-    if importance_path.exists():  # resuming: the permutation is part of the run's state
-        scores = load_file(str(importance_path))
-        model = permute_by_importance(load_bert().to(device), scores["head_scores"], scores["neuron_scores"])
+    texts, sources = read_corpus(cfg.corpus_dir)
+    cache = TeacherCache(cfg.corpus_dir, cfg.max_length)
+    teacher = load_bert().to(device).eval().requires_grad_(False)
+    token_ids, lengths, teacher_emb = cache.build(texts, tokenizer, teacher, progress).load()
+    teacher_emb = torch.from_numpy(teacher_emb).float()
+    model, scores = starting_model(cfg, tokenizer, texts, device)
+    if cfg.teacher_free:
+        del teacher
     else:
-        model, hs, ns = prepare_elastic_model(tokenizer, calibration, cfg.max_length, device, progress=progress)
-        scores = {"head_scores": hs, "neuron_scores": ns}
-        save_file(scores, str(importance_path))
-    model.config.sublms = width_sublms(model.config)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = permute_by_importance(teacher, scores["head_scores"], scores["neuron_scores"])
 
-    enc = tokenizer(texts, truncation=True, max_length=cfg.max_length)
-    batches = []
-    epoch = 0
-    while len(batches) < cfg.steps:  # as many passes over the texts as the step budget needs
-        batches += length_bucketed_batches([len(x) for x in enc["input_ids"]], cfg.batch_size, cfg.seed + epoch)
-        epoch += 1
+    calibration = cfg.calibration_texts if not cfg.init else 0  # the importance texts are not trained on
+    batches = [b for b in length_bucketed_batches(lengths[calibration:], cfg.max_batch, cfg.seed, cfg.tokens_per_batch)]
+    batches = [[i + calibration for i in b] for b in batches]
+    planned = len(batches) if cfg.texts is None else _steps_for(batches, cfg.texts)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    warmup = max(1, int(cfg.warmup * cfg.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
-    start = 0
-    state_file = state_dir / "train_state.pt"
+    plan = {"steps": planned}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, plan["steps"], cfg.warmup))
+    start, seen = 0, 0
     if state_file.exists():
-        state = torch.load(state_file, map_location=device)
+        state = torch.load(state_file, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start = state["step"]
+        start, seen = state["step"], state["seen"]  # the plan is this call's: a resumed run may be extended
         torch.set_rng_state(state["rng"])
 
+    def save(step):
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "step": step, "seen": seen, "planned_steps": plan["steps"],
+                    "rng": torch.get_rng_state()}, state_file.with_suffix(".tmp"))
+        state_file.with_suffix(".tmp").replace(state_file)  # atomic: a crash never leaves half a state
+
     log = open(state_dir / "train_log.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=start, desc="elastic optimization", unit="step", disable=not progress)
+    bar = tqdm(total=plan["steps"], initial=start, desc="elastic optimization", unit="step", disable=not progress)
     model.train()
-    t0, seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-        batch = collate(enc, batches[step], tokenizer.pad_token_id, device)
-        losses = elastic_step(model, teacher, batch, optimizer, cfg)
+    rng = np.random.default_rng(cfg.seed + start)
+    t0, seen_here, step = time.perf_counter(), 0, start
+    while step < plan["steps"]:
+        idx = batches[step % len(batches)]
+        batch = collate(token_ids, idx, tokenizer.pad_token_id, device)
+        if cfg.teacher_free:
+            bank = teacher_emb[torch.from_numpy(rng.integers(0, len(teacher_emb), cfg.bank_size))]
+            emb = teacher_emb[idx]
+            targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
+        else:
+            targets = teacher_targets(teacher, batch)
+        losses = elastic_step(model, batch, targets, optimizer, cfg, cfg.sublms_at(step))
         schedule.step()
-        seen += len(batches[step])
-        rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"texts/s": f"{rate:.1f}"})
+        step += 1
+        seen += len(idx)
+        seen_here += len(idx)
+        elapsed = time.perf_counter() - t0
+        if cfg.hours and step - start == 50:  # fit the plan to the budget, once, on the measured rate
+            fits = start + int((cfg.hours * 3600 - elapsed) / elapsed * 50) + 50
+            plan["steps"] = min(plan["steps"], fits)
+            bar.total = plan["steps"]
+        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"texts/s": f"{seen_here / elapsed:.1f}"})
         bar.update(1)
-        log.write(json.dumps({"step": step + 1, "lr": schedule.get_last_lr()[0], **losses}) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        log.write(json.dumps({"step": step, "lr": schedule.get_last_lr()[0], "texts": seen,
+                              "texts_per_s": seen_here / elapsed, **losses}) + "\n")
+        if step % cfg.save_every == 0 or step == plan["steps"]:
             log.flush()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1, "rng": torch.get_rng_state()},
-                       state_file.with_suffix(".tmp"))
-            state_file.with_suffix(".tmp").replace(state_file)  # atomic: a crash never leaves half a state
+            save(step)
     bar.close()
     log.close()
 
     model.eval().cpu()
     out = Path(cfg.out)
     save_checkpoint(model, out)
+    from safetensors.torch import save_file
+
     save_file(scores, str(out / IMPORTANCE_FILE))
-    record = cfg.__dict__ | {"training_text": source_sizes}
+    read = _sources_read(sources, batches[:plan["steps"]], calibration)
+    record = asdict(cfg) | {"training_text": read, "texts_seen": seen,
+                            "distinct_texts_seen": min(seen, sum(read.values()))}
     (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _lr_factor(step: int, steps: int, warmup: float) -> float:
+    warm = max(1, int(warmup * steps))
+    return min((step + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps)))))
+
+
+def _steps_for(batches: list[list[int]], texts: int) -> int:
+    total, steps = 0, 0
+    while total < texts:
+        total += len(batches[steps % len(batches)])
+        steps += 1
+    return steps
+
+
+def _sources_read(sources: list[str], batches: list[list[int]], calibration: int) -> dict[str, int]:
+    """Texts per source the run read (what ``data.dl19_provenance`` and the tables check)."""
+    from collections import Counter
+
+    read = Counter(sources[i] for i in {i for b in batches for i in b})
+    read.update(sources[:calibration])
+    return dict(sorted(read.items()))

@@ -115,26 +115,18 @@ def test_dl19_union_and_dense_rerank_end_to_end(checkpoint_dir, tiny_dl19):
     assert result["sublms"]["w100"]["ndcg@10"] == pytest.approx(1.0)
 
 
-def test_distillation_texts_never_hold_trec_dl():
-    """TREC DL 2019 is the held-out evaluation: none of its passages or queries is trained on, not even
-    unlabeled (issue 14)."""
-    from elastic_core.data import DEFAULT_DATA_DIR, load_dl19, training_texts
-
-    queries, passages, _, _ = load_dl19(DEFAULT_DATA_DIR)
-    held_out = {t.strip() for t in [*queries.values(), *passages.values()]}
-    texts = training_texts(DEFAULT_DATA_DIR, max_per_source=2000)
-    assert len(texts) > 10_000
-    assert not held_out & set(texts)
-
-
-def test_dl19_provenance_follows_the_recorded_training_text(tmp_path):
-    """Every DL19 table says whether the checkpoint read DL19: from the sources its train_config records."""
-    from elastic_core.data import DEFAULT_DATA_DIR, dl19_provenance, training_sources, training_texts
+def test_provenance_follows_the_recorded_training_text(tmp_path):
+    """Every DL19 and SciFact table says whether the checkpoint read that set: from the sources its
+    train_config records (the corpus itself never holds them: tests/test_corpus.py)."""
+    from elastic_core.data import dl19_provenance, scifact_provenance
 
     assert dl19_provenance(tmp_path) == "training text not recorded"
-    sources = training_sources(DEFAULT_DATA_DIR, max_per_source=500)
-    assert sum(map(len, sources.values())) == len(training_texts(DEFAULT_DATA_DIR, max_per_source=500))
-    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {k: len(v) for k, v in sources.items()}}))
-    assert dl19_provenance(tmp_path) == "held out"
+    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {"general_queries": 9, "wordnet_glosses": 3}}))
+    assert dl19_provenance(tmp_path) == scifact_provenance(tmp_path) == "held out"
     (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {"dl19_passages": 6000}}))
-    assert dl19_provenance(tmp_path).startswith("not held out")
+    assert dl19_provenance(tmp_path).startswith("not held out") and scifact_provenance(tmp_path) == "held out"
+    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {"scifact_corpus": 5183}}))
+    assert scifact_provenance(tmp_path).startswith("not held out")
+    (tmp_path / "train_config.json").write_text(json.dumps({"training_text": {"user_passages": 5},
+                                                            "adapted_to": "scifact.jsonl"}))
+    assert dl19_provenance(tmp_path).startswith("adapted")

@@ -1,40 +1,67 @@
 import copy
+import json
 
+import numpy as np
 import torch
 
-from elastic_core.optimize import TrainConfig, distillation_loss, elastic_step, length_bucketed_batches
-from elastic_core.model import mean_pool_normalize
+from elastic_core.model import mean_pool_normalize, width_sublms
+from elastic_core.optimize import (TrainConfig, Targets, distillation_loss, elastic_step, ladder_candidates,
+                                   length_bucketed_batches, teacher_targets)
 
 
-def _total_loss(model, teacher, batch, cfg):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+def _losses(model, batch, targets, cfg, sublms):
     with torch.no_grad():
-        t_states = teacher(ids, mask)
-        t_emb = mean_pool_normalize(t_states, mask)
-        return {s: distillation_loss(model(ids, mask, sublm=s), t_states, t_emb, mask, cfg.relation_tau,
-                                     cfg.token_weight, cfg.relation_weight)["loss"].item()
-                for s in model.config.sublm_names}
+        return {s: distillation_loss(model(batch["input_ids"], batch["attention_mask"], sublm=s),
+                                     batch["attention_mask"], targets, cfg.relation_tau, cfg.relation_weight,
+                                     cfg.token_weight)["loss"].item() for s in sublms}
+
+
+def _small_ladder(teacher):
+    model = copy.deepcopy(teacher)
+    model.config.sublms = ladder_candidates()
+    return model
 
 
 def test_full_model_has_zero_loss_against_itself(teacher, batch):
-    loss = _total_loss(teacher, teacher, batch, TrainConfig())
+    model = _small_ladder(teacher)
+    loss = _losses(model, batch, teacher_targets(teacher, batch), TrainConfig(), ["w100", "w50", "w25", "l3"])
     assert abs(loss["w100"]) < 1e-5
-    assert loss["w25"] > loss["w50"] > loss["w75"] > 0.01
+    assert loss["w25"] > loss["w50"] > 0.01 and loss["l3"] > 0.01
 
 
-def test_elastic_steps_lower_every_sublms_loss(teacher, batch):
+def test_cached_targets_with_a_bank_train_the_small_sublms(teacher, batch):
+    """Teacher-free steps (cached embeddings, a bank of other texts' embeddings) lower the loss of the
+    SubLMs they train and leave no teacher in the loop."""
     cfg = TrainConfig(lr=2e-4)
-    model = copy.deepcopy(teacher).train()
-    before = _total_loss(model, teacher, batch, cfg)
+    model = _small_ladder(teacher).train()
+    full = teacher_targets(teacher, batch)
+    bank = torch.nn.functional.normalize(torch.randn(64, full.emb.shape[1]), dim=-1)
+    cached = Targets(full.emb, torch.cat([full.emb, bank]))
+    before = _losses(model, batch, cached, cfg, ["w25", "l3w50"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    seen = []
-    for _ in range(3):
-        seen.append(elastic_step(model, teacher, batch, optimizer, cfg))
-    after = _total_loss(model, teacher, batch, cfg)
-    assert set(seen[0]) == {"w100", "w75", "w50", "w25"}  # every step traverses every SubLM
-    for s in ("w75", "w50", "w25"):
-        assert after[s] < before[s]
-    assert sum(after.values()) < sum(before.values())
+    for step in range(3):
+        losses = elastic_step(model, batch, cached, optimizer, cfg, ["w25", "l3w50"])
+    assert set(losses) == {"w25", "l3w50"}
+    after = _losses(model, batch, cached, cfg, ["w25", "l3w50"])
+    assert after["w25"] < before["w25"] and after["l3w50"] < before["l3w50"]
+
+
+def test_each_step_trains_the_small_sublms_and_w100_every_nth():
+    cfg = TrainConfig(full_every=4)
+    plan = [cfg.sublms_at(s) for s in range(20)]
+    assert all(any(n in ("w25", "l3w50") for n in names) for names in plan)
+    assert sum("w100" in names for names in plan) == 5
+    trained = {n for names in plan for n in names}
+    assert trained == set(cfg.sublms)  # every candidate trains
+
+
+def test_ladder_is_ordered_by_compute():
+    ladder = ladder_candidates()
+    cost = [layers * (heads * 64 + ffn) for heads, ffn, layers in ladder.values()]
+    assert cost == sorted(cost, reverse=True)
+    assert ladder["w100"] == [12, 1536, 6] and ladder["l4"] == [12, 1536, 4]
+    assert {k: v for k, v in ladder.items() if k.startswith("w")} == width_sublms(
+        type("C", (), {"num_heads": 12, "intermediate_size": 1536, "num_layers": 6})())
 
 
 def test_length_buckets_cover_everything_once():
@@ -47,19 +74,11 @@ def test_length_buckets_cover_everything_once():
     assert sorted(spread)[len(spread) // 2] <= 3  # most batches hold texts of similar length
 
 
-def test_layerwise_distillation_sees_every_earlier_layer(teacher, batch):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    cfg = TrainConfig(layer_weight=1.0)
-    with torch.no_grad():
-        t_layers, w25_layers = [], []
-        t_states = teacher(ids, mask, layer_states=t_layers)
-        w25 = teacher(ids, mask, sublm="w25", layer_states=w25_layers)
-        t_emb = mean_pool_normalize(t_states, mask)
-        args = (t_emb, mask, cfg.relation_tau, cfg.token_weight, cfg.relation_weight, cfg.layer_weight)
-        itself = distillation_loss(t_states, t_states, *args, t_layers, t_layers)
-        small = distillation_loss(w25, t_states, *args, w25_layers, t_layers)
-        without = distillation_loss(w25, t_states, *args[:-1], 0.0, w25_layers, t_layers)
-    assert len(t_layers) == len(w25_layers) == teacher.config.num_layers - 1
-    assert abs(itself["layers"]) < 1e-5
-    assert small["layers"] > 0.01
-    assert torch.isclose(small["loss"], without["loss"] + small["layers"])
+def test_token_budget_batches_hold_more_short_texts():
+    lengths = [10] * 400 + [120] * 400
+    batches = length_bucketed_batches(lengths, batch_size=128, seed=0, tokens_per_batch=1280)
+    assert sorted(i for b in batches for i in b) == list(range(800))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 1280
+    assert max(len(b) for b in batches if lengths[b[0]] == 10) >= 100
+    assert max(len(b) for b in batches if lengths[b[0]] == 120) <= 10

@@ -1,0 +1,94 @@
+"""Unsupervised domain adaptation: the elastic model distilled again on a user's own passages.
+
+    elasticlm adapt --corpus my_passages.jsonl --out models/my-domain --hours 1
+
+No labels: the user's passages plus query-length spans cropped from them (pseudo-queries: what a search
+box sends) are embedded by the teacher once, and the SubLMs are distilled towards it with the default
+recipe (``optimize.train``), starting from the general checkpoint. A share of the general corpus is
+replayed beside them so that the model keeps what it knew: the full SubLM must lose nothing.
+Where the small SubLMs lose most is text they never read; after this they have read the user's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from .corpus import SUMMARY_FILE, TEXTS_FILE, cropped_spans, read_corpus
+
+
+def read_user_corpus(path: str | Path, text_field: str = "text") -> list[str]:
+    """Passages from JSON Lines (``text_field``, with a ``title`` prepended where BEIR has one) or plain
+    text (one passage a line)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                record = json.loads(line)
+                if text_field not in record:
+                    raise ValueError(f"{path}:{n}: no {text_field!r} field (pass --field)")
+                text = (str(record.get("title") or "") + " " + str(record[text_field])).strip()
+            else:
+                text = line
+            if text:
+                texts.append(" ".join(text.split()))
+    if not texts:
+        raise ValueError(f"{path}: no passages")
+    return texts
+
+
+def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | None, seed: int = 0,
+                      crops_per_passage: int = 2, replay: float = 0.5) -> dict:
+    """Write the adaptation corpus: the passages, ``crops_per_passage`` pseudo-queries each, and general
+    texts amounting to ``replay`` x that (when the general corpus is built)."""
+    rng = random.Random(seed)
+    records = [(t, "user_passages") for t in passages]
+    for _ in range(crops_per_passage):
+        records += [(t, "user_crops") for t in cropped_spans(passages, rng)]
+    if general_dir is not None and (general_dir / TEXTS_FILE).exists():
+        general, sources = read_corpus(general_dir)
+        picks = rng.sample(range(len(general)), min(len(general), int(replay * len(records))))
+        records += [(general[i], f"replay_{sources[i]}") for i in picks]
+    rng.shuffle(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / TEXTS_FILE, "w", encoding="utf-8") as f:
+        for text, source in records:
+            f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+    counts: dict[str, int] = {}
+    for _, source in records:
+        key = "general_replay" if source.startswith("replay_") else source
+        counts[key] = counts.get(key, 0) + 1
+    summary = {"texts": len(records), "sources": counts}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: float = 1.0, text_field: str = "text",
+          passes: int = 8, lr: float = 5e-5, general_dir: str | Path = "runs/corpus", resume: bool = False,
+          seed: int = 0, progress: bool = True) -> Path:
+    """Adapt ``checkpoint`` to the passages in ``corpus``; the result is a checkpoint at ``out`` (its
+    ``train_config.json`` names the corpus it adapted to). Up to ``passes`` over the adaptation texts,
+    within ``hours``. State lives in ``<out>.state`` (``resume`` continues it)."""
+    from .optimize import TrainConfig, train
+
+    out = Path(out)
+    state = out.parent / f"{out.name}.state"
+    corpus_dir = state / "corpus"
+    if not resume and state.exists():
+        shutil.rmtree(state)
+    passages = read_user_corpus(corpus, text_field)
+    if not (corpus_dir / TEXTS_FILE).exists():
+        adaptation_corpus(passages, corpus_dir, Path(general_dir) if general_dir else None, seed)
+    texts = json.loads((corpus_dir / SUMMARY_FILE).read_text())["texts"]
+    cfg = TrainConfig(out=str(out), state_dir=str(state), corpus_dir=str(corpus_dir), init=str(checkpoint),
+                      texts=passes * texts, hours=hours, lr=lr, seed=seed, full_every=2)
+    path = train(cfg, progress=progress, resume=True)
+    record = json.loads((path / "train_config.json").read_text())
+    record["adapted_to"] = str(corpus)
+    (path / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,111 @@
+"""The distillation corpus and the recipe end to end on a small corpus: no evaluation text, a teacher
+cache that resumes, a training run that resumes, adaptation to a user's passages."""
+
+import json
+
+import numpy as np
+import pytest
+
+from elastic_core.corpus import (TeacherCache, build_corpus, cropped_spans, evaluation_texts, normalize,
+                                 read_corpus, wordnet_texts)
+from elastic_core.data import DEFAULT_DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    return out, build_corpus(DEFAULT_DATA_DIR, out)
+
+
+def test_corpus_reads_no_evaluation_text(corpus):
+    out, summary = corpus
+    texts, sources = read_corpus(out)
+    held_out = evaluation_texts(DEFAULT_DATA_DIR)
+    assert len(held_out) > 15_000  # DL19 passages + SciFact corpus + GLUE dev, at least
+    assert not any(normalize(t) in held_out for t in texts)
+    assert len(texts) == summary["texts"] == len({normalize(t) for t in texts}) > 500_000
+    assert {"general_queries", "general_passages", "passage_crops", "scifact_train_queries",
+            "glue_sst2_train"} <= set(summary["sources"])
+    assert not any(s.startswith(("dl19", "scifact_corpus")) for s in sources)
+
+
+def test_wordnet_makes_queries_glosses_and_examples():
+    wn = wordnet_texts()
+    if not wn["wordnet_glosses"]:
+        pytest.skip("wordnet-base is not installed (make setup installs it)")
+    assert len(wn["wordnet_glosses"]) > 100_000
+    assert any(q.startswith("what is ") for q in wn["wordnet_queries"])
+    assert all(":" in g for g in wn["wordnet_glosses"][:100])
+
+
+def test_crops_are_query_length_spans_of_their_passage():
+    import random
+
+    passages = ["one two three four five six seven eight nine ten eleven twelve thirteen fourteen"] * 20
+    for span in cropped_spans(passages, random.Random(0)):
+        assert 4 <= len(span.split()) <= 12 and span in passages[0]
+
+
+def test_teacher_cache_resumes_and_matches_the_teacher(tmp_path, teacher, tokenizer, monkeypatch):
+    texts = ["what is a cat", "the cat sat on the mat and looked at the dog for a while", "bones", "rain"] * 5
+    monkeypatch.setattr(TeacherCache, "BLOCK", 8)  # three blocks
+    cache = TeacherCache(tmp_path, 32)
+    cache.dir.mkdir()
+    stale = cache.dir / "block-00000000.npz"  # a block left by an interrupted build is kept, not recomputed
+    first = tokenizer(texts[:8], truncation=True, max_length=32)["input_ids"]
+    np.savez(stale, tokens=np.concatenate([np.asarray(x, dtype=np.int32) for x in first]),
+             lengths=np.array([len(x) for x in first], dtype=np.int32), embeddings=np.zeros((8, 384), np.float16))
+    cache.build(texts, tokenizer, teacher, progress=False, bf16=False)
+    ids, lengths, emb = cache.load()
+    assert len(ids) == len(texts) and list(lengths) == [len(x) for x in ids] and cache.complete
+    assert not emb[:8].any()  # the kept block
+    batch = tokenizer(texts[8:10], padding=True, return_tensors="pt", return_token_type_ids=False)
+    expected = teacher.embed(batch["input_ids"], batch["attention_mask"]).detach().numpy()
+    assert np.allclose(emb[8:10].astype(np.float32), expected, atol=2e-3)
+
+
+def test_training_run_resumes_and_records_what_it_read(tmp_path):
+    from elastic_core.model import load_checkpoint
+    from elastic_core.optimize import TrainConfig, train
+
+    texts = [f"query number {i} about topic {i % 7}" for i in range(120)] + \
+            [f"a passage {i} that talks at some length about topic {i % 7} and more words" for i in range(80)]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "texts.jsonl").write_text(
+        "".join(json.dumps({"text": t, "source": "q" if t.startswith("query") else "p"}) + "\n" for t in texts))
+    cfg = TrainConfig(out=str(tmp_path / "ckpt"), state_dir=str(tmp_path / "state"), corpus_dir=str(corpus_dir),
+                      texts=60, tokens_per_batch=256, max_batch=16, calibration_texts=16, bank_size=32, save_every=2)
+    out = train(cfg, progress=False)
+    log = [json.loads(l) for l in open(tmp_path / "state" / "train_log.jsonl")]
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["texts_seen"] >= 60 and set(record["training_text"]) == {"q", "p"}
+    assert load_checkpoint(out).config.sublms == cfg.sublms
+    with pytest.raises(FileExistsError):
+        train(cfg, progress=False, resume=False)  # a finished state is never overwritten silently
+    cfg.texts = 120
+    train(cfg, progress=False, resume=True)
+    more = [json.loads(l) for l in open(tmp_path / "state" / "train_log.jsonl")]
+    assert more[len(log)]["step"] == log[-1]["step"] + 1  # resumed where it stopped, not from zero
+
+
+def test_adapt_distils_a_checkpoint_on_a_users_passages(tmp_path, checkpoint_dir):
+    from elastic_core.adapt import adapt, read_user_corpus
+    from elastic_core.data import provenance
+    from elastic_core.model import load_checkpoint
+
+    passages = [{"_id": str(i), "title": f"Title {i}", "text": f"Passage {i} on bone density and vitamin D, "
+                 f"measured in study {i} over {i + 2} years of follow-up in adults."} for i in range(40)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages))
+    assert read_user_corpus(corpus)[0].startswith("Title 0 Passage 0")
+    with pytest.raises(ValueError, match="'body'"):
+        read_user_corpus(corpus, text_field="body")
+    out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None, progress=False)
+    before, after = load_checkpoint(checkpoint_dir), load_checkpoint(out)
+    assert after.config.sublms == before.config.sublms  # the checkpoint's own ladder, not the recipe's
+    changed = (after.layers[0].query.weight - before.layers[0].query.weight).abs().max()
+    assert changed > 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["adapted_to"] == str(corpus) and set(record["training_text"]) == {"user_passages", "user_crops"}
+    assert provenance(out, "scifact_corpus").startswith("adapted")
