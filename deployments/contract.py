@@ -20,6 +20,12 @@ from elastic_core.ranker import fuse_with_first_stage
 
 TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
 
+# the wire's names, HTTP and gRPC alike
+SUBLM_HEADER = "x-elasticlm-sublm"              # the SubLM that served: HTTP header, gRPC trailing metadata
+DEADLINE_HEADER = "x-elasticlm-deadline-ms"     # HTTP header and gRPC metadata key
+MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
+RETRY_AFTER_HEADER = "retry-after"  # HTTP header (seconds) and, on RESOURCE_EXHAUSTED, gRPC trailing metadata
+
 
 class RequestError(Exception):
     """A request the service refuses; ``status`` is the HTTP code, ``grpc_code`` its gRPC twin."""
@@ -80,6 +86,7 @@ class TaskRequest:
     deadline_ms: float | None = None
     kind: str = "passage"
     first_stage_scores: list[float] | None = None  # rerank: the retriever's score of each text (fused by rank)
+    raw_scores: bool = False  # rerank / predict: the model's raw scores (logits, cosines), not 0..1 ones
 
     @property
     def examples(self) -> int:
@@ -160,7 +167,8 @@ class Validator:
                            **self._options(min_sublm, deadline_ms))
 
     def rerank_request(self, query, texts, truncate: bool | None = True, min_sublm: str | None = None,
-                       deadline_ms: float | None = None, first_stage_scores=None) -> TaskRequest:
+                       deadline_ms: float | None = None, first_stage_scores=None,
+                       raw_scores: bool = False) -> TaskRequest:
         if query is None:
             raise RequestError(422, "query is missing: send the text the candidates are ranked against")
         [query] = self.texts([query] if isinstance(query, str) else query, "query", one=True)
@@ -176,10 +184,11 @@ class Validator:
                 raise RequestError(422, "first_stage_scores must be finite numbers")
             first_stage_scores = [float(x) for x in first_stage_scores]
         return TaskRequest("rerank", texts, query=query, truncate=self._truncate(truncate),
-                           first_stage_scores=first_stage_scores, **self._options(min_sublm, deadline_ms))
+                           first_stage_scores=first_stage_scores, raw_scores=bool(raw_scores),
+                           **self._options(min_sublm, deadline_ms))
 
     def predict_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
-                        deadline_ms: float | None = None) -> tuple[TaskRequest, bool]:
+                        deadline_ms: float | None = None, raw_scores: bool = False) -> tuple[TaskRequest, bool]:
         """TEI's forms: a text, a pair ``[a, b]``, or a batch ``[[a], [b]]`` / ``[[a, b], ...]``.
         Returns the request and whether it was a batch (the answer's shape follows the question's)."""
         batch = isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(x, (list, tuple)) for x in inputs)
@@ -201,7 +210,8 @@ class Validator:
             if width == 2:
                 seconds.append(parts[1])
         request = TaskRequest("predict", firsts, pairs=seconds if width == 2 else None,
-                              truncate=self._truncate(truncate), **self._options(min_sublm, deadline_ms))
+                              truncate=self._truncate(truncate), raw_scores=bool(raw_scores),
+                              **self._options(min_sublm, deadline_ms))
         return request, batch
 
     def _options(self, min_sublm, deadline_ms) -> dict:
@@ -254,7 +264,17 @@ class Validator:
         return self.tokenizers[request.task].encode(request)
 
 
-# --------------------------------------------------------------------------- answers both ingresses format
+def parse_deadline(raw: str | None) -> float | None:
+    """The ``x-elasticlm-deadline-ms`` header / metadata value as milliseconds (checked in ``Validator``)."""
+    if raw is None:  # present but empty is malformed, not absent
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {raw!r}") from None
+
+
+# --------------------------------------------------------------------------- answers every task's request gets
 def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None,
            first_stage_scores: list[float] | None = None) -> list[tuple[int, float]]:
     """A rerank's (candidate index, score), best first: the ranker's raw relevance (a cross-encoder's logit,

@@ -30,7 +30,7 @@ and that one model serves three decisions:
   A batch far larger than calibration has seen is an extrapolation and gets at least ``prior_spread``.
   Admission keeps the mean: it refuses only what is certain to miss.
 
-Pure logic: no Ray, no Redis, no torch. ``deployments/replica.py`` only feeds it.
+Pure logic: no Ray, no Redis, no torch. ``deployments/core.py`` only feeds it.
 """
 
 from __future__ import annotations

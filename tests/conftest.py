@@ -79,6 +79,20 @@ RERANK_TARGET_MS = 2000.0  # a task's own T (ReplicaConfig.task_target_ms)
 MAX_INPUTS = 8
 
 
+# the settings the serving tests run a replica with, in the process (test_serving_core.py) or on Ray Serve
+SERVING_ARGS = {"target_ms": TARGET_MS, "max_inputs": MAX_INPUTS, "calibration_alpha": 0,
+                "task_target_ms": {"rerank": RERANK_TARGET_MS}}
+
+
+def synthetic_profile(directory: Path) -> Path:
+    """A latency table of ``MS_PER_TEXT`` per text at any length: which SubLM serves is exact on any machine."""
+    profile = directory / "profile.json"
+    profile.write_text(json.dumps({"device": "synthetic", "entries": [
+        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
+        for b in (1, 64) for q in (8, 512)]}))
+    return profile
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     """The serving stack as `elasticlm serve` runs it (Ray Serve, HAProxy, one replica answering HTTP and
@@ -92,11 +106,7 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     from deployments.grpc_api import elasticlm_pb2_grpc
     from deployments.local import DEFAULT_CONFIG, RedisServer, free_port, load_serve_config, start_ray, start_serve
 
-    tmp = tmp_path_factory.mktemp("serving")
-    profile = tmp / "profile.json"
-    profile.write_text(json.dumps({"device": "synthetic", "entries": [
-        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
-        for b in (1, 64) for q in (8, 512)]}))
+    profile = synthetic_profile(tmp_path_factory.mktemp("serving"))
     # Redis as in production: a password and TLS only; the replicas get the URL from their environment
     redis_server = RedisServer(port=free_port(0), password="s3cret/with:odd@chars", tls=redis_tls).start()
     http_port, grpc_port = free_port(0), free_port(0)
@@ -104,9 +114,8 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     # the local config's deployment, one replica, with this test's settings
     config = load_serve_config(DEFAULT_CONFIG)
     (app,) = config.applications
-    app.args = {**app.args, "checkpoint": str(checkpoint_dir), "target_ms": TARGET_MS, "profile_path": str(profile),
-                "max_inputs": MAX_INPUTS, "depth_ttl_s": 2.0, "num_threads": 1, "calibration_alpha": 0,
-                "task_target_ms": {"rerank": RERANK_TARGET_MS}}
+    app.args = {**app.args, **SERVING_ARGS, "checkpoint": str(checkpoint_dir), "profile_path": str(profile),
+                "depth_ttl_s": 2.0, "num_threads": 1}
     (replica,) = app.deployments
     replica.num_replicas, replica.autoscaling_config = 1, None
     start_serve(config, "127.0.0.1", http_port, grpc_port)
@@ -120,3 +129,61 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     serve.shutdown()
     ray.shutdown()
     redis_server.stop()
+
+
+class GhostDepth:
+    """A task's global depth as Redis reports it while a (fake) second replica holds ``ghost`` texts."""
+
+    def __init__(self):
+        self.ghost = 0
+
+    async def sync(self, local_depth: int):
+        from elastic_core.schedule import DepthReading
+
+        return DepthReading(local_depth + self.ghost, 2 if self.ghost else 1, True)
+
+
+@pytest.fixture(scope="session")
+def core_stack(tmp_path_factory, checkpoint_dir):
+    """The ``ServingCore`` of the committed checkpoint with ``SERVING_ARGS`` and a synthetic profile, without Ray:
+    its HTTP app in process (``fastapi.testclient``) and its gRPC servicer on a ``grpc.aio`` server on loopback,
+    all on the test client's event loop; each task's global depth is a ``GhostDepth`` (``depths[task]``)."""
+    from types import SimpleNamespace
+
+    import grpc
+    from fastapi.testclient import TestClient
+    from grpc_health.v1 import health_pb2
+
+    from deployments.config import ReplicaConfig
+    from deployments.core import ServingCore
+    from deployments.grpc_adapter import GrpcServicer
+    from deployments.grpc_api import elasticlm_pb2_grpc
+    from deployments.grpc_api.servicer import add_ElasticLMServicer_to_server
+    from deployments.http_adapter import build_http_app
+
+    depths = {}
+    config = ReplicaConfig(**SERVING_ARGS, checkpoint=str(checkpoint_dir),
+                           profile_path=str(synthetic_profile(tmp_path_factory.mktemp("core"))))
+    core = ServingCore.build(config, "in-process", lambda task: depths.setdefault(task, GhostDepth()))
+    app = build_http_app(core)
+
+    async def start():
+        core.start()
+        servicer, server = GrpcServicer(core), grpc.aio.server()
+        add_ElasticLMServicer_to_server(servicer, server)
+        check = grpc.unary_unary_rpc_method_handler(servicer.Check, health_pb2.HealthCheckRequest.FromString,
+                                                    health_pb2.HealthCheckResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.health.v1.Health",
+                                                                              {"Check": check}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    with TestClient(app) as http:
+        server, port = http.portal.call(start)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        yield SimpleNamespace(core=core, app=app, http=http, depths=depths, channel=channel,
+                              grpc=elasticlm_pb2_grpc.ElasticLMStub(channel), grpc_target=f"127.0.0.1:{port}")
+        channel.close()
+        http.portal.call(server.stop, None)
+        http.portal.call(core.close)

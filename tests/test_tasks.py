@@ -232,7 +232,7 @@ def test_task_models_keep_the_backbones_speed_structure(sst2_dir, checkpoint_dir
 
 def test_a_replica_serves_the_dense_ranker_on_the_embedding_weights_or_the_cross_encoder(checkpoint_dir):
     from deployments.config import ReplicaConfig
-    from deployments.replica import load_task_models
+    from deployments.core import load_task_models
 
     models = load_task_models(ReplicaConfig(checkpoint=str(checkpoint_dir), tasks=("embed", "rerank")), "cpu")
     assert models["rerank"].kind == "dense" and models["rerank"].model is models["embed"].model  # one copy

@@ -1,0 +1,245 @@
+"""The serving core of one replica, without Ray: ``ServingCore.serve(TaskRequest) -> TaskAnswer``.
+
+Everything a request goes through once HTTP or gRPC has translated it into a validated ``TaskRequest``
+(``deployments/contract.py``) lives here, once: the unknown task, the deadline no load could meet,
+admission (before any tokenizer work, so refusing costs next to nothing), shed counting, tokenizing,
+the engine's queue (``elastic_core.engine.ServingEngine``), the overload answer and the task's answer
+(embeddings, ranks, label scores). The protocol adapters (``http_adapter.py``, ``grpc_adapter.py``)
+only translate wire formats, and the Serve deployment (``ingress.py``) only hosts a core: it passes in
+what only the host knows (its replica id, its metrics sink, the Redis queue depth) instead of the core
+looking them up, so the whole pipeline runs, and is tested, in a plain process.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from deployments.config import ReplicaConfig
+from deployments.contract import MAX_BODY_BYTES, Limits, RequestError, TaskRequest, Validator, overloaded, predictions, ranked
+from elastic_core.batching import Chunking
+from elastic_core.engine import BatchRecord, DepthSource, Job, LocalDepth, Overloaded, ServingEngine, TaskLane
+from elastic_core.schedule import ElasticSchedule
+
+logger = logging.getLogger("ray.serve")  # the replica's log (a plain logger outside Ray)
+
+
+@dataclass
+class TaskAnswer:
+    """What the core answers, whatever the protocol: the SubLM that served, the tokens read, and the task's
+    result, the one of the three fields its task fills."""
+
+    sublm: str
+    num_tokens: int
+    embeddings: np.ndarray | None = None                      # embed: one L2-normalized row per text
+    ranks: list[tuple[int, float]] | None = None              # rerank: (candidate index, score), best first
+    predictions: list[list[tuple[str, float]]] | None = None  # predict: per example, (label, score) best first
+
+
+class MetricsSink(Protocol):
+    """Where the core reports what ran (the host's metrics: Ray's in a Serve replica)."""
+
+    def batch(self, record: BatchRecord) -> None: ...
+
+    def shed(self) -> None: ...
+
+
+class NoMetrics:
+    def batch(self, record: BatchRecord) -> None:
+        pass
+
+    def shed(self) -> None:
+        pass
+
+
+def load_task_models(cfg: ReplicaConfig, device) -> dict:
+    """The model of every served task, on ``device``: ElasticDenser (embed), a ranker (rerank: the backbone's
+    cosine, sharing the embedding model's weights, or the cross-encoder adapter ``tasks/rerank``),
+    ElasticClassifier (predict: ``tasks/<classifier>``). All share the checkpoint's backbone and SubLMs;
+    an adapter is merged into its own copy of the weights."""
+    from elastic_core.classify import ElasticClassifier
+    from elastic_core.denser import ElasticDenser
+    from elastic_core.ranker import DenseRanker, ElasticRanker
+
+    models, denser = {}, None
+    for task in cfg.tasks:
+        if task == "embed" or (task == "rerank" and cfg.ranker == "dense"):
+            denser = denser or ElasticDenser.from_checkpoint(cfg.checkpoint, device)
+            models[task] = denser if task == "embed" else DenseRanker.from_denser(denser)
+            continue
+        adapter = "rerank" if task == "rerank" else cfg.classifier
+        task_dir = Path(cfg.checkpoint) / "tasks" / adapter
+        if not (task_dir / "task_config.json").exists():
+            raise ValueError(f"task {task!r} needs the adapter {task_dir} (train it: elasticlm train "
+                             f"{'rerank' if task == 'rerank' else 'glue --task ' + adapter}), or leave "
+                             f"{task!r} out of the replica's tasks")
+        cls = ElasticRanker if task == "rerank" else ElasticClassifier
+        models[task] = cls.from_task_dir(task_dir, device)
+    ranks = {task: m.sublms for task, m in models.items()}
+    if len({tuple(r) for r in ranks.values()}) > 1:
+        raise ValueError(f"the tasks' models disagree on the SubLMs: {ranks}")
+    return models
+
+
+class ServingCore:
+    """One replica: its task models, validator and engine, and the one call every protocol makes.
+
+    Built by ``ServingCore.build``; ``start()`` needs the running event loop the requests arrive on."""
+
+    def __init__(self, cfg: ReplicaConfig, replica_id: str, models: dict, validator: Validator,
+                 lanes: dict[str, TaskLane], metrics: MetricsSink | None = None):
+        self.config = cfg
+        self.replica_id = replica_id
+        self.models = models
+        self.validator = validator
+        self.metrics = metrics or NoMetrics()
+        self._served = collections.deque()  # (time, texts, degraded): the autoscaling signal
+        self.engine = ServingEngine(lanes, cfg.target_ms, cfg.max_batch_tokens, cfg.heartbeat_s,
+                                    on_batch=self._record)
+
+    @classmethod
+    def build(cls, config: ReplicaConfig | dict | None = None, replica_id: str = "local",
+              depth: Callable[[str], DepthSource] | None = None, metrics: MetricsSink | None = None) -> "ServingCore":
+        """Loads the task models and the latency profile and builds the engine's lanes. ``depth(task)``: the
+        task's global queue depth (the host's Redis); None: this replica's own queue only."""
+        from elastic_core.model import resolve_device
+        from elastic_core.profile import LatencyProfile, cached_profile
+
+        cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device = resolve_device(cfg.device)
+        models = load_task_models(cfg, device)
+        first = next(iter(models.values()))
+        ranking = first.sublms
+        sublms = [s for s in ranking if cfg.sublms is None or s in cfg.sublms]
+        if not sublms or (cfg.sublms and len(sublms) != len(set(cfg.sublms))):
+            raise ValueError(f"sublms {cfg.sublms} must be a subset of the checkpoint's {ranking}")
+        chunking = Chunking(cfg.chunk_texts, cfg.chunk_tokens)
+        if cfg.profile_path:
+            profile = LatencyProfile.load(cfg.profile_path)
+        else:  # measured on this replica's device (once: cached); beyond the grid, time grows in proportion.
+            # Every task runs the same backbone shape (a task's adapter is merged into its weights), so one
+            # table serves all; a rerank pair is one sequence of query + passage tokens.
+            backbone = first.model.encoder if hasattr(first.model, "encoder") else first.model  # task model or not
+            profile = cached_profile(backbone, cfg.checkpoint, cfg.profile_cache,
+                                     batches=sorted({1, 8, min(32, cfg.chunk_texts)}), seqs=(16, 64, 128))
+        lanes = {}
+        for task, model in models.items():
+            # each task its own schedule (own calibration) and its own global depth, so each degrades
+            # and scales on its own signal; they share the queue, the batching loop and the model thread
+            schedule = ElasticSchedule(profile, sublms, ranking=ranking, max_batch_texts=cfg.max_batch_texts,
+                                       chunking=chunking, admission_factor=cfg.admission_factor,
+                                       calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
+            lanes[task] = TaskLane(model, schedule, depth(task) if depth else LocalDepth(),
+                                   target_ms=(cfg.task_target_ms or {}).get(task))
+        classifier = models.get("predict")
+        validator = Validator(first.tokenizer, {task: m.max_length for task, m in models.items()}, ranking,
+                              Limits(max_inputs=cfg.max_inputs, max_input_chars=cfg.max_input_chars),
+                              pair_predict=bool(classifier and classifier.takes_pairs))
+        core = cls(cfg, replica_id, models, validator, lanes, metrics)
+        logger.info("ElasticReplica %s built on %s (%d torch threads): tasks %s, SubLMs %s, T %.0f ms, depth %s",
+                    replica_id, device, torch.get_num_threads(), list(lanes), sublms, cfg.target_ms,
+                    "shared" if depth else "local")
+        return core
+
+    def start(self) -> "ServingCore":
+        """Warm the model thread up and start the batching loop on the running event loop."""
+        self.engine.start()
+        return self
+
+    async def close(self):
+        """Finish what was accepted (at most ``drain_s``), then stop."""
+        await self.engine.close(self.config.drain_s)
+
+    @property
+    def accepting(self) -> bool:
+        return self.engine.accepting
+
+    # ----------------------------------------------------------------- the one call
+    async def serve(self, request: TaskRequest) -> TaskAnswer:
+        """Every task, every protocol: deadline check, admission, tokenization, the engine's queue, the answer.
+        Refusals are ``RequestError``s (each protocol maps them to its status codes)."""
+        if request.task not in self.engine.lanes:
+            raise RequestError(404, f"this deployment does not serve {request.task} (its tasks: "
+                                    f"{list(self.engine.lanes)})", "NotFound")
+        examples, tokens = request.examples, self.validator.estimate_tokens(request)
+        if request.deadline_ms is not None:  # unmeetable at any load: the client's to change, not to retry
+            alone = self.engine.alone_ms(request.task, examples, tokens, request.min_sublm)
+            if alone > request.deadline_ms:
+                raise RequestError(400, f"a deadline of {request.deadline_ms:g} ms is shorter than this request "
+                                        f"takes alone on its fastest allowed SubLM (~{alone:.1f} ms here): "
+                                        "send a longer deadline, fewer texts or no quality floor")
+        # admission before tokenizing: under overload refusing must cost next to nothing
+        if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms):
+            self.metrics.shed()
+            raise overloaded(self.engine.pacing.retry_after_s())
+        input_ids, token_type_ids = self.validator.tokenize(request)
+        job = Job(input_ids, token_type_ids, task=request.task, min_sublm=request.min_sublm,
+                  deadline_ms=request.deadline_ms)
+        try:
+            served = await self.engine.submit(job)
+        except Overloaded:
+            raise overloaded(self.engine.pacing.retry_after_s()) from None
+        answer = TaskAnswer(served.sublm, served.num_tokens)
+        if request.task == "embed":
+            answer.embeddings = served.outputs
+        elif request.task == "rerank":
+            answer.ranks = ranked(served.outputs, request.raw_scores, unit=self.models["rerank"].unit_score,
+                                  first_stage_scores=request.first_stage_scores)
+        else:
+            answer.predictions = predictions(served.outputs, self.models["predict"].labels, request.raw_scores)
+        return answer
+
+    # ----------------------------------------------------------------- what ran
+    def _record(self, batch: BatchRecord):
+        self.metrics.batch(batch)
+        now = time.monotonic()
+        self._served.append((now, batch.texts, batch.sublm != self.engine.lanes[batch.task].schedule.sublms[0]))
+        while self._served and self._served[0][0] < now - self.config.degraded_window_s:
+            self._served.popleft()
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """The elastic signal for the autoscaling policy: how much recent traffic ran on a reduced SubLM."""
+        total = sum(t for _, t, _ in self._served)
+        degraded = sum(t for _, t, d in self._served if d)
+        return {"degraded_share": degraded / total if total else 0.0,
+                "global_queue_depth": float(self.engine.global_depth)}
+
+    def health(self) -> dict:
+        return {"status": "ok", "tasks": list(self.engine.lanes),
+                "sublms": next(iter(self.engine.lanes.values())).schedule.sublms}
+
+    def describe(self) -> dict:
+        """What clients may rely on: the model, its SubLMs, the tasks (each with its token limit), the latency
+        target and the request limits. ``max_input_tokens`` is the first task's (embeddings' when served)."""
+        schedule = next(iter(self.engine.lanes.values())).schedule
+        tasks = {}
+        for task, tokenizer in self.validator.tokenizers.items():
+            tasks[task] = {"max_input_tokens": tokenizer.max_tokens, "target_ms": self.engine.target(task)}
+            if task == "rerank":
+                tasks[task]["ranker"] = self.models["rerank"].kind
+            if task == "predict":
+                classifier = self.models["predict"]
+                tasks[task] |= {"classifier": self.config.classifier, "labels": classifier.labels,
+                                "pairs": classifier.takes_pairs}
+        return {"model": self.config.model_name, "tasks": tasks, "sublms": schedule.sublms,
+                "target_ms": self.engine.target_ms, "max_input_tokens": next(iter(tasks.values()))["max_input_tokens"],
+                "max_inputs": self.validator.limits.max_inputs,
+                "max_input_chars": self.validator.limits.max_input_chars,
+                "max_body_bytes": MAX_BODY_BYTES,
+                "max_batch_texts": schedule.max_batch_texts, "max_batch_tokens": self.engine.max_batch_tokens}
+
+    def stats(self, last: int | None = None, records: bool = False) -> dict:
+        readings = [lane.reading for lane in self.engine.lanes.values()]
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "global_depth": self.engine.global_depth, "live_replicas": max(r.live_replicas for r in readings),
+                "redis": all(r.from_redis for r in readings), **self.describe(), **self.engine.stats(last, records)}
