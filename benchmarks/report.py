@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from loadtests import report
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
@@ -21,10 +22,6 @@ TITLES = {
 
 
 def write_section(name: str, markdown: str, doc: Path = DOC, header: str = HEADER, title: str | None = None) -> None:
-    """Replace (or append) the section ``name`` of ``doc``, leaving the rest of the file as it is."""
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    text = doc.read_text() if doc.exists() else header
-    block = f"<!-- {name}:start -->\n## {title or TITLES.get(name, name)}\n\n{markdown.strip()}\n<!-- {name}:end -->"
-    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    """Replace (or append) the section ``name`` of ``doc`` (``loadtests.report.write_section``), titled by
+    ``TITLES`` unless ``title`` says otherwise."""
+    report.write_section(name, markdown, doc, header, title or TITLES.get(name, name))

@@ -15,16 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deployments.wire import DEADLINE_HEADER
 from elastic_core.denser import KINDS
 from elastic_core.ranker import fuse_with_first_stage
 
 TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
-
-# the wire's names, HTTP and gRPC alike
-SUBLM_HEADER = "x-elasticlm-sublm"              # the SubLM that served: HTTP header, gRPC trailing metadata
-DEADLINE_HEADER = "x-elasticlm-deadline-ms"     # HTTP header and gRPC metadata key
-MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
-RETRY_AFTER_HEADER = "retry-after"  # HTTP header (seconds) and, on RESOURCE_EXHAUSTED, gRPC trailing metadata
 
 
 class RequestError(Exception):

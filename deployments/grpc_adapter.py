@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from deployments.contract import (DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER, RequestError,
-                                  parse_deadline)
+from deployments.contract import RequestError, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
 from deployments.grpc_api import elasticlm_pb2
+from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER
 
 
 class GrpcServicer:

@@ -21,9 +21,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contract import (DEADLINE_HEADER, MAX_BODY_BYTES, MIN_SUBLM_HEADER, NOT_BLANK_PATTERN, SUBLM_HEADER,
-                                  RequestError, parse_deadline)
+from deployments.contract import MAX_BODY_BYTES, NOT_BLANK_PATTERN, RequestError, parse_deadline
 from deployments.core import ServingCore
+from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, SUBLM_HEADER
 from elastic_core.denser import KINDS
 
 

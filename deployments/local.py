@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,11 +22,12 @@ from urllib.parse import quote
 
 import yaml
 
+from deployments.cli import DEFAULT_CONFIG  # noqa: F401  (the Serve config `elasticlm serve` runs by default)
 from deployments.contract import MAX_BODY_BYTES
+from deployments.ports import free_port, port_is_free
 from deployments.queue_depth import redacted
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "cluster" / "config.local.yaml"
 GRPC_SERVICERS = [
     "deployments.grpc_api.servicer.add_ElasticLMServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
@@ -60,28 +60,6 @@ SERVE_ENV = {
 
 # on SIGTERM, open requests get this long to finish (a Kubernetes pod's default grace period is 30 s)
 DRAIN_TIMEOUT_S = 25.0
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(preferred: int) -> int:
-    """A port free right now: ``preferred`` if it is, else one the OS picks. A port is released as soon
-    as it is found, so the OS may offer it again: never hand the same one out twice in one process
-    (a stack's HTTP port must not also become its Redis port)."""
-    for port in (preferred, *[0] * 20):
-        if port and port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            found = s.getsockname()[1]
-        if found not in _HANDED_OUT:
-            _HANDED_OUT.add(found)
-            return found
-    raise RuntimeError("no free port")
-
 
 @dataclass(frozen=True)
 class RedisTLS:
@@ -265,8 +243,6 @@ def _die_with_parent():
 
 
 def busy_ports(host: str, *ports: int) -> list[int]:
-    from loadtests.peer import port_is_free
-
     return [p for p in ports if not port_is_free(p, host)]
 
 

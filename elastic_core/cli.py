@@ -144,24 +144,16 @@ def format_eval_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_serve(args):
-    # the serving stack lives in deployments/ (Ray Serve); elastic_core itself never imports Ray
-    from deployments.local import main as serve_main
-
-    return serve_main(args)
+COMMANDS = "elasticlm.commands"  # entry points: a function that adds its subcommand to the parser
 
 
-def _cmd_loadtest(args):
-    # Locust runs in its own process (it must never share one with Ray); see loadtests/runner.py
-    from loadtests.runner import main as loadtest_main
+def _register_commands_above_the_core(sub) -> None:
+    """The commands of the floors above the core (``serve``: deployments/cli.py; ``loadtest``, ``chaos``:
+    loadtests/cli.py) register themselves through entry points (pyproject.toml): the core never imports them."""
+    from importlib.metadata import entry_points
 
-    return loadtest_main(args)
-
-
-def _cmd_chaos(args):
-    from loadtests.faults import main as chaos_main
-
-    return chaos_main(args)
+    for command in entry_points(group=COMMANDS):
+        command.load()(sub)
 
 
 def main(argv=None):
@@ -242,29 +234,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("serve", help="run Redis + Ray + the Serve app locally, in the foreground")
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "cluster" / "config.local.yaml"))
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--redis-url", help="use this Redis instead of starting one (default: $REDIS_URL)")
-    p.add_argument("--redis-port", type=int, default=6391, help="port of the Redis started here")
-    p.add_argument("--target-ms", type=float, help="override the config's latency target T")
-    p.add_argument("--checkpoint", help="override the config's checkpoint directory")
-    p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("loadtest", help="Locust online simulation: elastic vs static vs infinity-emb under one shape")
-    from loadtests.runner import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_loadtest)
-
-    p = sub.add_parser("chaos", help="faults under a steady load (Redis killed, a replica killed): nothing accepted lost?")
-    from loadtests.faults import add_arguments as add_chaos_arguments
-
-    add_chaos_arguments(p)
-    p.set_defaults(func=_cmd_chaos)
+    _register_commands_above_the_core(sub)
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-SUBLM_HEADER = "x-elasticlm-sublm"
+from deployments.wire import SUBLM_HEADER
 
 
 @dataclass

@@ -522,7 +522,7 @@ Redis holds (live replicas, global queue depth).
 
 
 def run(args, log=print) -> dict:
-    from benchmarks.report import write_section
+    from loadtests.report import write_section
     from elastic_core.model import load_config
 
     base = yaml.safe_load(Path(args.config).read_text())

@@ -72,16 +72,13 @@ if str(REPO) not in sys.path:  # run as a plain file by locust, from any directo
     sys.path.insert(0, str(REPO))
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
+from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER  # noqa: E402
 from elastic_core.data import DEFAULT_DATA_DIR  # noqa: E402  (plain file readers: no torch)
 from loadtests.shapes import SHAPES, ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
 from loadtests.texts import request_sampler  # noqa: E402
 
 logger = logging.getLogger("elasticlm.loadtest")
 
-SUBLM_HEADER = "x-elasticlm-sublm"            # deployments/ingress.py (not imported: it pulls in ray)
-DEADLINE_HEADER = "x-elasticlm-deadline-ms"
-MIN_SUBLM_HEADER = "x-elasticlm-min-sublm"
-RETRY_AFTER_HEADER = "retry-after"            # gRPC trailing metadata of a RESOURCE_EXHAUSTED
 SHED_HTTP = (429, 503)
 PROTOCOLS = ("http", "grpc")
 

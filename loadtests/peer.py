@@ -2,7 +2,7 @@
 
 infinity-emb lives in its own virtual environment (``make peer`` builds ``.venv-infinity``): it pins older
 transformers / sentence-transformers / numpy than this project. This module only launches and stops it, so it
-needs nothing but the standard library (no ray, no locust)::
+needs nothing but the standard library and ``deployments/ports.py`` (no ray, no locust)::
 
     from loadtests.peer import InfinityServer, infinity_available
     from elastic_core.model import teacher_dir
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from deployments.ports import port_is_free
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ".venv-infinity"
@@ -44,24 +45,6 @@ def infinity_available(venv: str | os.PathLike = DEFAULT_VENV) -> bool:
     """True when ``venv`` holds an installed ``infinity_emb`` command (``make peer``)."""
     exe = _venv_path(venv) / "bin" / "infinity_emb"
     return exe.is_file() and os.access(exe, os.X_OK)
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` (SO_REUSEADDR: TIME_WAIT leftovers don't count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class InfinityServer:

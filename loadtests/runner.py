@@ -39,9 +39,9 @@ from pathlib import Path
 
 import yaml
 
+from deployments.ports import port_is_free
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance
 from loadtests.analysis import read_records, summarize, timeline
-from loadtests.peer import port_is_free
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
@@ -181,7 +181,8 @@ class PeerDeployment:
 
     def __init__(self, log_path: Path, threads: int = 2, nice: int = 15):
         from elastic_core.model import teacher_dir
-        from loadtests.peer import InfinityServer, free_port
+        from deployments.ports import free_port
+        from loadtests.peer import InfinityServer
 
         self.server = InfinityServer(teacher_dir(), free_port(), threads=threads, nice=nice, log_path=log_path)
 
@@ -551,7 +552,7 @@ Metric definitions: `loadtests/analysis.py`.
 
 
 def run_experiment(args, log=print) -> dict:
-    from benchmarks.report import write_section
+    from loadtests.report import write_section
     from elastic_core.model import load_config
     from loadtests.peer import infinity_available
 

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # loadtests/ is not an installed package; `python -m pytest` adds the root itself
     sys.path.insert(0, str(REPO))
 
-from loadtests.peer import DEFAULT_VENV, InfinityServer, free_port, infinity_available, port_is_free  # noqa: E402
+from deployments.ports import free_port, port_is_free  # noqa: E402
+from loadtests.peer import DEFAULT_VENV, InfinityServer, infinity_available  # noqa: E402
 
 from conftest import SENTENCES  # noqa: E402
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from deployments.local import DRAIN_TIMEOUT_S, free_port
-from loadtests.peer import port_is_free
+from deployments.ports import port_is_free
 
 
 def test_serve_runs_the_stack_and_tears_everything_down(checkpoint_dir, tmp_path):
