@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make run    set everything up, profile + quickly evaluate the default checkpoint, then serve it
 #   make test   set everything up, then run the test suite (what CI runs)
+#   make test-fast  the pure-logic subset (pytest marker `fast`: no Ray, no stack in subprocesses), under a minute
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ PEER_STAMP := $(PEER_VENV)/.installed
 PEER_CONSTRAINTS := loadtests/infinity-constraints.txt
 INFINITY_VERSION ?= 0.0.78
 
-.PHONY: setup run test profile eval-quick serve redis clean peer
+.PHONY: setup run test test-fast profile eval-quick serve redis clean peer
 
 setup: $(STAMP) redis
 
@@ -53,6 +54,9 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m fast
 
 # Peer server for load-test comparisons (not needed by `make test` or CI): infinity-emb with CPU torch,
 # kept by the constraints file. See loadtests/peer.py.

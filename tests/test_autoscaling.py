@@ -6,6 +6,8 @@ import pytest
 
 from deployments.autoscaling import ElasticAutoscalingPolicy
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 
 def ctx(replicas, ongoing, degraded, target_ongoing=32):
     config = SimpleNamespace(get_target_ongoing_requests=lambda: target_ongoing)

@@ -6,6 +6,8 @@ import torch
 
 from elastic_core.batching import Chunking, pad, run_chunked
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 
 def test_chunks_are_longest_first_and_respect_both_limits():
     lengths = [5, 40, 12, 40, 7, 30]

@@ -11,6 +11,8 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.config import ReplicaConfig
 from deployments.local import SERVE_ENV
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["cluster/config.yaml", "cluster/config.local.yaml"]
 

@@ -6,6 +6,8 @@ import pytest
 
 from deployments.contract import Limits, RequestError, Validator
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 SUBLMS = ["w100", "w75", "w50", "w25"]
 
 

@@ -14,6 +14,8 @@ from elastic_core.engine import Job, Overloaded, RetryPacing, ServingEngine, Tas
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import DepthReading, ElasticSchedule
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 SUBLMS = ["w100", "w75", "w50", "w25"]
 MS_PER_TOKEN = {"w100": 0.4, "w75": 0.3, "w50": 0.2, "w25": 0.1}
 

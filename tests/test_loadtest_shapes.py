@@ -15,6 +15,8 @@ if str(REPO) not in sys.path:  # loadtests/ is not an installed package; `python
 from loadtests.shapes import (ArrivalSchedule, Constant, Pacer, Replay, Sinusoidal, Spike, SplitSchedule, Step,
                               make_shape, read_trace_csv, users_needed)  # noqa: E402
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 EXAMPLE_TRACE = REPO / "loadtests" / "traces" / "example.csv"
 
 

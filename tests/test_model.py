@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from elastic_core.model import (ElasticConfig, load_checkpoint, permute_by_importance, save_checkpoint,
                                 score_importance, sublm_cost, teacher_dir, width_sublms)
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 
 def test_matches_hf_bert(teacher, batch):
     from transformers import AutoModel
