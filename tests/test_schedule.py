@@ -7,6 +7,8 @@ from elastic_core.batching import Chunking
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import DepthReading, ElasticSchedule, choose_sublm
 
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
 NAMES = ["w100", "w75", "w50", "w25"]
 MS_PER_ITEM = {"w100": 4.0, "w75": 3.0, "w50": 2.0, "w25": 1.0}
 
