@@ -1,9 +1,10 @@
 """What HTTP and gRPC agree on: validation, limits, tokenization, and the errors they map to status codes.
 
-Both ingresses translate their wire format into ``Validator.<task>_request(...)`` arguments and map
-``RequestError`` to their own status codes, so the two can never diverge on what is accepted.
-Validation is split from tokenization on purpose: the replica's admission runs between them, so a
-request that will be refused for overload is refused before any tokenizer work is spent on it.
+Both protocol adapters (``http_adapter.py``, ``grpc_adapter.py``) translate their wire format into
+``Validator.<task>_request(...)`` arguments and map ``RequestError`` to their own status codes, so the two
+can never diverge on what is accepted. Validation is split from tokenization on purpose: the core's
+admission (``ServingCore.serve``) runs between them, so a request that will be refused for overload is
+refused before any tokenizer work is spent on it.
 Tokenization uses the Rust ``tokenizers.Tokenizer`` directly (what ``transformers`` wraps), which
 costs half as much per request as the Python wrapper.
 """

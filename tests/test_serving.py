@@ -63,7 +63,7 @@ def replica_stats(**kw):
     return serve.get_deployment_handle("ElasticReplica", APP).stats.remote(**kw).result(timeout_s=30)
 
 
-# ----------------------------------------------------------------------------- correctness
+# ----------------------------------------------------------------------------- the core on Serve's ports
 def test_http_returns_the_reported_sublms_output(stack, denser):
     clear_ghost(stack["redis_client"])
     r = http_embed(stack, {"inputs": TEXTS})
