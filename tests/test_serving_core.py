@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import MAX_INPUTS, RERANK_TARGET_MS, TARGET_MS, TEXTS
+from deployments.core import NoMetrics
 from deployments.grpc_api import elasticlm_pb2
 
 pytestmark = pytest.mark.fast
@@ -281,3 +282,33 @@ def test_info_is_the_same_on_both_protocols(core_stack):
                                                                                       TARGET_MS]
     assert (reply.model, list(reply.sublms), reply.max_inputs, reply.classifier, list(reply.labels)) == \
         (info["model"], info["sublms"], info["max_inputs"], "sst2", info["tasks"]["predict"]["labels"])
+
+
+def test_the_host_sees_what_ran_and_what_was_shed_through_its_metrics_sink(core_stack):
+    """The core reports to the sink its host injects (Ray metrics in a Serve replica); it looks nothing up."""
+    class Recording:
+        def __init__(self):
+            self.batches, self.shed_count = [], 0
+
+        def batch(self, record):
+            self.batches.append(record)
+
+        def shed(self):
+            self.shed_count += 1
+
+    core, sink = core_stack.core, Recording()
+    core.metrics = sink
+    try:
+        ghost(core_stack, 920)
+        try:
+            assert http_embed(core_stack, {"inputs": TEXTS}).headers["x-elasticlm-sublm"] == "w25"
+        finally:
+            ghost(core_stack, 0)
+        flood = concurrently(core_stack, [("/embed", {"json": {"inputs": ["word " * 300] * MAX_INPUTS},
+                                                      "headers": {"x-elasticlm-deadline-ms": "100"}})] * 20)
+    finally:
+        core.metrics = NoMetrics()
+    assert [(b.task, b.sublm, b.texts) for b in sink.batches[:1]] == [("embed", "w25", 3)]
+    assert sink.shed_count == sum(r.status_code == 503 for r in flood) > 0
+    stats = core.autoscaling_stats()  # the elastic signal: recent texts on a reduced SubLM
+    assert 0 < stats["degraded_share"] <= 1
