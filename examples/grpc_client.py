@@ -8,13 +8,14 @@ import argparse
 import grpc
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc
+from deployments.wire import DEADLINE_HEADER, SUBLM_HEADER
 
 
 def embed(texts, host="127.0.0.1", port=9000, app="elasticlm", deadline_ms=None, min_sublm="", timeout_s=10.0):
     metadata = [("application", app)]
     if deadline_ms:
         # Serve's gRPC proxy does not pass the call's deadline on, so the budget also travels as metadata
-        metadata.append(("x-elasticlm-deadline-ms", str(deadline_ms)))
+        metadata.append((DEADLINE_HEADER, str(deadline_ms)))
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = elasticlm_pb2_grpc.ElasticLMStub(channel)
         response, call = stub.Embed.with_call(elasticlm_pb2.EmbedRequest(inputs=texts, min_sublm=min_sublm),
@@ -33,7 +34,7 @@ def main():
     parser.add_argument("--min-sublm", default="")
     a = parser.parse_args()
     response, trailing = embed(a.texts, a.host, a.port, a.app, a.deadline_ms, a.min_sublm)
-    print(f"served by SubLM {response.sublm} (trailing metadata: {trailing.get('x-elasticlm-sublm')}), "
+    print(f"served by SubLM {response.sublm} (trailing metadata: {trailing.get(SUBLM_HEADER)}), "
           f"{response.prompt_tokens} tokens")
     for text, e in zip(a.texts, response.embeddings):
         print(f"{text[:40]!r}: dim {len(e.values)}, first values {[round(v, 4) for v in e.values[:4]]}")

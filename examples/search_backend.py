@@ -21,6 +21,7 @@ import bm25s
 import grpc
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc
+from deployments.wire import DEADLINE_HEADER
 from elastic_core.data import DEFAULT_DATA_DIR, load_scifact
 
 
@@ -45,7 +46,7 @@ class SearchBackend:
         first, scores = self.first_stage(query, candidates)
         request = elasticlm_pb2.RerankRequest(query=query, texts=[self.texts[i] for i in first],
                                               first_stage_scores=scores if hybrid else None)
-        metadata = [("application", self.app), ("x-elasticlm-deadline-ms", f"{deadline_ms:g}")]
+        metadata = [("application", self.app), (DEADLINE_HEADER, f"{deadline_ms:g}")]
         start = time.perf_counter()
         try:
             response = self.stub.Rerank(request, metadata=metadata, timeout=deadline_ms / 1000)
