@@ -41,6 +41,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--keep", type=int, default=5, help="SubLMs of the front to keep")
     parser.add_argument("--write", help="a checkpoint directory whose config gets the kept ladder")
+    parser.add_argument("--pruned-only", action="store_true", help="also measure each candidate pruned, untrained")
     parser.add_argument("--reuse", action="store_true", help="take the measurements from --out; only select")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ladder.json"))
     args = parser.parse_args()
@@ -76,8 +77,9 @@ def measure(args) -> dict:
             rounds[name].append(time_forward_ms(model, name, 32, 128, repeats=args.repeats))
         rounds["teacher_hf"].append(hf_teacher_latency_ms(32, 128, args.repeats))
     latency = {k: statistics.median(v) for k, v in rounds.items()}
-    dl19 = eval_dl19_dense(args.checkpoint, data_dir)
-    scifact = eval_scifact(args.checkpoint, data_dir)
+    # the pruned-only baseline of every candidate doubles the time: --pruned-only when it is wanted
+    dl19 = eval_dl19_dense(args.checkpoint, data_dir, pruned_only=args.pruned_only)
+    scifact = eval_scifact(args.checkpoint, data_dir, pruned_only=args.pruned_only)
     candidates = {}
     for name in names:
         candidates[name] = {
@@ -86,10 +88,10 @@ def measure(args) -> dict:
             "latency_ms_b32_s128": latency[name], "latency_vs_w100": latency[name] / latency[names[0]],
             "dl19_ndcg@10": dl19["sublms"][name]["ndcg@10"],
             "dl19_vs_teacher": dl19["sublms"][name]["ndcg@10"] / dl19["teacher"]["ndcg@10"],
-            "dl19_pruned_only": dl19["pruned_only"].get(name, {}).get("ndcg@10"),
+            "dl19_pruned_only": dl19.get("pruned_only", {}).get(name, {}).get("ndcg@10"),
             "scifact_ndcg@10": scifact["sublms"][name]["ndcg@10"],
             "scifact_vs_teacher": scifact["sublms"][name]["ndcg@10"] / scifact["teacher"]["ndcg@10"],
-            "scifact_pruned_only": scifact["pruned_only"].get(name, {}).get("ndcg@10"),
+            "scifact_pruned_only": scifact.get("pruned_only", {}).get(name, {}).get("ndcg@10"),
         }
         candidates[name]["quality"] = (candidates[name]["dl19_vs_teacher"] + candidates[name]["scifact_vs_teacher"]) / 2
     config = json.loads((Path(args.checkpoint) / "train_config.json").read_text())

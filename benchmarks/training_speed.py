@@ -136,12 +136,13 @@ def step_parts(teacher, model, token_ids, lengths, sample, tokenizer, cfg, steps
 def markdown(result: dict) -> str:
     rows = [f"| {name} | {r['median']:.1f} | {', '.join(f'{x:.0f}' for x in r['blocks'])} |"
             for name, r in result["texts_per_s"].items()]
-    parts = result["previous_step_ms"]
-    batch = parts.pop("batch", None)
+    parts = dict(result["previous_step_ms"])
+    batch = parts.pop("batch")
     part_rows = [f"| {k} | {v} |" for k, v in parts.items()]
     return "\n".join([
         f"Measured {result['date']} on {result['machine']}: `{result['command']}`. Both recipes on the same "
-        f"{result['corpus_sample']:,}-text sample of the corpus, alternating {len(rows and result['texts_per_s']['default']['blocks'])} blocks each.",
+        f"{result['corpus_sample']:,}-text sample of the corpus, alternating {len(result['texts_per_s']['default']['blocks'])} "
+        "blocks each (their ratio, block by block, is the figure to read: the machine's load moves both).",
         "", "| recipe | texts/s (median) | per block |", "|---|---|---|", *rows, "",
         f"**Default / previous: {result['speedup']:.2f}x** (target >= 3x).", "",
         f"One step of the previous recipe, batch {batch} (texts x tokens), ms:", "",

@@ -74,7 +74,7 @@ def candidate_run(candidates: dict[str, dict[str, float]]):
 
 
 def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, str], qrels, rank,
-               baselines: bool = True, progress: bool = True, desc: str = "eval") -> dict:
+               baselines: bool = True, progress: bool = True, desc: str = "eval", pruned_only: bool = True) -> dict:
     """NDCG@10 (graded) of every SubLM of ``checkpoint`` ranking ``docs`` for ``queries`` with
     ``rank(query_ids, query_emb, doc_ids, doc_emb) -> run``; with the teacher (HF, as shipped) and the
     pruned-only model in the same run. ``ndcg@10_asym``: queries by the SubLM, documents by w100."""
@@ -90,7 +90,7 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
     elastic = ElasticDenser.from_checkpoint(checkpoint)
     sublms = elastic.sublms
     models = [("sublms", elastic)]
-    if baselines:
+    if baselines and pruned_only:
         scores = load_file(str(Path(checkpoint) / IMPORTANCE_FILE))
         pruned = permute_by_importance(load_bert(), scores["head_scores"], scores["neuron_scores"])
         pruned.config.sublms = elastic.model.config.sublms
@@ -119,22 +119,23 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
             row["ndcg@10_asym"] = ndcg_at_10(qrels, rank(query_ids, q_emb, doc_ids, full_docs))
         result[group][sublm] = row
     bar.close()
-    if not baselines:
+    if not (baselines and pruned_only):
         result.pop("pruned_only")
     return result
 
 
 def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,
-                 baselines: bool = True, progress: bool = True, seed: int = 0) -> dict:
+                 baselines: bool = True, progress: bool = True, seed: int = 0, pruned_only: bool = True) -> dict:
     """BEIR SciFact test: retrieve the top 100 of the whole corpus by cosine. Its corpus is in the
     backbone's training text: report TREC DL 2019 (``eval_dl19_dense``) beside it."""
     ds: BeirDataset = subsample_corpus(load_scifact(data_dir, "test"), max_docs, seed)
     return {"dataset": "beir/scifact test", "corpus_docs": len(ds.corpus), "queries": len(ds.queries),
-            **eval_dense(checkpoint, ds.queries, ds.corpus, ds.qrels, dense_run, baselines, progress, "scifact eval")}
+            **eval_dense(checkpoint, ds.queries, ds.corpus, ds.qrels, dense_run, baselines, progress, "scifact eval",
+                       pruned_only)}
 
 
 def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, baselines: bool = True,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, pruned_only: bool = True) -> dict:
     """TREC DL 2019 passage, dense reranking: each judged query's candidates (the union of the five
     first stages in candidates.tsv) ordered by cosine; graded NDCG@10. Evaluation only: no part of
     TREC DL is ever used for training."""
@@ -143,4 +144,4 @@ def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_
     return {"dataset": "trec-dl-2019 passage, dense rerank of the candidate union", "corpus_docs": len(docs),
             "queries": len(queries),
             **eval_dense(checkpoint, queries, docs, {q: qrels[q] for q in queries}, candidate_run(candidates),
-                         baselines, progress, "dl19 eval")}
+                         baselines, progress, "dl19 eval", pruned_only)}

@@ -63,7 +63,7 @@ class TrainConfig:
     data_dir: str | None = None
     init: str | None = None       # an elastic checkpoint to start from (adapt); None: the teacher, pruned
     texts: int | None = None      # texts to read (one pass over the corpus when None)
-    hours: float | None = None    # wall-clock budget: the plan shrinks to fit it (measured after 50 steps)
+    hours: float | None = None    # wall-clock budget: the plan shrinks to fit it (re-measured every 200 steps)
     tokens_per_batch: int = 4096  # padded tokens a batch holds: 128 queries or 32 passages
     max_batch: int = 128
     max_length: int = 128         # 256 (the serving limit) measured no better on the old recipe
@@ -285,9 +285,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
         seen += len(idx)
         seen_here += len(idx)
         elapsed = time.perf_counter() - t0
-        if cfg.hours and step - start == 50:  # fit the plan to the budget, once, on the measured rate
-            fits = start + int((cfg.hours * 3600 - elapsed) / elapsed * 50) + 50
-            plan["steps"] = min(plan["steps"], fits)
+        if cfg.hours and (step - start) % 200 == 50:  # fit the plan to the budget on the rate measured so far
+            fits = step + int((cfg.hours * 3600 - elapsed) / elapsed * (step - start))
+            plan["steps"] = max(step, min(planned, fits))
             bar.total = plan["steps"]
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"texts/s": f"{seen_here / elapsed:.1f}"})
         bar.update(1)

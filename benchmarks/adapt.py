@@ -1,0 +1,115 @@
+"""`elasticlm adapt` measured as a user would use it: adapt the general checkpoint to a collection's
+passages (no labels, no queries), then search that collection with its own test queries.
+
+    .venv/bin/python benchmarks/adapt.py --hours 0.5          # SciFact and DL19, ~1.5 h on 2 CPU cores
+
+Per domain: every SubLM's NDCG@10 before (the general checkpoint: held out) and after (adapted to the
+passages: the queries and judgements stay unseen), with the teacher beside them. Writes
+benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmarks.md.
+Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
+((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_section  # noqa: E402
+
+DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
+    "scifact": "beir/scifact/corpus.jsonl",
+    "dl19": "msmarco_trec_dl/dl19/passages.jsonl",
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "elastic-minilm-l6"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--domains", default="scifact,dl19")
+    parser.add_argument("--hours", type=float, default=0.5, help="adaptation budget per domain")
+    parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
+    args = parser.parse_args()
+
+    from elastic_core.adapt import adapt
+    from elastic_core.data import DEFAULT_DATA_DIR
+    from elastic_core.eval import eval_dl19_dense, eval_scifact
+
+    data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
+    evaluate = {"scifact": lambda ckpt, base: eval_scifact(ckpt, data_dir, baselines=base),
+                "dl19": lambda ckpt, base: eval_dl19_dense(ckpt, data_dir, baselines=base)}
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    result = {"command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "checkpoint": args.checkpoint, "domains": previous.get("domains", {})}
+    for domain in filter(None, args.domains.split(",")):
+        before = evaluate[domain](args.checkpoint, True)
+        t0 = time.perf_counter()
+        adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / domain, args.checkpoint, hours=args.hours)
+        minutes = (time.perf_counter() - t0) / 60
+        after = evaluate[domain](str(adapted), False)
+        names = list(before["sublms"])
+        full, small = names[0], names[-1]
+        b = {n: before["sublms"][n]["ndcg@10"] for n in names}
+        a = {n: after["sublms"][n]["ndcg@10"] for n in names}
+        gap = b[full] - b[small]
+        result["domains"][domain] = {
+            "passages": str(DOMAINS[domain]), "adapt_minutes": minutes, "teacher_ndcg@10": before["teacher"]["ndcg@10"],
+            "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
+            "targets": {f"{small} closes >= half its gap to {full}": gap > 0 and (a[small] - b[small]) / gap >= 0.5,
+                        f"{full} loses nothing": a[full] >= b[full] - 0.005}}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # after each domain: nothing measured is lost
+    plot(result, ROOT / "docs" / "img" / "adapt.png")
+    write_section("adapt", markdown(result), title="Adapting to a user's corpus (issue 28): `benchmarks/adapt.py`")
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Measured {r['date']}: `{r['command']}`, from `{r['checkpoint']}`. Before: the general checkpoint "
+             "(held out); after: adapted to the collection's passages only (unlabeled); the test queries and "
+             "judgements are never read.", ""]
+    for domain, d in r["domains"].items():
+        lines += [f"**{domain}** ({d['passages']}, {d['adapt_minutes']:.0f} min of adaptation; teacher "
+                  f"{d['teacher_ndcg@10']:.4f})", "", "| SubLM | before | after | change |", "|---|---|---|---|"]
+        lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
+                  for n in d["before"]]
+        lines += [""] + [f"- {k}: {'met' if v else '**missed**'}" for k, v in d["targets"].items()] + [""]
+    lines.append("![every SubLM before and after adaptation](img/adapt.png)")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(r["domains"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        d = r["domains"][domain]
+        names = list(d["before"])
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [d["before"][n] for n in names], 0.4, label="general checkpoint")
+        ax.bar([i + 0.2 for i in x], [d["after"][n] for n in names], 0.4, label="adapted")
+        ax.axhline(d["teacher_ndcg@10"], color="k", ls="--", lw=1, label="teacher")
+        ax.set_xticks(list(x), names)
+        ax.set_ylabel(f"{domain} NDCG@10")
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
