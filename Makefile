@@ -2,6 +2,7 @@
 #   make run    set everything up, profile + quickly evaluate the default checkpoint, then serve it
 #   make test   set everything up, then run the test suite (what CI runs)
 #   make test-fast  the pure-logic subset (pytest marker `fast`: no Ray, no stack in subprocesses), under a minute
+#   make cluster / make cluster-stop   a Ray cluster on this machine (head + one worker node) to `serve deploy` to
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ PEER_STAMP := $(PEER_VENV)/.installed
 PEER_CONSTRAINTS := loadtests/infinity-constraints.txt
 INFINITY_VERSION ?= 0.0.78
 
-.PHONY: setup run test test-fast profile eval-quick serve redis clean peer
+.PHONY: setup run test test-fast profile eval-quick serve redis clean peer cluster cluster-stop cluster-status
 
 setup: $(STAMP) redis
 
@@ -57,6 +58,20 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m fast
+
+# A Ray cluster on this machine as `ray start` builds one (head + one worker node, Redis, token auth, the
+# project's environment on every node), in its own temp dir and on free ports: other Ray instances on the
+# machine are never touched, and cluster-stop stops this one only (plain `ray stop` would stop them all).
+# Then: source $(CLUSTER_DIR)/env.sh && serve deploy cluster/config.local.yaml (README, "On a Ray cluster").
+CLUSTER_DIR ?= .cluster
+cluster: setup
+	$(BIN)/python -m deployments.ray_cluster start --dir $(CLUSTER_DIR)
+
+cluster-stop:
+	$(BIN)/python -m deployments.ray_cluster stop --dir $(CLUSTER_DIR)
+
+cluster-status:
+	$(BIN)/python -m deployments.ray_cluster status --dir $(CLUSTER_DIR)
 
 # Peer server for load-test comparisons (not needed by `make test` or CI): infinity-emb with CPU torch,
 # kept by the constraints file. See loadtests/peer.py.

@@ -1,6 +1,7 @@
 """Serve configs validate against Ray's own schema; what they name can be imported."""
 
 import importlib
+import shlex
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,31 @@ def test_rayservice_embeds_the_cluster_config_and_redis_secret():
     assert serve_config == yaml.safe_load((ROOT / "cluster/config.yaml").read_text())
     containers = [docs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
         g["template"]["spec"]["containers"][0] for g in docs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    # token authentication: KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on every pod
+    assert docs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
-        assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
-        # the serving path `elasticlm serve` runs (and measured) is what every node runs
-        for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
-                     "RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"):
-            assert env[name]["value"] == SERVE_ENV[name]
+        assert env.pop("REDIS_URL")["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
+        # every pod starts with what every node of a `ray start` cluster starts with
+        assert {name: e["value"] for name, e in env.items()} | {"RAY_AUTH_MODE": "token"} == node_env()
+
+
+def node_env() -> dict[str, str]:
+    """cluster/node.env as ``set -a; source cluster/node.env`` exports it (KEY=VALUE lines, shell quoting)."""
+    lines = (ROOT / "cluster/node.env").read_text().splitlines()
+    return dict(shlex.split(line)[0].split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_every_node_runs_the_serving_path_that_was_measured_and_token_auth():
+    """cluster/node.env is SERVE_ENV (what `elasticlm serve` runs and measured), with token authentication;
+    only a replica's draining period is longer, for HAProxies on several nodes."""
+    env = node_env()
+    assert env.pop("RAY_AUTH_MODE") == "token" and "REDIS_URL" not in env   # a password never in a file
+    for name, value in SERVE_ENV.items():
+        if name != "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
+            assert env[name] == value, name
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) >= float(
+        SERVE_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"])
     redis_docs = list(yaml.safe_load_all((ROOT / "cluster/redis/redis.yaml").read_text()))
     assert {d["kind"] for d in redis_docs} == {"Secret", "Deployment", "Service"}
 
