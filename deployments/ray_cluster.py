@@ -42,6 +42,12 @@ BIN = Path(sys.executable).parent  # the `ray` and `serve` of this environment
 RAY_TEMP_DIR_MAX_CHARS = 40
 
 
+# what a shell may carry for another cluster: a token (RAY_AUTH_TOKEN wins over RAY_AUTH_TOKEN_PATH), an
+# address, a Redis
+INHERITED_NOT = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS",
+                 "REDIS_URL")
+
+
 @dataclass
 class NodePorts:
     """Every port a Ray node opens at a fixed number unless told (chosen free here, never Ray's defaults)."""
@@ -101,7 +107,8 @@ def worker_command(gcs_address: str, ports: NodePorts, num_cpus: int) -> list[st
 def node_environment(cluster_dir: Path, redis_url: str, auth: dict[str, str], ports: NodePorts) -> dict[str, str]:
     """What every node starts with: the project's Serve settings (``SERVE_ENV``), Redis for the replicas,
     token authentication, this node's Serve ports and the marker ``stop_cluster`` selects by."""
-    return {**os.environ, **SERVE_ENV, **ports.serve_env(), **auth, "REDIS_URL": redis_url,
+    inherited = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    return {**inherited, **SERVE_ENV, **ports.serve_env(), **auth, "REDIS_URL": redis_url,
             "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             MARKER: str(cluster_dir)}
 
@@ -266,6 +273,7 @@ def start_cluster(cluster_dir: Path, workers: int = 1, head_cpus: int = 1, worke
                  {**auth, "RAY_DASHBOARD_ADDRESS": state["dashboard_url"], "RAY_ADDRESS": state["gcs_address"],
                   "REDIS_URL": redis_url}.items()]
     (cluster_dir / "env.sh").write_text("# source me: the `serve` and `ray` CLIs then reach this cluster\n"
+                                        "unset RAY_AUTH_TOKEN  # another cluster's token would win over ours\n"
                                         + "\n".join(env_lines) + "\n")
     (cluster_dir / "env.sh").chmod(0o600)  # it names the Redis password and the token's file
     return state

@@ -120,14 +120,18 @@ def test_the_cluster_path_from_ray_start_to_stop(tmp_path, checkpoint_dir):
                                FIRST_TARGET_MS)
     started = time.monotonic()
     state = start_cluster(cluster_dir, workers=1, head_cpus=1, worker_cpus=1)
+    # another user's Ray on this machine, as `ray stop` sees it: a process named raylet (it would kill it)
+    (tmp_path / "raylet").symlink_to(shutil.which("sleep"))
+    other_ray = subprocess.Popen([str(tmp_path / "raylet"), "600"], start_new_session=True)
     try:
         ports = state["ports"]
         assert len(set(ports)) == len(ports) and not {6379, 8265, 10001, 52365} & set(ports)  # never Ray's defaults
         assert len(state["sessions"]) == 3  # Redis, the head, the worker: each in a session of its own
         # without RAY_AUTH_MODE=token the `serve` CLI sends no token, and the cluster refuses it
         no_token = subprocess.run([str(BIN / "serve"), "status", "-a", state["dashboard_url"]],
-                                  capture_output=True, text=True, timeout=60)
-        assert no_token.returncode != 0
+                                  capture_output=True, text=True, timeout=60,
+                                  env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")})
+        assert no_token.returncode != 0 and "authentication" in (no_token.stdout + no_token.stderr).lower()
 
         deployed = serve_cli(cluster_dir, f"deploy {config}")
         assert deployed.returncode == 0, deployed.stderr[-3000:]
@@ -164,14 +168,18 @@ def test_the_cluster_path_from_ray_start_to_stop(tmp_path, checkpoint_dir):
         shut = serve_cli(cluster_dir, "shutdown -y")
         assert shut.returncode == 0, shut.stderr[-2000:]
         deadline = time.monotonic() + 60
-        while port_is_free(http_port) is False or port_is_free(grpc_port) is False:
+        while not (port_is_free(http_port) and port_is_free(grpc_port)):
             assert time.monotonic() < deadline, "Serve still holds its ports after `serve shutdown`"
             time.sleep(1)
     finally:
         left = stop_cluster(cluster_dir)
+        other_ray_survived = other_ray.poll() is None
+        other_ray.kill()
+        other_ray.wait()
         if not state["temp_dir"].startswith(str(cluster_dir)):  # Ray's short temp dir outside tmp_path
             shutil.rmtree(state["temp_dir"], ignore_errors=True)
     assert not left, [(p.pid, p.name()) for p in left]
+    assert other_ray_survived  # the other Ray was not touched
     assert not cluster_processes(cluster_dir, state["sessions"], state["known"])
     assert not any(subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).stdout
                    for sid in state["sessions"])
