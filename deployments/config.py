@@ -12,9 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.contract import TASKS
-
-RANKERS = ("dense", "cross")  # elastic_core.ranker.load_ranker's kinds, checked here before any model loads
+from deployments.tasks import SERVED_TASKS, TASKS
 
 DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6")  # the committed one
 
@@ -28,7 +26,7 @@ class ReplicaConfig:
     num_threads: int | None = None                 # torch threads; Ray pins OMP to the actor's num_cpus otherwise
     sublms: list[str] | None = None                # SubLMs served (largest first); one = a static deployment
     tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
-                                                   # schedule and global depth (deployments/contract.py:TASKS)
+                                                   # schedule and global depth (deployments/tasks/)
     classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>
     ranker: str = "dense"                          # /rerank: "dense" (the backbone's cosine, the better ranker
                                                    # measured on TREC DL) or "cross" (<checkpoint>/tasks/rerank)
@@ -74,8 +72,8 @@ class ReplicaConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             bad.append(f"tasks={list(self.tasks)!r} (distinct names out of {list(TASKS)}, at least one)")
-        if self.ranker not in RANKERS:
-            bad.append(f"ranker={self.ranker!r} (one of {list(RANKERS)})")
+        for task in SERVED_TASKS.values():  # each task's own settings (the ranker's kind), before any model loads
+            bad += task.check(self)
         for task, target in (self.task_target_ms or {}).items():
             if task not in self.tasks or not isinstance(target, (int, float)) or not target > 0:
                 bad.append(f"task_target_ms[{task!r}]={target!r} (a served task's target, > 0 ms)")

@@ -1,8 +1,9 @@
 """What HTTP and gRPC agree on: validation, limits, tokenization, and the errors they map to status codes.
 
-Both protocol adapters (``http_adapter.py``, ``grpc_adapter.py``) translate their wire format into
-``Validator.<task>_request(...)`` arguments and map ``RequestError`` to their own status codes, so the two
-can never diverge on what is accepted. Validation is split from tokenization on purpose: the core's
+Both protocol adapters (``http_adapter.py``, ``grpc_adapter.py``) translate their wire format into the
+arguments of the task's ``request(validator, ...)`` (``deployments/tasks/``), which checks them with the
+``Validator`` here, and map ``RequestError`` to their own status codes, so the two can never diverge on
+what is accepted. Validation is split from tokenization on purpose: the core's
 admission (``ServingCore.serve``) runs between them, so a request that will be refused for overload is
 refused before any tokenizer work is spent on it.
 Tokenization uses the Rust ``tokenizers.Tokenizer`` directly (what ``transformers`` wraps), which
@@ -14,13 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from deployments.wire import DEADLINE_HEADER
-from elastic_core.denser import KINDS
-from elastic_core.ranker import fuse_with_first_stage
-
-TASKS = ("embed", "rerank", "predict")  # what a replica can serve: ElasticDenser, ElasticRanker, ElasticClassifier
 
 
 class RequestError(Exception):
@@ -90,14 +85,14 @@ class TaskRequest:
 
 
 class TaskTokenizer:
-    """One task's Rust tokenizer at the task's token limit: single texts, or (first, second) pairs.
+    """One task's Rust tokenizer at the task's token limit, over what the task gives it to read
+    (``ServedTask.tokenizer_inputs``): single texts, or (first, second) pairs cut longest first (a pair
+    classifier's rule, as it is trained; query-passage pairs have their own, ``tasks/rerank.py``)."""
 
-    Pairs are cut longest first (text-embeddings-inference's choice): a long passage loses its tail
-    before a short query loses anything, and a long query cannot crowd out the passage it is judged on."""
-
-    def __init__(self, spec: str, max_tokens: int):
+    def __init__(self, task, spec: str, max_tokens: int):
         from tokenizers import Tokenizer
 
+        self.task = task
         self.max_tokens = max_tokens
         self._truncating = Tokenizer.from_str(spec)
         self._truncating.no_padding()
@@ -109,108 +104,49 @@ class TaskTokenizer:
     def estimate(self, request: TaskRequest) -> int:
         """Tokens the request will take, from its characters alone (about 4 a WordPiece token in English,
         plus the special tokens): what admission needs before anything is tokenized."""
-        if request.query is not None:
-            second = [len(request.query) // 4 + 1] * request.examples
-        else:
-            second = [len(p) // 4 + 1 for p in request.pairs] if request.pairs is not None else [0] * request.examples
-        return sum(min(self.max_tokens, len(t) // 4 + 2 + s) for t, s in zip(request.texts, second))
+        firsts, seconds = self.task.tokenizer_inputs(request)
+        second = [len(s) // 4 + 1 for s in seconds] if seconds is not None else [0] * len(firsts)
+        return sum(min(self.max_tokens, len(t) // 4 + 2 + s) for t, s in zip(firsts, second))
 
     def encode(self, request: TaskRequest) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids (and token types, for pairs); an input over the limit is cut, or refused (413) when
         the request says ``truncate=false``."""
-        reranking = request.query is not None
-        if reranking:
-            items = [(request.query, t) for t in request.texts]
-        elif request.pairs is not None:
-            items = list(zip(request.texts, request.pairs))
-        else:
-            items = [(t,) for t in request.texts]
+        firsts, seconds = self.task.tokenizer_inputs(request)
+        items = list(zip(firsts, seconds)) if seconds is not None else [(t,) for t in firsts]
         encodings = self._truncating.encode_batch([i if len(i) == 2 else i[0] for i in items], add_special_tokens=True)
         if not request.truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:
-                    n = len(self._whole.encode(*items[i], add_special_tokens=True).ids)
-                    where = f"texts[{i}] with the query" if reranking else f"inputs[{i}]"
-                    raise RequestError(413, f"{where} has {n} tokens, more than the model's limit of "
-                                            f"{self.max_tokens}; send truncate=true to truncate it")
-        paired = len(items[0]) == 2
-        return [enc.ids for enc in encodings], ([enc.type_ids for enc in encodings] if paired else None)
+                    self.refuse(i, len(self._whole.encode(*items[i], add_special_tokens=True).ids))
+        return [enc.ids for enc in encodings], ([enc.type_ids for enc in encodings] if seconds is not None else None)
+
+    def refuse(self, i: int, tokens: int):
+        raise RequestError(413, f"{self.task.input_name(i)} has {tokens} tokens, more than the model's limit of "
+                                f"{self.max_tokens}; send truncate=true to truncate it")
 
 
 class Validator:
-    """Every task's request validation (no tokenizer work) and its tokenizer, for both ingresses.
+    """The checks every task's request shares (no tokenizer work) and every task's tokenizer, for both
+    adapters; each task's own checks are its ``request`` (``deployments/tasks/``), which calls these.
 
-    ``max_tokens``: one limit for every task, or one per task (the rerank and predict models serve at
-    the length they were trained and evaluated at). ``pair_predict``: the classifier takes text pairs."""
+    ``max_tokens``: one limit for every task, or one per served task (the rerank and predict models serve
+    at the length they were trained and evaluated at). ``models``: the served tasks' models, for the checks
+    that depend on them (a pair classifier takes pairs)."""
 
     def __init__(self, tokenizer, max_tokens: int | dict[str, int], sublms: list[str], limits: Limits | None = None,
-                 pair_predict: bool = False):
+                 models: dict | None = None):
         """``tokenizer``: the checkpoint's ``transformers`` tokenizer; its Rust core does the work."""
+        from deployments.tasks import SERVED_TASKS  # the registry imports this module
+
         self.sublms = list(sublms)
         self.limits = limits or Limits()
-        self.pair_predict = pair_predict
+        self.models = dict(models or {})
         spec = tokenizer.backend_tokenizer.to_str()
-        limits_by_task = max_tokens if isinstance(max_tokens, dict) else dict.fromkeys(TASKS, max_tokens)
-        self.tokenizers = {task: TaskTokenizer(spec, n) for task, n in limits_by_task.items()}
+        limits_by_task = max_tokens if isinstance(max_tokens, dict) else dict.fromkeys(SERVED_TASKS, max_tokens)
+        self.tokenizers = {task: SERVED_TASKS[task].tokenizer(spec, n) for task, n in limits_by_task.items()}
 
-    # ----------------------------------------------------------------- validation (no tokenizer work)
-    def embed_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
-                      kind: str | None = None, deadline_ms: float | None = None) -> TaskRequest:
-        texts = self.texts(inputs)
-        if kind is not None and kind not in KINDS:
-            raise RequestError(400, f"kind must be one of {list(KINDS)}, got {kind!r}")
-        return TaskRequest("embed", texts, truncate=self._truncate(truncate), kind=kind or "passage",
-                           **self._options(min_sublm, deadline_ms))
-
-    def rerank_request(self, query, texts, truncate: bool | None = True, min_sublm: str | None = None,
-                       deadline_ms: float | None = None, first_stage_scores=None,
-                       raw_scores: bool = False) -> TaskRequest:
-        if query is None:
-            raise RequestError(422, "query is missing: send the text the candidates are ranked against")
-        [query] = self.texts([query] if isinstance(query, str) else query, "query", one=True)
-        if isinstance(texts, str):
-            raise RequestError(422, "texts must be a list of candidate texts, got one string")
-        texts = self.texts(texts, "texts")
-        if first_stage_scores is not None:
-            if len(first_stage_scores) != len(texts):
-                raise RequestError(400, f"first_stage_scores has {len(first_stage_scores)} scores for {len(texts)} "
-                                        "texts: send one score per candidate, in the candidates' order")
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                       for x in first_stage_scores):
-                raise RequestError(422, "first_stage_scores must be finite numbers")
-            first_stage_scores = [float(x) for x in first_stage_scores]
-        return TaskRequest("rerank", texts, query=query, truncate=self._truncate(truncate),
-                           first_stage_scores=first_stage_scores, raw_scores=bool(raw_scores),
-                           **self._options(min_sublm, deadline_ms))
-
-    def predict_request(self, inputs, truncate: bool | None = True, min_sublm: str | None = None,
-                        deadline_ms: float | None = None, raw_scores: bool = False) -> tuple[TaskRequest, bool]:
-        """TEI's forms: a text, a pair ``[a, b]``, or a batch ``[[a], [b]]`` / ``[[a, b], ...]``.
-        Returns the request and whether it was a batch (the answer's shape follows the question's)."""
-        batch = isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(x, (list, tuple)) for x in inputs)
-        examples = list(inputs) if batch else [inputs]
-        if len(examples) > self.limits.max_inputs:
-            raise RequestError(413, f"{len(examples)} inputs in one request, more than the limit of "
-                                    f"{self.limits.max_inputs}: split the request")
-        width = 2 if self.pair_predict else 1
-        firsts, seconds = [], []
-        for i, example in enumerate(examples):
-            name = f"inputs[{i}]" if batch else "inputs"
-            parts = [example] if isinstance(example, str) else example
-            if not isinstance(parts, (list, tuple)) or len(parts) != width:
-                shape = "a pair of texts [first, second]" if width == 2 else "one text"
-                raise RequestError(422, f"{name} must be {shape}: this classifier takes "
-                                        f"{'text pairs' if width == 2 else 'single texts'}")
-            parts = self.texts(list(parts), name)
-            firsts.append(parts[0])
-            if width == 2:
-                seconds.append(parts[1])
-        request = TaskRequest("predict", firsts, pairs=seconds if width == 2 else None,
-                              truncate=self._truncate(truncate), raw_scores=bool(raw_scores),
-                              **self._options(min_sublm, deadline_ms))
-        return request, batch
-
-    def _options(self, min_sublm, deadline_ms) -> dict:
+    # ----------------------------------------------------------------- checks every task shares
+    def options(self, min_sublm, deadline_ms) -> dict:
         if min_sublm is not None and min_sublm not in self.sublms:
             raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {min_sublm!r}")
         if deadline_ms is not None and not (deadline_ms > 0 and math.isfinite(deadline_ms)):
@@ -218,7 +154,7 @@ class Validator:
         return {"min_sublm": min_sublm or None, "deadline_ms": deadline_ms}
 
     @staticmethod
-    def _truncate(truncate) -> bool:
+    def truncate_flag(truncate) -> bool:
         return True if truncate is None else bool(truncate)
 
     @staticmethod
@@ -268,29 +204,3 @@ def parse_deadline(raw: str | None) -> float | None:
         return float(raw)
     except ValueError:
         raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {raw!r}") from None
-
-
-# --------------------------------------------------------------------------- answers every task's request gets
-def ranked(raw, raw_scores: bool = False, top_n: int | None = None, unit=None,
-           first_stage_scores: list[float] | None = None) -> list[tuple[int, float]]:
-    """A rerank's (candidate index, score), best first: the ranker's raw relevance (a cross-encoder's logit,
-    a bi-encoder's cosine) or, unless ``raw_scores``, ``unit(raw)`` in 0..1 as text-embeddings-inference
-    answers (the ranker's ``unit_score``; default: the sigmoid of a logit). Ties keep the candidates' order.
-    With ``first_stage_scores`` the order is the ranker's fused with the first stage's
-    (``elastic_core.ranker.fuse_with_first_stage``) and, unless ``raw_scores``, the score is the fusion's."""
-    scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-    fused = None if first_stage_scores is None else fuse_with_first_stage(scores, first_stage_scores)
-    if not raw_scores:
-        scores = fused if fused is not None else np.asarray(unit(scores) if unit else 1.0 / (1.0 + np.exp(-scores)),
-                                                            dtype=np.float64)
-    order = np.argsort(-(scores if fused is None else fused), kind="stable")[:top_n]
-    return [(int(i), float(scores[i])) for i in order]
-
-
-def predictions(logits, labels: list[str], raw_scores: bool = False) -> list[list[tuple[str, float]]]:
-    """Per example, every (label, score), best first: softmax probabilities, or logits if ``raw_scores``."""
-    rows = np.asarray(logits, dtype=np.float64)
-    if not raw_scores:
-        rows = np.exp(rows - rows.max(axis=1, keepdims=True))
-        rows /= rows.sum(axis=1, keepdims=True)
-    return [[(labels[j], float(row[j])) for j in np.argsort(-row, kind="stable")] for row in rows]

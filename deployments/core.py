@@ -17,14 +17,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from deployments.config import ReplicaConfig
-from deployments.contract import MAX_BODY_BYTES, Limits, RequestError, TaskRequest, Validator, overloaded, predictions, ranked
+from deployments.contract import MAX_BODY_BYTES, Limits, RequestError, TaskRequest, Validator, overloaded
+from deployments.tasks import SERVED_TASKS
 from elastic_core.batching import Chunking
 from elastic_core.engine import BatchRecord, DepthSource, Job, LocalDepth, Overloaded, ServingEngine, TaskLane
 from elastic_core.schedule import ElasticSchedule
@@ -35,7 +35,7 @@ logger = logging.getLogger("ray.serve")  # the replica's log (a plain logger out
 @dataclass
 class TaskAnswer:
     """What the core answers, whatever the protocol: the SubLM that served, the tokens read, and the task's
-    result, the one of the three fields its task fills."""
+    result, the field its task fills (``ServedTask.answer``)."""
 
     sublm: str
     num_tokens: int
@@ -61,28 +61,10 @@ class NoMetrics:
 
 
 def load_task_models(cfg: ReplicaConfig, device) -> dict:
-    """The model of every served task, on ``device``: ElasticDenser (embed), a ranker (rerank: the backbone's
-    cosine, sharing the embedding model's weights, or the cross-encoder adapter ``tasks/rerank``),
-    ElasticClassifier (predict: ``tasks/<classifier>``). All share the checkpoint's backbone and SubLMs;
-    an adapter is merged into its own copy of the weights."""
-    from elastic_core.classify import ElasticClassifier
-    from elastic_core.denser import ElasticDenser
-    from elastic_core.ranker import DenseRanker, ElasticRanker
-
-    models, denser = {}, None
-    for task in cfg.tasks:
-        if task == "embed" or (task == "rerank" and cfg.ranker == "dense"):
-            denser = denser or ElasticDenser.from_checkpoint(cfg.checkpoint, device)
-            models[task] = denser if task == "embed" else DenseRanker.from_denser(denser)
-            continue
-        adapter = "rerank" if task == "rerank" else cfg.classifier
-        task_dir = Path(cfg.checkpoint) / "tasks" / adapter
-        if not (task_dir / "task_config.json").exists():
-            raise ValueError(f"task {task!r} needs the adapter {task_dir} (train it: elasticlm train "
-                             f"{'rerank' if task == 'rerank' else 'glue --task ' + adapter}), or leave "
-                             f"{task!r} out of the replica's tasks")
-        cls = ElasticRanker if task == "rerank" else ElasticClassifier
-        models[task] = cls.from_task_dir(task_dir, device)
+    """The model of every served task, on ``device`` (each task's ``load``). All share the checkpoint's
+    backbone and SubLMs; an adapter is merged into its own copy of the weights."""
+    loaded: dict = {}
+    models = {task: SERVED_TASKS[task].load(cfg, device, loaded) for task in cfg.tasks}
     ranks = {task: m.sublms for task, m in models.items()}
     if len({tuple(r) for r in ranks.values()}) > 1:
         raise ValueError(f"the tasks' models disagree on the SubLMs: {ranks}")
@@ -141,10 +123,8 @@ class ServingCore:
                                        calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
             lanes[task] = TaskLane(model, schedule, depth(task) if depth else LocalDepth(),
                                    target_ms=(cfg.task_target_ms or {}).get(task))
-        classifier = models.get("predict")
         validator = Validator(first.tokenizer, {task: m.max_length for task, m in models.items()}, ranking,
-                              Limits(max_inputs=cfg.max_inputs, max_input_chars=cfg.max_input_chars),
-                              pair_predict=bool(classifier and classifier.takes_pairs))
+                              Limits(max_inputs=cfg.max_inputs, max_input_chars=cfg.max_input_chars), models)
         core = cls(cfg, replica_id, models, validator, lanes, metrics)
         logger.info("ElasticReplica %s built on %s (%d torch threads): tasks %s, SubLMs %s, T %.0f ms, depth %s",
                     replica_id, device, torch.get_num_threads(), list(lanes), sublms, cfg.target_ms,
@@ -189,15 +169,8 @@ class ServingCore:
             served = await self.engine.submit(job)
         except Overloaded:
             raise overloaded(self.engine.pacing.retry_after_s()) from None
-        answer = TaskAnswer(served.sublm, served.num_tokens)
-        if request.task == "embed":
-            answer.embeddings = served.outputs
-        elif request.task == "rerank":
-            answer.ranks = ranked(served.outputs, request.raw_scores, unit=self.models["rerank"].unit_score,
-                                  first_stage_scores=request.first_stage_scores)
-        else:
-            answer.predictions = predictions(served.outputs, self.models["predict"].labels, request.raw_scores)
-        return answer
+        fields = SERVED_TASKS[request.task].answer(request, served.outputs, self.models[request.task])
+        return TaskAnswer(served.sublm, served.num_tokens, **fields)
 
     # ----------------------------------------------------------------- what ran
     def _record(self, batch: BatchRecord):
@@ -222,15 +195,9 @@ class ServingCore:
         """What clients may rely on: the model, its SubLMs, the tasks (each with its token limit), the latency
         target and the request limits. ``max_input_tokens`` is the first task's (embeddings' when served)."""
         schedule = next(iter(self.engine.lanes.values())).schedule
-        tasks = {}
-        for task, tokenizer in self.validator.tokenizers.items():
-            tasks[task] = {"max_input_tokens": tokenizer.max_tokens, "target_ms": self.engine.target(task)}
-            if task == "rerank":
-                tasks[task]["ranker"] = self.models["rerank"].kind
-            if task == "predict":
-                classifier = self.models["predict"]
-                tasks[task] |= {"classifier": self.config.classifier, "labels": classifier.labels,
-                                "pairs": classifier.takes_pairs}
+        tasks = {task: {"max_input_tokens": tokenizer.max_tokens, "target_ms": self.engine.target(task)}
+                 | SERVED_TASKS[task].info(self.models[task], self.config)
+                 for task, tokenizer in self.validator.tokenizers.items()}
         return {"model": self.config.model_name, "tasks": tasks, "sublms": schedule.sublms,
                 "target_ms": self.engine.target_ms, "max_input_tokens": next(iter(tasks.values()))["max_input_tokens"],
                 "max_inputs": self.validator.limits.max_inputs,

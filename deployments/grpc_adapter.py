@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from deployments.contract import RequestError, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
 from deployments.grpc_api import elasticlm_pb2
+from deployments.tasks import EMBED, PREDICT, RERANK
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER
 
 
@@ -56,8 +57,8 @@ class GrpcServicer:
     async def Embed(self, request: elasticlm_pb2.EmbedRequest, grpc_context) -> elasticlm_pb2.EmbedResponse:
         response = await self._rpc(
             request, grpc_context, "EmbedRequest",
-            lambda m, meta: self.core.validator.embed_request(list(m.inputs), kind=m.kind or None,
-                                                              **self._options(m, meta)),
+            lambda m, meta: EMBED.request(self.core.validator, list(m.inputs), kind=m.kind or None,
+                                          **self._options(m, meta)),
             lambda _, served: elasticlm_pb2.EmbedResponse(
                 embeddings=[elasticlm_pb2.Embedding(values=row) for row in np.asarray(served.embeddings).tolist()],
                 sublm=served.sublm, prompt_tokens=served.num_tokens))
@@ -71,8 +72,8 @@ class GrpcServicer:
 
         response = await self._rpc(
             request, grpc_context, "RerankRequest",
-            lambda m, meta: self.core.validator.rerank_request(
-                m.query or None, list(m.texts), **self._options(m, meta),
+            lambda m, meta: RERANK.request(
+                self.core.validator, m.query or None, list(m.texts), **self._options(m, meta),
                 first_stage_scores=list(m.first_stage_scores) or None, raw_scores=m.raw_scores),
             answer)
         return response or elasticlm_pb2.RerankResponse()
@@ -87,15 +88,15 @@ class GrpcServicer:
         def to_request(m, meta):
             if not m.inputs:
                 raise RequestError(422, "inputs is empty: send one text, or a pair for a pair classifier")
-            return self.core.validator.predict_request(list(m.inputs), **self._options(m, meta),
-                                                       raw_scores=m.raw_scores)[0]
+            return PREDICT.request(self.core.validator, list(m.inputs), **self._options(m, meta),
+                                   raw_scores=m.raw_scores)[0]
 
         response = await self._rpc(request, grpc_context, "PredictRequest", to_request, answer)
         return response or elasticlm_pb2.PredictResponse()
 
     async def Info(self, request: elasticlm_pb2.InfoRequest, grpc_context=None) -> elasticlm_pb2.InfoResponse:
         info = self.core.describe()
-        predict = info["tasks"].get("predict", {})
+        predict = info["tasks"].get(PREDICT.name, {})  # the message's classifier fields
         return elasticlm_pb2.InfoResponse(
             model=info["model"], sublms=info["sublms"], target_ms=info["target_ms"],
             tasks=[elasticlm_pb2.TaskInfo(name=name, max_input_tokens=t["max_input_tokens"], target_ms=t["target_ms"],

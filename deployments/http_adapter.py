@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contract import MAX_BODY_BYTES, NOT_BLANK_PATTERN, RequestError, parse_deadline
 from deployments.core import ServingCore
+from deployments.tasks import EMBED, PREDICT, RERANK, SERVED_TASKS
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, SUBLM_HEADER
 from elastic_core.denser import KINDS
 
@@ -59,8 +60,8 @@ class OpenAIEmbeddingRequest(BaseModel):
 class TEIRerankRequest(BaseModel):
     query: str = Field(..., description="the text every candidate is judged against")
     texts: list[str] = Field(..., description="the candidates (e.g. a first stage's top 20-100)")
-    truncate: bool = Field(True, description="cut a pair over the ranker's token limit, longest text first "
-                                             "(false: reject with 413)")
+    truncate: bool = Field(True, description="cut a pair over the ranker's token limit: the text's tail, the query "
+                                             "kept whole up to half the limit (false: reject with 413)")
     raw_scores: bool = Field(False, description="the ranker's raw relevance (a cross-encoder's logit, the dense "
                                                 "ranker's cosine) instead of a 0..1 score")
     return_text: bool = Field(False, description="echo each candidate's text in its rank")
@@ -117,8 +118,7 @@ REFUSALS = {400: {"model": ErrorBody, "description": "a field has a value the se
 DEADLINE = Header(None, alias=DEADLINE_HEADER, description="this request's latency target in ms (tighter than T)",
                   json_schema_extra={"pattern": r"^[0-9]*[1-9][0-9]*(\.[0-9]+)?$"})
 MIN_SUBLM = Header(None, alias=MIN_SUBLM_HEADER, description="quality floor, e.g. 'w50' (as the body's min_sublm)")
-ROUTE_TASKS = {"/embed": "embed", "/v1/embeddings": "embed", "/rerank": "rerank", "/v1/rerank": "rerank",
-               "/predict": "predict"}
+ROUTE_TASKS = {route: task.name for task in SERVED_TASKS.values() for route in task.http_routes}
 
 
 def openapi_with_limits(schema: dict, info: dict) -> dict:
@@ -129,23 +129,11 @@ def openapi_with_limits(schema: dict, info: dict) -> dict:
     models = schema["components"]["schemas"]
     schema["paths"] = {path: ops for path, ops in schema["paths"].items()
                        if ROUTE_TASKS.get(path) in (None, *info["tasks"])}
-    if "embed" in info["tasks"]:
-        for model, field in (("TEIEmbedRequest", "inputs"), ("OpenAIEmbeddingRequest", "input")):
-            models[model]["properties"][field]["anyOf"] = [text, texts]
-    if "rerank" in info["tasks"]:
-        for model, field in (("TEIRerankRequest", "texts"), ("RerankDocumentsRequest", "documents")):
-            models[model]["properties"][field] = texts | {"title": field.title()}
-            models[model]["properties"]["query"] |= text
-            models[model]["properties"]["first_stage_scores"]["anyOf"][0]["maxItems"] = info["max_inputs"]
-        models["RerankDocumentsRequest"]["properties"]["top_n"]["anyOf"][0]["minimum"] = 1
-    if "predict" in info["tasks"]:
-        width = 2 if info["tasks"]["predict"]["pairs"] else 1
-        example = {"type": "array", "items": text, "minItems": width, "maxItems": width}
-        batch = {"type": "array", "items": example, "minItems": 1, "maxItems": info["max_inputs"]}
-        models["TEIPredictRequest"]["properties"]["inputs"]["anyOf"] = [example, batch] + ([text] if width == 1 else [])
-    for model in ("TEIEmbedRequest", "TEIRerankRequest", "TEIPredictRequest"):
-        if model in models:
-            models[model]["properties"]["min_sublm"]["enum"] = [*info["sublms"], None]
+    for task in info["tasks"]:
+        SERVED_TASKS[task].openapi_limits(models, info, text, texts)
+    for model in models.values():  # every request model with a quality floor
+        if "min_sublm" in model.get("properties", {}):
+            model["properties"]["min_sublm"]["enum"] = [*info["sublms"], None]
     for path in schema["paths"].values():
         for operation in path.values():
             for parameter in operation.get("parameters", ()):
@@ -232,8 +220,8 @@ def build_http_app(core: ServingCore) -> FastAPI:
     async def embed(body: TEIEmbedRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
         if not body.normalize:
             raise RequestError(400, "normalize=false is not supported: embeddings are L2-normalized")
-        answer = await core.serve(validator.embed_request(
-            body.inputs, body.truncate, validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+        answer = await core.serve(EMBED.request(
+            validator, body.inputs, body.truncate, validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
             body.kind, parse_deadline(deadline_ms)))
         return JSON(answer.embeddings, headers={SUBLM_HEADER: answer.sublm})
 
@@ -243,8 +231,8 @@ def build_http_app(core: ServingCore) -> FastAPI:
         if body.encoding_format not in ("float", "base64"):
             raise RequestError(400, f"encoding_format {body.encoding_format!r} is not supported; "
                                     "use 'float' or 'base64'")
-        answer = await core.serve(validator.embed_request(body.input, True, min_sublm, None,
-                                                          parse_deadline(deadline_ms)))
+        answer = await core.serve(EMBED.request(validator, body.input, True, min_sublm, None,
+                                                parse_deadline(deadline_ms)))
         rows = answer.embeddings
         if body.encoding_format == "base64":  # 4 bytes a float instead of ~10 characters of JSON
             rows = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
@@ -256,9 +244,9 @@ def build_http_app(core: ServingCore) -> FastAPI:
     @app.post("/rerank", summary="TEI-compatible reranking: the candidates best first",
               response_model=list[RankBody], responses=REFUSALS)
     async def rerank(body: TEIRerankRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
-        request = validator.rerank_request(body.query, body.texts, body.truncate,
-                                           validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
-                                           parse_deadline(deadline_ms), body.first_stage_scores, body.raw_scores)
+        request = RERANK.request(validator, body.query, body.texts, body.truncate,
+                                 validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+                                 parse_deadline(deadline_ms), body.first_stage_scores, body.raw_scores)
         answer = await core.serve(request)
         ranks = [{"index": i, "score": score, **({"text": request.texts[i]} if body.return_text else {})}
                  for i, score in answer.ranks]
@@ -269,8 +257,8 @@ def build_http_app(core: ServingCore) -> FastAPI:
                                min_sublm: str | None = MIN_SUBLM):
         if body.top_n is not None and body.top_n < 1:
             raise RequestError(400, f"top_n must be at least 1, got {body.top_n}")
-        request = validator.rerank_request(body.query, body.documents, True, min_sublm, parse_deadline(deadline_ms),
-                                           body.first_stage_scores)
+        request = RERANK.request(validator, body.query, body.documents, True, min_sublm, parse_deadline(deadline_ms),
+                                 body.first_stage_scores)
         answer = await core.serve(request)
         results = [{"index": i, "relevance_score": score,
                     **({"document": {"text": request.texts[i]}} if body.return_documents else {})}
@@ -281,8 +269,8 @@ def build_http_app(core: ServingCore) -> FastAPI:
     @app.post("/predict", summary="TEI-compatible classification: every label's score, best first",
               response_model=list[PredictionBody] | list[list[PredictionBody]], responses=REFUSALS)
     async def predict(body: TEIPredictRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
-        request, batch = validator.predict_request(
-            body.inputs, body.truncate, validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
+        request, batch = PREDICT.request(
+            validator, body.inputs, body.truncate, validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
             parse_deadline(deadline_ms), body.raw_scores)
         answer = await core.serve(request)
         rows = [[{"label": label, "score": score} for label, score in row] for row in answer.predictions]

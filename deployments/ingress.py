@@ -20,6 +20,7 @@ from deployments.config import ReplicaConfig
 from deployments.core import ServingCore
 from deployments.grpc_adapter import GrpcServicer
 from deployments.http_adapter import build_http_app
+from deployments.tasks import SERVED_TASKS
 from elastic_core.engine import BatchRecord
 
 logger = logging.getLogger("ray.serve")
@@ -76,10 +77,10 @@ class ElasticReplica(GrpcServicer):
         self.depths = {}
 
         def shared_depth(task: str):
-            from deployments.queue_depth import GlobalQueueDepth, task_namespace
+            from deployments.queue_depth import GlobalQueueDepth
 
-            self.depths[task] = GlobalQueueDepth(redis_url, replica_id, task_namespace(cfg.depth_namespace, task),
-                                                 cfg.depth_ttl_s)
+            namespace = SERVED_TASKS[task].depth_namespace(cfg.depth_namespace)
+            self.depths[task] = GlobalQueueDepth(redis_url, replica_id, namespace, cfg.depth_ttl_s)
             return self.depths[task]
 
         super().__init__(ServingCore.build(cfg, replica_id, shared_depth if redis_url else None,

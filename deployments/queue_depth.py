@@ -56,12 +56,6 @@ return {total, live}
 """
 
 
-def task_namespace(namespace: str, task: str) -> str:
-    """Each task's depth is its own signal (a rerank surge must not shrink embeddings): ``<ns>`` for
-    embeddings, as before tasks were added, and ``<ns>:<task>`` for the others."""
-    return namespace if task == "embed" else f"{namespace}:{task}"
-
-
 def depth_keys(namespace: str = "elasticlm") -> list[str]:
     """The two hashes: replica -> its depth, replica -> its last heartbeat (Redis time, ms)."""
     return [f"{namespace}:depth", f"{namespace}:heartbeat"]

@@ -16,7 +16,8 @@
   919 in-domain positives it learns SciFact, not the web: below BM25 on TREC DL 2019.
 
 Both are the serving engine's ``Runner`` over the same input, the pair ``[CLS] query [SEP] passage
-[SEP]`` with its token types: a request is tokenized one way whatever the ranker.
+[SEP]`` with its token types: a request is tokenized one way whatever the ranker, and training,
+evaluation and serving cut an over-long pair by the one rule of ``pairs.py`` (the query kept whole).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from .batching import Chunking, pad
 from .data import DEFAULT_DATA_DIR, BeirDataset, load_dl19, load_scifact
+from .pairs import QueryPassageEncoder
 from .tasks import FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits, save_task
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
@@ -48,8 +50,7 @@ class ElasticRanker(TaskPredictor):
     unit_score = staticmethod(sigmoid)  # a relevance logit -> 0..1, as text-embeddings-inference answers
 
     def tokenize_pairs(self, queries: list[str], passages: list[str]) -> dict:
-        # the query is never cut; long passages are
-        return self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length)
+        return query_passage_batch(self, queries, passages)
 
     def score(self, query: str, passages: list[str], sublm: str | None = None) -> np.ndarray:
         return self.score_pairs([query] * len(passages), passages, sublm)
@@ -58,6 +59,15 @@ class ElasticRanker(TaskPredictor):
         enc = self.tokenize_pairs(queries, passages)
         return predict_logits(self.model, enc, sublm or self.sublms[0], self.tokenizer.pad_token_id,
                               progress=progress)[:, 0]
+
+
+def query_passage_batch(ranker, queries: list[str], passages: list[str]) -> dict:
+    """The ranker's pairs, tokenized by the one pair rule (``pairs.py``) at its ``max_length``; the encoder
+    is made once per ranker."""
+    encoder = getattr(ranker, "_pair_encoder", None)
+    if encoder is None or encoder.max_length != ranker.max_length:
+        encoder = ranker._pair_encoder = QueryPassageEncoder(ranker.tokenizer, ranker.max_length)
+    return encoder.encode(queries, passages).as_batch()
 
 
 Encode = Callable[..., np.ndarray]  # (input_ids, sublm, chunking, progress) -> L2-normalized rows
@@ -130,7 +140,7 @@ class DenseRanker:
         return np.einsum("ij,ij->i", emb[[row[key] for key in keys]], emb[len(row):])[:, None]
 
     def score_pairs(self, queries: list[str], passages: list[str], sublm: str | None = None, progress=None):
-        enc = self.tokenizer(queries, passages, truncation="only_second", max_length=self.max_length)
+        enc = query_passage_batch(self, queries, passages)
         return self.forward(sublm or self.sublms[0], enc["input_ids"], enc["token_type_ids"], progress=progress)[:, 0]
 
 
@@ -151,13 +161,17 @@ def teacher_ranker(max_length: int = 256) -> DenseRanker:
     return DenseRanker(encode, ["teacher"], tokenizer, max_length)
 
 
-def load_ranker(kind: str, checkpoint: str | Path, device="cpu", task_dir: str | Path | None = None):
-    """The served ranker of ``checkpoint``: ``dense`` (its backbone) or ``cross`` (its ``tasks/rerank``)."""
+RANKERS = ("dense", "cross")  # load_ranker's kinds
+
+
+def load_ranker(kind: str, checkpoint: str | Path, device="cpu", task_dir: str | Path | None = None, denser=None):
+    """The served ranker of ``checkpoint``: ``dense`` (its backbone; on ``denser``'s weights when given, so a
+    replica that also embeds holds one copy) or ``cross`` (its ``tasks/rerank``)."""
     if kind == "dense":
-        return DenseRanker.from_checkpoint(checkpoint, device)
+        return DenseRanker.from_denser(denser) if denser is not None else DenseRanker.from_checkpoint(checkpoint, device)
     if kind == "cross":
         return ElasticRanker.from_task_dir(task_dir or Path(checkpoint) / "tasks" / "rerank", device)
-    raise ValueError(f"ranker must be 'dense' or 'cross', got {kind!r}")
+    raise ValueError(f"ranker must be one of {list(RANKERS)}, got {kind!r}")
 
 
 # --------------------------------------------------------------------------- first stages
@@ -236,6 +250,7 @@ def train_ranker(cfg: RankerTrainConfig, progress: bool = True) -> Path:
                         max_length=cfg.max_length, sublms=sublms, train=asdict(cfg))
     model = new_task_model(cfg.backbone, config, device)
     tokenizer = load_tokenizer(backbone_cfg)
+    pair_encoder = QueryPassageEncoder(tokenizer, cfg.max_length)  # the rule serving tokenizes by
     rng = random.Random(cfg.seed)
     order: list[tuple[str, str]] = []
     group = 1 + cfg.negatives
@@ -252,8 +267,8 @@ def train_ranker(cfg: RankerTrainConfig, progress: bool = True) -> Path:
             for d in [pos] + rng.sample(negatives[q], min(cfg.negatives, len(negatives[q]))):
                 queries.append(ds.queries[q])
                 passages.append(ds.corpus[d])
-        enc = tokenizer(queries, passages, truncation="only_second", max_length=cfg.max_length)
-        batch = pad(enc["input_ids"], tokenizer.pad_token_id, enc["token_type_ids"], device)
+        enc = pair_encoder.encode(queries, passages)
+        batch = pad(enc.input_ids, tokenizer.pad_token_id, enc.token_type_ids, device)
         return batch, torch.zeros(len(chosen), dtype=torch.long, device=device)  # the positive is choice 0
 
     if any(len(negatives[q]) < cfg.negatives for q, _ in positives):

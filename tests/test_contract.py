@@ -1,10 +1,12 @@
 """The validation both ingresses share (pure logic with the real tokenizer)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from deployments.contract import Limits, RequestError, Validator
+from deployments.tasks import EMBED, PREDICT, RERANK
 
 pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
 
@@ -17,27 +19,47 @@ def validator(tokenizer):
 
 
 def test_a_single_string_becomes_one_input(validator):
-    request = validator.embed_request("hello world")
+    request = EMBED.request(validator, "hello world")
     assert request.texts == ["hello world"] and request.kind == "passage" and request.min_sublm is None
     assert validator.tokenize(request) == ([[101, 7592, 2088, 102]], None)  # [CLS] hello world [SEP]
 
 
 def test_the_rust_tokenizer_matches_the_transformers_one(validator, tokenizer):
     texts = ["Ünïcödé  text\twith tabs", "A moving, beautifully acted film!", "token " * 40]
-    assert validator.tokenize(validator.embed_request(texts))[0] == tokenizer(texts, truncation=True,
+    assert validator.tokenize(EMBED.request(validator, texts))[0] == tokenizer(texts, truncation=True,
                                                                               max_length=16)["input_ids"]
-    # a rerank pair: query first, the passage cut before the query, token types as transformers gives them
+    # a rerank pair: query first, the query whole and the passage cut (transformers' only_second, as the
+    # ranker is trained and evaluated), token types as transformers gives them
     query, passages = "vitamin d and bones", ["token " * 40, "short passage"]
-    expected = tokenizer([query] * 2, passages, truncation=True, max_length=16)
-    assert validator.tokenize(validator.rerank_request(query, passages)) == (expected["input_ids"],
+    expected = tokenizer([query] * 2, passages, truncation="only_second", max_length=16)
+    assert validator.tokenize(RERANK.request(validator, query, passages)) == (expected["input_ids"],
                                                                            expected["token_type_ids"])
+
+
+def test_serving_cuts_a_long_query_passage_pair_as_training_and_evaluation_do(validator, tokenizer):
+    """One rule (elastic_core/pairs.py): the query whole while it takes at most half the room, else cut to
+    that half; the passage's tail goes first. The ranker's training and evaluation encode through it too."""
+    from elastic_core.pairs import QueryPassageEncoder, pair_lengths
+    from elastic_core.ranker import DenseRanker
+
+    assert pair_lengths(5, 40, 13) == (5, 8) and pair_lengths(30, 40, 13) == (6, 7)
+    assert pair_lengths(30, 2, 13) == (11, 2) and pair_lengths(3, 4, 13) == (3, 4)
+    long_query, passage = "query " * 30, "token " * 40
+    ids, types = validator.tokenize(RERANK.request(validator, long_query, [passage]))
+    assert ids == [[101] + [23032] * 6 + [102] + [19204] * 7 + [102]] and types == [[0] * 8 + [1] * 8]
+    ranker = DenseRanker(None, ["w100"], tokenizer, 16)
+    from elastic_core.ranker import query_passage_batch
+
+    batch = query_passage_batch(ranker, [long_query], [passage])
+    assert (batch["input_ids"], batch["token_type_ids"]) == (ids, types)
+    assert QueryPassageEncoder(tokenizer, 16).encode([long_query], [passage]).whole_lengths == [73]
 
 
 def test_truncation_by_default_and_rejection_on_request(validator):
     long = "token " * 40
-    assert len(validator.tokenize(validator.embed_request([long]))[0][0]) == 16
+    assert len(validator.tokenize(EMBED.request(validator, [long]))[0][0]) == 16
     with pytest.raises(RequestError) as e:
-        validator.tokenize(validator.embed_request(["fine", long], truncate=False))
+        validator.tokenize(EMBED.request(validator, ["fine", long], truncate=False))
     assert e.value.status == 413 and e.value.grpc_code == "INVALID_ARGUMENT" and "inputs[1] has 42 tokens" in e.value.message
 
 
@@ -47,23 +69,23 @@ def test_truncation_by_default_and_rejection_on_request(validator):
 ])
 def test_bad_inputs(validator, inputs, status, needle):
     with pytest.raises(RequestError) as e:
-        validator.embed_request(inputs)
+        EMBED.request(validator, inputs)
     assert e.value.status == status and needle in e.value.message
 
 
 def test_options_are_checked(validator):
-    assert validator.embed_request(["a"], min_sublm="w50", kind="query", deadline_ms=20).min_sublm == "w50"
+    assert EMBED.request(validator, ["a"], min_sublm="w50", kind="query", deadline_ms=20).min_sublm == "w50"
     for kwargs, needle in [({"min_sublm": "w10"}, "min_sublm"), ({"kind": "doc"}, "kind"),
                            ({"deadline_ms": 0}, "deadline"), ({"deadline_ms": -5}, "deadline"),
                            ({"deadline_ms": float("nan")}, "deadline"), ({"deadline_ms": float("inf")}, "deadline")]:
         with pytest.raises(RequestError, match=needle):
-            validator.embed_request(["a"], **kwargs)
+            EMBED.request(validator, ["a"], **kwargs)
 
 
 def test_token_estimate_needs_no_tokenizer_and_is_capped(validator):
-    assert validator.estimate_tokens(validator.embed_request(["a" * 40])) == 12
-    assert validator.estimate_tokens(validator.embed_request(["a" * 400, "b"])) == 16 + 2
-    assert validator.estimate_tokens(validator.rerank_request("q" * 8, ["a" * 20])) == 5 + 2 + 3  # [CLS], 2x [SEP]
+    assert validator.estimate_tokens(EMBED.request(validator, ["a" * 40])) == 12
+    assert validator.estimate_tokens(EMBED.request(validator, ["a" * 400, "b"])) == 16 + 2
+    assert validator.estimate_tokens(RERANK.request(validator, "q" * 8, ["a" * 20])) == 5 + 2 + 3  # [CLS], 2x [SEP]
 
 
 def test_status_to_grpc_code():
@@ -80,22 +102,22 @@ def test_request_error_survives_pickling():
 
 
 @pytest.mark.parametrize("call,status,needle", [
-    (lambda v: v.rerank_request(None, ["a"]), 422, "query is missing"),
-    (lambda v: v.rerank_request(" ", ["a"]), 422, "query is empty"),
-    (lambda v: v.rerank_request(["q1", "q2"], ["a"]), 422, "query must be one string"),
-    (lambda v: v.rerank_request("q", "a"), 422, "texts must be a list"),
-    (lambda v: v.rerank_request("q", []), 422, "texts is empty"),
-    (lambda v: v.rerank_request("q", ["a"] * 4), 413, "4 texts in one request"),
-    (lambda v: v.rerank_request("q", ["a", "b"], first_stage_scores=[1.0]), 400,
+    (lambda v: RERANK.request(v, None, ["a"]), 422, "query is missing"),
+    (lambda v: RERANK.request(v, " ", ["a"]), 422, "query is empty"),
+    (lambda v: RERANK.request(v, ["q1", "q2"], ["a"]), 422, "query must be one string"),
+    (lambda v: RERANK.request(v, "q", "a"), 422, "texts must be a list"),
+    (lambda v: RERANK.request(v, "q", []), 422, "texts is empty"),
+    (lambda v: RERANK.request(v, "q", ["a"] * 4), 413, "4 texts in one request"),
+    (lambda v: RERANK.request(v, "q", ["a", "b"], first_stage_scores=[1.0]), 400,
      "first_stage_scores has 1 scores for 2 texts"),
-    (lambda v: v.rerank_request("q", ["a"], first_stage_scores=[float("nan")]), 422, "must be finite numbers"),
-    (lambda v: v.rerank_request("q", ["a"], first_stage_scores=[True]), 422, "must be finite numbers"),
-    (lambda v: v.tokenize(v.rerank_request("q", ["ok", "token " * 40], truncate=False)), 413,
+    (lambda v: RERANK.request(v, "q", ["a"], first_stage_scores=[float("nan")]), 422, "must be finite numbers"),
+    (lambda v: RERANK.request(v, "q", ["a"], first_stage_scores=[True]), 422, "must be finite numbers"),
+    (lambda v: v.tokenize(RERANK.request(v, "q", ["ok", "token " * 40], truncate=False)), 413,
      "texts[1] with the query has"),
-    (lambda v: v.predict_request(["a", "b"]), 422, "takes single texts"),
-    (lambda v: v.predict_request([["a"], ["b", "c"]]), 422, "inputs[1] must be one text"),
-    (lambda v: v.predict_request([["a"]] * 4), 413, "4 inputs in one request"),
-    (lambda v: v.predict_request([["a"], [""]]), 422, "inputs[1][0] is empty"),
+    (lambda v: PREDICT.request(v, ["a", "b"]), 422, "takes single texts"),
+    (lambda v: PREDICT.request(v, [["a"], ["b", "c"]]), 422, "inputs[1] must be one text"),
+    (lambda v: PREDICT.request(v, [["a"]] * 4), 413, "4 inputs in one request"),
+    (lambda v: PREDICT.request(v, [["a"], [""]]), 422, "inputs[1][0] is empty"),
 ])
 def test_task_requests_are_checked(validator, call, status, needle):
     with pytest.raises(RequestError) as e:
@@ -107,17 +129,18 @@ def test_predict_answers_in_the_shape_it_was_asked():
     """A text or a pair is one example; a list of lists is a batch."""
     from elastic_core.model import load_tokenizer
 
-    v = Validator(load_tokenizer(), 16, SUBLMS, pair_predict=True)
-    request, batch = v.predict_request(["first", "second"])
+    v = Validator(load_tokenizer(), 16, SUBLMS, models={"predict": SimpleNamespace(takes_pairs=True)})
+    request, batch = PREDICT.request(v, ["first", "second"])
     assert (request.texts, request.pairs, batch) == (["first"], ["second"], False)
-    request, batch = v.predict_request([["a", "b"], ["c", "d"]])
+    request, batch = PREDICT.request(v, [["a", "b"], ["c", "d"]])
     assert (request.texts, request.pairs, batch) == (["a", "c"], ["b", "d"], True)
     with pytest.raises(RequestError, match="a pair of texts"):
-        v.predict_request("one text")
+        PREDICT.request(v, "one text")
 
 
 def test_ranked_and_predictions_are_best_first():
-    from deployments.contract import predictions, ranked
+    from deployments.tasks.predict import predictions
+    from deployments.tasks.rerank import ranked
 
     assert [i for i, _ in ranked([[0.0], [2.0], [-1.0]])] == [1, 0, 2]
     assert ranked([[0.0], [2.0]], top_n=1)[0][1] == pytest.approx(1 / (1 + math.exp(-2.0)))

@@ -25,7 +25,8 @@ from ray import serve  # noqa: E402
 
 from conftest import APP, MAX_INPUTS, TARGET_MS, TEXTS  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2  # noqa: E402
-from deployments.queue_depth import GlobalQueueDepth, depth_keys, task_namespace  # noqa: E402
+from deployments.queue_depth import GlobalQueueDepth, depth_keys  # noqa: E402
+from deployments.tasks import SERVED_TASKS  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
 
 DEPTH_KEYS = tuple(depth_keys())
@@ -40,14 +41,14 @@ def denser(checkpoint_dir):
 
 def set_ghost_depth(r: redis.Redis, depth: int, task: str = "embed"):
     """Another (fake) live replica with ``depth`` texts of ``task`` queued: the global depth its schedule sees."""
-    keys = depth_keys(task_namespace("elasticlm", task))
+    keys = depth_keys(SERVED_TASKS[task].depth_namespace("elasticlm"))
     sec, usec = r.time()
     r.hset(keys[0], "ghost", depth)
     r.hset(keys[1], "ghost", sec * 1000 + usec // 1000)
 
 
 def clear_ghost(r: redis.Redis, task: str = "embed"):
-    for key in depth_keys(task_namespace("elasticlm", task)):
+    for key in depth_keys(SERVED_TASKS[task].depth_namespace("elasticlm")):
         r.hdel(key, "ghost")
 
 
