@@ -200,6 +200,7 @@ def stop_cluster(cluster_dir: Path, grace_s: float = 15.0) -> list:
             return ""
 
     procs = cluster_processes(cluster_dir, **_members(cluster_dir))
+    ours = {_sid(p.pid) for p in procs} - {None}
     # ray stop's order: raylets first (their agents fate-share with them), the GCS last
     for bucket in ([p for p in procs if name(p) == "raylet"],
                    [p for p in procs if name(p) not in ("raylet", "gcs_server")],
@@ -216,11 +217,22 @@ def stop_cluster(cluster_dir: Path, grace_s: float = 15.0) -> list:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=5)
-    # what a killed parent left behind (a worker re-parented) still carries the marker
-    leftovers = cluster_processes(cluster_dir, **_members(cluster_dir))
+    # what a killed parent left behind (a worker re-parented) is still in a session found ours above, even
+    # once no member with the marker is left to show it
+    leftovers = [p for p in psutil.process_iter() if _sid(p.pid) in ours]
     for p in leftovers:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
     return psutil.wait_procs(leftovers, timeout=5)[1]
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def start_cluster(cluster_dir: Path, workers: int = 1, head_cpus: int = 1, worker_cpus: int = 1,
