@@ -4,9 +4,9 @@ builds its parser): the stack itself is imported only when the command runs."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from elastic_core.paths import REPO_ROOT
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "cluster" / "config.local.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "cluster" / "config.local.yaml"
 
 
 def register_serve(sub) -> None:

@@ -2,25 +2,36 @@
 
 The Serve YAML's ``args:`` are exactly these fields (``build_app`` checks them, naming any unknown
 key), ``elasticlm serve`` and the load-test runner edit the same YAML, and the replica reads this
-object: defaults live here and nowhere else. Deployment options (replicas, autoscaling, CPUs/GPUs,
-queue limits) stay in the YAML's ``deployments:`` list, as Ray Serve intends.
+object. It is the YAML's flat face over the settings' owners: a setting that acts in the schedule, the
+engine, the request limits or the shared queue depth takes its default and its check from that class
+(``elastic_core/settings.py``: ``default_of``, ``SETTING_RULES``); only the replica's own settings are
+defined here. Deployment options (replicas, autoscaling, CPUs/GPUs, queue limits) stay in the YAML's
+``deployments:`` list, as Ray Serve intends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
+from deployments import queue_depth
+from deployments.contract import Limits
 from deployments.tasks import SERVED_TASKS, TASKS
+from elastic_core.batching import Chunking
+from elastic_core.engine import ServingEngine
+from elastic_core.paths import DEFAULT_CHECKPOINT
+from elastic_core.schedule import ElasticSchedule
+from elastic_core.settings import POSITIVE, default_of, setting_problems
 
-DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6")  # the committed one
+# the replica's serving chunks (a batch runs as length-sorted chunks of at most this many texts and padded
+# tokens); larger than Chunking's own default, which evaluation runs with
+SERVING_CHUNKS = Chunking(max_texts=64, max_tokens=8192)
 
 
 @dataclass(frozen=True)
 class ReplicaConfig:
     # the model
-    checkpoint: str = DEFAULT_CHECKPOINT
+    checkpoint: str = str(DEFAULT_CHECKPOINT)
     model_name: str = "elastic-minilm-l6"          # reported to clients (OpenAI "model", /info)
     device: str = "auto"                           # "auto": the GPU when there is one
     num_threads: int | None = None                 # torch threads; Ray pins OMP to the actor's num_cpus otherwise
@@ -32,43 +43,37 @@ class ReplicaConfig:
                                                    # measured on TREC DL) or "cross" (<checkpoint>/tasks/rerank)
     profile_path: str | None = None                # a saved `elasticlm profile --out` table; None: measure at start
     profile_cache: str | None = "~/.cache/elasticlm"  # measured tables, per device and checkpoint; None: always measure
-    # the schedule
+    # the schedule (elastic_core/schedule.py: ElasticSchedule) and the engine (elastic_core/engine.py)
     target_ms: float = 150.0                       # latency target T per request (a client may send a tighter one)
     task_target_ms: dict | None = None             # a task's own T, e.g. {rerank: 400}: a request of 50 pairs
                                                    # is not an embedding; unnamed tasks keep target_ms
-    admission_factor: float = 1.0                  # refuse at once what even the fastest SubLM would answer after
-                                                   # factor x T; 0: queue everything (saturation benchmarks)
-    calibration_alpha: float = 0.1                 # EWMA weight of each batch in measured / profiled time;
-                                                   # 0: predict from the profile alone
-    choice_quantile: float = 0.99                  # the schedule picks the largest SubLM whose completion fits T
-                                                   # this often, from the measured scatter of batch times; 0: on
-                                                   # the mean (half the batches chosen at the edge run late)
+    admission_factor: float = default_of(ElasticSchedule, "admission_factor")
+    calibration_alpha: float = default_of(ElasticSchedule, "calibration_alpha")
+    choice_quantile: float = default_of(ElasticSchedule, "choice_quantile")
     # batching
-    max_batch_texts: int = 64                      # texts the loop takes per batch, at most
-    max_batch_tokens: int = 16384                  # tokens the loop takes per batch, at most
-    chunk_texts: int = 64                          # a batch runs as length-sorted, packed chunks of at most this
-    chunk_tokens: int | None = 8192                # many texts and padded tokens (attention still sees padding)
-    # the shared queue depth
+    max_batch_texts: int = default_of(ElasticSchedule, "max_batch_texts")
+    max_batch_tokens: int = default_of(ServingEngine, "max_batch_tokens")
+    chunk_texts: int = SERVING_CHUNKS.max_texts
+    chunk_tokens: int | None = SERVING_CHUNKS.max_tokens
+    # the shared queue depth (deployments/queue_depth.py)
     redis_url: str | None = None                   # None: $REDIS_URL of the replica's environment; unset: local only
-    depth_namespace: str = "elasticlm"
-    depth_ttl_s: float = 3.0
-    heartbeat_s: float = 0.5
+    depth_namespace: str = queue_depth.DEFAULT_NAMESPACE
+    depth_ttl_s: float = queue_depth.DEFAULT_TTL_S
+    heartbeat_s: float = default_of(ServingEngine, "heartbeat_s")
     degraded_window_s: float = 30.0                # the autoscaling signal: share of recent texts on a reduced SubLM
-    # request limits
-    max_inputs: int = 256                          # texts per request
-    max_input_chars: int = 100_000                 # characters per text
-    drain_s: float = 10.0                          # on shutdown, finish accepted requests for at most this long
+    # request limits (deployments/contract.py: Limits)
+    max_inputs: int = default_of(Limits, "max_inputs")
+    max_input_chars: int = default_of(Limits, "max_input_chars")
+    drain_s: float = default_of(ServingEngine.close, "drain_s")  # on shutdown, finish accepted requests this long
+
+    # the replica's own: a replica with a shared depth must beat (the engine alone also takes 0, no heartbeat)
+    SETTING_RULES = {"chunk_texts": POSITIVE, "heartbeat_s": POSITIVE}
 
     def __post_init__(self):
-        positive = ["target_ms", "max_batch_texts", "max_batch_tokens", "chunk_texts", "max_inputs",
-                    "max_input_chars", "depth_ttl_s", "heartbeat_s"]
-        bad = [f"{name}={getattr(self, name)!r}" for name in positive if not getattr(self, name) > 0]
-        if self.admission_factor < 0:
-            bad.append(f"admission_factor={self.admission_factor!r} (must be >= 0)")
-        if not 0 <= self.choice_quantile < 1:
-            bad.append(f"choice_quantile={self.choice_quantile!r} (must be in [0, 1))")
-        if not 0 <= self.calibration_alpha <= 1:
-            bad.append(f"calibration_alpha={self.calibration_alpha!r} (must be in [0, 1])")
+        values = dataclasses.asdict(self)
+        bad = setting_problems(ServingEngine.SETTING_RULES, values) + setting_problems(ElasticSchedule.SETTING_RULES, values)
+        bad += setting_problems(Limits.SETTING_RULES, values) + setting_problems(self.SETTING_RULES, values)
+        bad += setting_problems(queue_depth.SETTING_RULES, {"ttl_s": self.depth_ttl_s}, {"ttl_s": "depth_ttl_s"})
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             bad.append(f"tasks={list(self.tasks)!r} (distinct names out of {list(TASKS)}, at least one)")

@@ -12,10 +12,13 @@ costs half as much per request as the Python wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from deployments.wire import DEADLINE_HEADER
+from elastic_core.settings import POSITIVE, Rules, check
 
 
 class RequestError(Exception):
@@ -59,6 +62,11 @@ MAX_BODY_BYTES = 2_000_000
 class Limits:
     max_inputs: int = 256             # texts per request (a rerank's candidates, a predict batch's examples)
     max_input_chars: int = 100_000    # per text, before tokenization (bounds tokenizer work)
+
+    SETTING_RULES: ClassVar[Rules] = {"max_inputs": POSITIVE, "max_input_chars": POSITIVE}
+
+    def __post_init__(self):
+        check("request limit", self.SETTING_RULES, dataclasses.asdict(self))
 
 
 @dataclass

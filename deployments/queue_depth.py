@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from elastic_core.schedule import DepthReading
+from elastic_core.settings import POSITIVE, Rules, check
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,12 +57,17 @@ return {total, live}
 """
 
 
-def depth_keys(namespace: str = "elasticlm") -> list[str]:
+DEFAULT_NAMESPACE = "elasticlm"  # the Redis keys' prefix (each task's: ServedTask.depth_namespace)
+DEFAULT_TTL_S = 3.0              # a replica whose heartbeat is older is dead: its share is dropped
+SETTING_RULES: Rules = {"ttl_s": POSITIVE}
+
+
+def depth_keys(namespace: str = DEFAULT_NAMESPACE) -> list[str]:
     """The two hashes: replica -> its depth, replica -> its last heartbeat (Redis time, ms)."""
     return [f"{namespace}:depth", f"{namespace}:heartbeat"]
 
 
-def read_depth(client, namespace: str = "elasticlm", ttl_s: float = 3.0) -> DepthReading:
+def read_depth(client, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = DEFAULT_TTL_S) -> DepthReading:
     """The global depth as the replicas count it (the same script), for an observer holding a
     synchronous redis-py client (load tests, fault runs); publishes nothing."""
     total, live = client.register_script(_SYNC_SCRIPT)(keys=depth_keys(namespace), args=["", 0, int(ttl_s * 1000)])
@@ -78,8 +84,9 @@ def redacted(url: str) -> str:
 
 
 class GlobalQueueDepth:
-    def __init__(self, redis_url: str, replica_id: str, namespace: str = "elasticlm", ttl_s: float = 3.0,
+    def __init__(self, redis_url: str, replica_id: str, namespace: str = DEFAULT_NAMESPACE, ttl_s: float = DEFAULT_TTL_S,
                  timeout_s: float = 0.05, retry_s: float = 1.0, probe_timeout_s: float = 1.0):
+        check("queue depth", SETTING_RULES, {"ttl_s": ttl_s})
         self.replica_id = replica_id
         self.keys = depth_keys(namespace)
         self.ttl_ms = int(ttl_s * 1000)

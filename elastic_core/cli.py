@@ -12,8 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from .data import DEFAULT_DATA_DIR  # noqa: E402
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "elastic-minilm-l6"
+from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
 
 def _cmd_train(args):

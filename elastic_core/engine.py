@@ -35,6 +35,7 @@ import numpy as np
 
 from .batching import Chunking
 from .schedule import DepthReading, ElasticSchedule
+from .settings import POSITIVE, Rules, check
 
 logger = logging.getLogger("elasticlm.engine")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and os.path.isdir("/proc/self/task") else 0
@@ -167,11 +168,16 @@ class TaskLane:
 
 
 class ServingEngine:
+    SETTING_RULES: Rules = {"target_ms": POSITIVE, "max_batch_tokens": POSITIVE,
+                            "heartbeat_s": (lambda v: v >= 0, "must be >= 0; 0: no depth heartbeat")}
+
     def __init__(self, lanes: dict[str, TaskLane], target_ms: float, max_batch_tokens: int = 16384,
                  heartbeat_s: float = 0.5, on_batch: Callable[[BatchRecord], None] | None = None,
                  history: int = 4096):
         if not lanes:
             raise ValueError("the engine needs at least one task lane")
+        check("engine", self.SETTING_RULES, {"target_ms": target_ms, "max_batch_tokens": max_batch_tokens,
+                                             "heartbeat_s": heartbeat_s})
         self.lanes = lanes
         self.target_ms = float(target_ms)
         self.max_batch_tokens = int(max_batch_tokens)

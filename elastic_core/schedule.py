@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 from .batching import Chunking
 from .profile import LatencyProfile
+from .settings import POSITIVE, Rules, check
 
 
 def choose_sublm(sublms_largest_first: Sequence[str], completion_ms: Callable[[str], float], target_ms: float,
@@ -99,10 +100,15 @@ class ElasticSchedule:
     _scatter: list[float] = field(default_factory=lambda: [0, 0.0], init=False, repr=False)  # [n, EWMA log² ratio]
 
     EXTRAPOLATION = 2.0  # a batch over this many times the largest its SubLM ran is beyond calibration
+    SETTING_RULES: ClassVar[Rules] = {
+        "max_batch_texts": POSITIVE,
+        "admission_factor": (lambda v: v >= 0, "must be >= 0"),
+        "calibration_alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "choice_quantile": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    }
 
     def __post_init__(self):
-        if not 0 <= self.choice_quantile < 1:
-            raise ValueError(f"choice_quantile must be in [0, 1), got {self.choice_quantile}")
+        check("schedule", self.SETTING_RULES, {name: getattr(self, name) for name in self.SETTING_RULES})
         self._z = NormalDist().inv_cdf(self.choice_quantile) if self.choice_quantile else 0.0
         missing = [s for s in self.sublms if s not in self.profile.sublms]
         if not self.sublms or missing:

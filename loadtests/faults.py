@@ -45,7 +45,9 @@ import numpy as np
 import yaml
 
 from loadtests.analysis import read_records, response_ms, timeline
-from loadtests.runner import (REPO, LoadOptions, ServeDeployment, measure_capacity, run_locust, run_until_sigterm,
+from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from loadtests.options import LoadOptions, add_load_arguments
+from loadtests.runner import (ServeDeployment, measure_capacity, run_locust, run_until_sigterm,
                               serve_variant, warm_up)
 
 SETTLE_S = 5.0   # "during" runs until this long after the fault ended: the targets' recovery bound
@@ -527,7 +529,7 @@ def run(args, log=print) -> dict:
 
     base = yaml.safe_load(Path(args.config).read_text())
     (app,) = base["applications"]
-    sublms = load_config(app["args"].get("checkpoint") or str(REPO / "models" / "elastic-minilm-l6")).sublm_names
+    sublms = load_config(app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)).sublm_names
     target_ms = float(app["args"].get("target_ms", 150.0))
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(names) - set(SCENARIOS)
@@ -574,13 +576,12 @@ def add_arguments(p) -> None:
     p.add_argument("--slow-ms", type=float, default=20.0, help="redis-slow: delay added each way")
     p.add_argument("--overload-frac", type=float, default=3.0, help="overload-*: the load, x capacity")
     p.add_argument("--overload-s", type=float, default=30.0, help="overload-*: how long it lasts")
-    p.add_argument("--config", default=str(REPO / "cluster" / "config.local.yaml"), help="the base Serve config")
+    p.add_argument("--config", default=str(REPO_ROOT / "cluster" / "config.local.yaml"), help="the base Serve config")
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
-    p.add_argument("--data-dir")
-    p.add_argument("--seed", type=int, default=0)
+    add_load_arguments(p, only=("data_dir", "seed"))
     p.add_argument("--run-dir", default="runs/faults", help="record files and server logs")
-    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--docs-dir", default=str(REPO / "docs"))
+    p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--docs-dir", default=str(REPO_ROOT / "docs"))
 
 
 def main(args) -> int:

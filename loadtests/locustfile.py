@@ -73,8 +73,8 @@ if str(REPO) not in sys.path:  # run as a plain file by locust, from any directo
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER  # noqa: E402
-from elastic_core.data import DEFAULT_DATA_DIR  # noqa: E402  (plain file readers: no torch)
-from loadtests.shapes import SHAPES, ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
+from loadtests.options import add_load_arguments  # noqa: E402
+from loadtests.shapes import ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
 from loadtests.texts import request_sampler  # noqa: E402
 
 logger = logging.getLogger("elasticlm.loadtest")
@@ -88,29 +88,18 @@ PROTOCOLS = ("http", "grpc")
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser):
     g = parser.add_argument_group("elasticlm load shape")
-    g.add_argument("--shape", choices=SHAPES, default="constant", help="offered-load curve (default constant)")
+    add_load_arguments(g, only=("shape", "duration_s", "trace", "shape_kw", "max_users"))
     g.add_argument("--capacity-rps", type=float, default=20.0,
                    help="the deployment's measured capacity in requests/s: shapes are multiples of it")
-    g.add_argument("--duration-s", type=float, default=60.0,
-                   help="length of the offered load (replay: the trace is stretched to it; 0 keeps its own time)")
-    g.add_argument("--trace", default="", help="CSV of (seconds, requests_per_second) rows for --shape replay")
-    g.add_argument("--shape-kw", default="",
-                   help="shape multipliers as k=v,k=v, e.g. peak_frac=3,base_frac=0.2 (see loadtests.shapes.make_shape)")
     g.add_argument("--arrivals", choices=("uniform", "poisson"), default="uniform",
                    help="uniform: evenly spaced at the current rate (exact); poisson: exponential gaps, same rate")
-    g.add_argument("--max-users", type=int, default=400, help="cap on the pool of paced users")
     g.add_argument("--latency-headroom-s", type=float, default=2.0,
                    help="response time the pool absorbs at the peak rate without falling behind the schedule")
     g.add_argument("--drain-s", type=float, default=10.0,
                    help="after the schedule ends, wait up to this long for requests still in flight")
 
     g = parser.add_argument_group("elasticlm requests")
-    g.add_argument("--task", choices=("embed", "rerank"), default="embed",
-                   help="embed: texts to /embed or Embed; rerank: a TREC DL 2019 query and its BM25 top "
-                        "--candidates to /rerank or Rerank")
-    g.add_argument("--candidates", type=int, default=20, help="with --task rerank: passages per request")
-    g.add_argument("--protocol", choices=("http", "grpc", "mixed"), default=None,
-                   help="which users run (default: the user classes named on the command line, else http)")
+    add_load_arguments(g, only=("task", "candidates", "protocol"))
     g.add_argument("--grpc-share", type=float, default=0.5, help="with --protocol mixed: share of requests over gRPC")
     g.add_argument("--grpc-target", default="127.0.0.1:9000", help="host:port of the gRPC proxy")
     g.add_argument("--grpc-app", default="elasticlm", help="Serve application name (gRPC metadata 'application')")
@@ -130,14 +119,9 @@ def _add_arguments(parser):
     g.add_argument("--peer-sublm", default="", help="SubLM recorded for peer responses (default: --peer-model)")
 
     g = parser.add_argument_group("elasticlm texts and record")
-    g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), env_var="ELASTICLM_DATA_DIR",
-                   help="shared data directory (default ../shared/data; env ELASTICLM_DATA_DIR)")
+    add_load_arguments(g, only=("data_dir", "query_share", "texts_per_request", "seed"))
     g.add_argument("--passages", choices=("scifact", "dl19", "both"), default="both",
                    help="passage source: SciFact abstracts, TREC DL 2019 passages, or both")
-    g.add_argument("--query-share", type=float, default=0.5,
-                   help="fraction of requests made of short queries (the rest: passages)")
-    g.add_argument("--texts-per-request", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0, help="texts and Poisson arrivals are reproducible per seed")
     g.add_argument("--record-file", default="",
                    help="per-request JSON lines (default runs/loadtest/records-<UTC time>.jsonl)")
 

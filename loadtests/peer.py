@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deployments.ports import port_is_free
+from elastic_core.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = ".venv-infinity"
 SERVED_MODEL_NAME = "all-MiniLM-L6-v2"
 

@@ -24,6 +24,7 @@ Output: ``benchmarks/results/<run>.json``, PNG plots in ``docs/img/``, a section
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -42,10 +43,11 @@ import yaml
 from deployments.ports import port_is_free
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance
 from loadtests.analysis import read_records, summarize, timeline
+from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from loadtests.options import LoadOptions, add_load_arguments
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
+LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
 
 
 # --------------------------------------------------------------------------- what runs
@@ -140,7 +142,7 @@ class ServeDeployment:
             cmd += ["--num-cpus", str(self.num_cpus)]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=REPO)
+                                     start_new_session=True, cwd=REPO_ROOT)
         deadline = time.monotonic() + timeout_s
         try:
             while not _healthy(self.url + "/health"):
@@ -204,48 +206,23 @@ class PeerDeployment:
 
 
 # --------------------------------------------------------------------------- one configuration
-@dataclass
-class LoadOptions:
-    shape: str = "spike"
-    duration_s: float = 120.0
-    shape_kw: str = ""
-    trace: str = ""
-    protocol: str = "http"
-    task: str = "embed"               # or "rerank": a DL19 query + its BM25 top `candidates` per request
-    candidates: int = 20
-    texts_per_request: int = 1
-    query_share: float = 0.5
-    data_dir: str | None = None
-    max_users: int = 400
-    seed: int = 0
-    extra: list[str] = field(default_factory=list)
-
-
 def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: LoadOptions, record: Path,
                peer: bool, log_path: Path) -> None:
     """Locust headless in its own process (gevent must never meet Ray); it stops when the shape ends."""
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "--shape", opts.shape, "--capacity-rps", f"{capacity_rps:.3f}", "--duration-s", str(opts.duration_s),
-           "--record-file", str(record), "--texts-per-request", str(opts.texts_per_request),
-           "--query-share", str(opts.query_share), "--max-users", str(opts.max_users), "--seed", str(opts.seed),
-           "--task", opts.task, "--candidates", str(opts.candidates), "--only-summary", "--loglevel", "WARNING"]
-    if opts.shape_kw:
-        cmd += ["--shape-kw", opts.shape_kw]
-    if opts.trace:
-        cmd += ["--trace", opts.trace]
-    if opts.data_dir:
-        cmd += ["--data-dir", opts.data_dir]
-    if peer:
-        cmd += ["--peer-openai", "--protocol", "http"]
+           "--capacity-rps", f"{capacity_rps:.3f}", "--record-file", str(record), "--only-summary",
+           "--loglevel", "WARNING"]
+    if peer:  # the peer serves embeddings over OpenAI's HTTP API only
+        cmd += dataclasses.replace(opts, protocol="http").locust_args() + ["--peer-openai"]
     else:
-        cmd += ["--protocol", opts.protocol]
+        cmd += opts.locust_args()
         if grpc_target:
             cmd += ["--grpc-target", grpc_target]
     cmd += opts.extra
     with open(log_path, "w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
         try:
             proc.wait(timeout=opts.duration_s + 120)
         finally:  # ran over, or the runner is being stopped: Locust goes too
@@ -355,7 +332,7 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
 
 
 # --------------------------------------------------------------------------- the experiment
-def sublm_quality(core_results: Path = REPO / "benchmarks" / "results" / "core.json",
+def sublm_quality(core_results: Path = REPO_ROOT / "benchmarks" / "results" / "core.json",
                   peer_model: str = "all-MiniLM-L6-v2") -> dict[str, dict[str, float]]:
     """NDCG@10 of each SubLM (and of the teacher, which the peer serves) from the core eval, per set:
     ``dl19`` (TREC DL 2019, what the headline figures use) when measured, and ``scifact``
@@ -370,7 +347,7 @@ def sublm_quality(core_results: Path = REPO / "benchmarks" / "results" / "core.j
 
 
 def rerank_quality(candidates: int, ranker: str = "dense",
-                   task_results: Path = REPO / "benchmarks" / "results" / "tasks.json") -> dict[str, dict[str, float]]:
+                   task_results: Path = REPO_ROOT / "benchmarks" / "results" / "tasks.json") -> dict[str, dict[str, float]]:
     """NDCG@10 of each SubLM reranking TREC DL 2019's BM25 top ``candidates`` (what a rerank load test's
     requests are), from ``benchmarks/tasks.py``; BM25's own order beside it as ``bm25``."""
     dl19 = json.loads(task_results.read_text())["rerank"][ranker]["dl19"]
@@ -558,7 +535,7 @@ def run_experiment(args, log=print) -> dict:
 
     base = yaml.safe_load(Path(args.config).read_text())
     (app,) = base["applications"]
-    checkpoint = app["args"].get("checkpoint") or str(REPO / "models" / "elastic-minilm-l6")
+    checkpoint = app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)
     sublms = load_config(checkpoint).sublm_names
     target_ms = float(args.target_ms or app["args"].get("target_ms", 150.0))
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -571,10 +548,8 @@ def run_experiment(args, log=print) -> dict:
     if args.task == "rerank":
         configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
         target_ms = float(args.target_ms or (app["args"].get("task_target_ms") or {}).get("rerank", target_ms))
-    opts = LoadOptions(shape=args.shape, duration_s=args.duration_s, shape_kw=args.shape_kw, trace=args.trace,
-                       protocol=args.protocol, task=args.task, candidates=args.candidates,
-                       texts_per_request=args.texts_per_request, query_share=args.query_share,
-                       data_dir=args.data_dir, max_users=args.max_users, seed=args.seed)
+    opts = LoadOptions.from_args(args)
+    opts.protocol = opts.protocol or "http"  # an experiment's results name the protocol it ran
     run_name = args.name or f"loadtest-{args.shape}"
     run_dir = Path(args.run_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -639,31 +614,19 @@ def run_experiment(args, log=print) -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--shape", default="spike", choices=["constant", "step", "spike", "sinusoidal", "replay"])
-    p.add_argument("--duration-s", type=float, default=120.0)
-    p.add_argument("--shape-kw", default="", help="shape multipliers, e.g. 'peak_frac=2.5,base_frac=0.3'")
-    p.add_argument("--trace", default="", help="CSV of (seconds, requests per second) for --shape replay")
+    add_load_arguments(p)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--capacity-rps", type=float, help="skip the capacity measurement and use this")
     p.add_argument("--probe-concurrency", type=int, default=32,
                    help="closed-loop clients of the capacity measurement (>= the replica's batch size)")
     p.add_argument("--peer-capacity", action="store_true", help="also measure infinity-emb's saturation throughput")
-    p.add_argument("--config", default=str(REPO / "cluster" / "config.local.yaml"), help="the base Serve config")
+    p.add_argument("--config", default=str(REPO_ROOT / "cluster" / "config.local.yaml"), help="the base Serve config")
     p.add_argument("--target-ms", type=float, help="T (default: the config's target_ms)")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc", "mixed"])
-    p.add_argument("--task", default="embed", choices=["embed", "rerank"],
-                   help="rerank: a TREC DL 2019 query and its BM25 top --candidates per request")
-    p.add_argument("--candidates", type=int, default=20, help="with --task rerank: passages per request")
-    p.add_argument("--texts-per-request", type=int, default=1)
-    p.add_argument("--query-share", type=float, default=0.5)
-    p.add_argument("--max-users", type=int, default=400)
-    p.add_argument("--data-dir")
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="run name (default loadtest-<shape>)")
     p.add_argument("--run-dir", default="runs/loadtest", help="record files and server logs")
-    p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="the result JSON")
-    p.add_argument("--docs-dir", default=str(REPO / "docs"), help="loadtests.md and img/<run>.png")
+    p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"), help="the result JSON")
+    p.add_argument("--docs-dir", default=str(REPO_ROOT / "docs"), help="loadtests.md and img/<run>.png")
     p.add_argument("--reanalyze", action="store_true",
                    help="rebuild the JSON, plot and table of run --name from its record files; start nothing")
 
