@@ -27,7 +27,7 @@ setup: $(STAMP) redis
 
 # torch first: on a machine without an NVIDIA GPU the pinned version resolves to the CPU build here,
 # so no CUDA wheels are pulled; with a GPU the ordinary CUDA build is what users want.
-$(STAMP): pyproject.toml Makefile proto/elasticlm.proto
+$(STAMP): pyproject.toml Makefile proto/elasticlm.proto proto/tei.proto
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"

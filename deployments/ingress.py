@@ -3,7 +3,8 @@
 Each replica builds one core (``deployments/core.py``: the models, the engine, the request pipeline),
 handing it what only a Serve replica knows: its replica id, Ray's metrics, and the Redis-shared queue
 depth (``deployments/queue_depth.py``). With Serve's direct ingress the replica answers HTTP
-(``http_adapter.build_http_app``) and gRPC (it is a ``grpc_adapter.GrpcServicer``) itself; HAProxy in
+(``http_adapter.build_http_app``) and gRPC, ``elasticlm.v1`` and TEI's ``tei.v1`` (it is a
+``tei_grpc_adapter.ElasticAndTeiServicer``), itself; HAProxy in
 front balances over replicas. A request costs one process and no Ray hop. Measured: a proxy and a
 separate ingress deployment cost ~20 ms of CPU per request here; this path ~2 ms (docs/benchmarks.md).
 """
@@ -18,8 +19,8 @@ from ray.serve import metrics
 
 from deployments.config import ReplicaConfig
 from deployments.core import ServingCore
-from deployments.grpc_adapter import GrpcServicer
 from deployments.http_adapter import build_http_app
+from deployments.tei_grpc_adapter import ElasticAndTeiServicer
 from deployments.tasks import SERVED_TASKS
 from elastic_core.engine import BatchRecord
 
@@ -67,7 +68,7 @@ class RayMetrics:
 
 @serve.deployment(name="ElasticReplica", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
-class ElasticReplica(GrpcServicer):
+class ElasticReplica(ElasticAndTeiServicer):
     def __init__(self, config: ReplicaConfig | dict | None = None):
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
         replica_id = serve.get_replica_context().replica_id.unique_id

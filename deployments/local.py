@@ -30,6 +30,7 @@ from deployments.queue_depth import redacted
 REPO = Path(__file__).resolve().parents[1]
 GRPC_SERVICERS = [
     "deployments.grpc_api.servicer.add_ElasticLMServicer_to_server",
+    "deployments.grpc_api.servicer.add_TeiServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 # How Ray Serve runs this stack. Each replica answers HTTP and gRPC itself (direct ingress) and Serve's

@@ -146,8 +146,9 @@ class GhostDepth:
 @pytest.fixture(scope="session")
 def core_stack(tmp_path_factory, checkpoint_dir):
     """The ``ServingCore`` of the committed checkpoint with ``SERVING_ARGS`` and a synthetic profile, without Ray:
-    its HTTP app in process (``fastapi.testclient``) and its gRPC servicer on a ``grpc.aio`` server on loopback,
-    all on the test client's event loop; each task's global depth is a ``GhostDepth`` (``depths[task]``)."""
+    its HTTP app in process (``fastapi.testclient``) and its gRPC servicer (``elasticlm.v1`` and ``tei.v1``) on a
+    ``grpc.aio`` server on loopback, all on the test client's event loop; each task's global depth is a
+    ``GhostDepth`` (``depths[task]``)."""
     from types import SimpleNamespace
 
     import grpc
@@ -156,10 +157,10 @@ def core_stack(tmp_path_factory, checkpoint_dir):
 
     from deployments.config import ReplicaConfig
     from deployments.core import ServingCore
-    from deployments.grpc_adapter import GrpcServicer
     from deployments.grpc_api import elasticlm_pb2_grpc
-    from deployments.grpc_api.servicer import add_ElasticLMServicer_to_server
+    from deployments.grpc_api.servicer import add_ElasticLMServicer_to_server, add_TeiServicer_to_server
     from deployments.http_adapter import build_http_app
+    from deployments.tei_grpc_adapter import ElasticAndTeiServicer
 
     depths = {}
     config = ReplicaConfig(**SERVING_ARGS, checkpoint=str(checkpoint_dir),
@@ -169,8 +170,10 @@ def core_stack(tmp_path_factory, checkpoint_dir):
 
     async def start():
         core.start()
-        servicer, server = GrpcServicer(core), grpc.aio.server()
+        # both packages on one servicer, as ElasticReplica: the RPC names they share reach one method
+        servicer, server = ElasticAndTeiServicer(core), grpc.aio.server()
         add_ElasticLMServicer_to_server(servicer, server)
+        add_TeiServicer_to_server(servicer, server)
         check = grpc.unary_unary_rpc_method_handler(servicer.Check, health_pb2.HealthCheckRequest.FromString,
                                                     health_pb2.HealthCheckResponse.SerializeToString)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.health.v1.Health",

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from conftest import APP, MAX_INPUTS, TARGET_MS, TEXTS  # noqa: E402
-from deployments.grpc_api import elasticlm_pb2  # noqa: E402
+from deployments.grpc_api import elasticlm_pb2, tei_pb2, tei_pb2_grpc  # noqa: E402
 from deployments.queue_depth import GlobalQueueDepth, depth_keys  # noqa: E402
 from deployments.tasks import SERVED_TASKS  # noqa: E402
 from elastic_core.denser import ElasticDenser  # noqa: E402
@@ -79,6 +79,30 @@ def test_grpc_returns_the_reported_sublms_output(stack, denser):
     assert dict(call.trailing_metadata())["x-elasticlm-sublm"] == response.sublm == "w100"
     got = np.array([e.values for e in response.embeddings])
     np.testing.assert_allclose(got, denser.encode(TEXTS, sublm=response.sublm), atol=1e-4)
+
+
+def test_tei_grpc_beside_elasticlm_on_serves_port(stack, denser):
+    """Serve calls the deployment method named like the RPC in either package: tei.v1.Embed/Embed reaches
+    ElasticReplica.Embed and is answered in TEI's message; the streams pass HAProxy and Serve's direct
+    ingress; reflection lists both packages."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    app = [("application", APP)]
+    embed = tei_pb2_grpc.EmbedStub(stack["channel"])
+    response, call = embed.Embed.with_call(tei_pb2.EmbedRequest(inputs=TEXTS[0]), metadata=app, timeout=60)
+    sublm = dict(call.trailing_metadata())["x-elasticlm-sublm"]
+    np.testing.assert_allclose(response.embeddings, denser.encode(TEXTS[:1], sublm=sublm)[0], atol=1e-4)
+    ours, _ = grpc_embed(stack, elasticlm_pb2.EmbedRequest(inputs=TEXTS[:1]))
+    assert ours.sublm == sublm and list(ours.embeddings[0].values) == list(response.embeddings)
+    rows = [r.embeddings for r in embed.EmbedStream(iter([tei_pb2.EmbedRequest(inputs=t) for t in TEXTS]),
+                                                    metadata=app, timeout=60)]
+    assert len(rows) == 3 and list(rows[0]) == list(response.embeddings)
+    ranked = tei_pb2_grpc.RerankStub(stack["channel"]).RerankStream(
+        iter([tei_pb2.RerankStreamRequest(query=QUERY, text=t) for t in TEXTS]), metadata=app, timeout=60)
+    assert ranked.ranks[0].index == 0 and len(ranked.ranks) == 3
+    services = set(ProtoReflectionDescriptorDatabase(stack["channel"]).get_services())
+    assert {"elasticlm.v1.ElasticLM", "tei.v1.Embed", "tei.v1.Rerank", "tei.v1.Predict", "tei.v1.Info",
+            "tei.v1.Tokenize"} <= services, services
 
 
 def test_health_and_info(stack):
