@@ -237,7 +237,8 @@ class TeiGrpcServicer:
                 key = (message.query, truncate_right(message))
                 indices, texts = groups.setdefault(key, ([], []))
                 indices.append(i)
-                texts.append(message.text)
+                # checked here too, so a refusal names the message, not its place in a part
+                texts += self.core.validator.texts(message.text, f"message {i}'s text", one=True)
                 if len(texts) == self.core.validator.limits.max_inputs:
                     parts.append(asyncio.ensure_future(self._rerank_part(key, groups.pop(key), first, options)))
             if first is None:

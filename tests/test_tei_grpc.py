@@ -218,3 +218,8 @@ def test_a_bad_message_ends_a_stream_with_its_status(tei):
     with pytest.raises(grpc.RpcError) as e:
         tei["Rerank"].RerankStream(iter([]), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the stream is empty" in e.value.details()
+    messages = [tei_pb2.RerankStreamRequest(query=QUERY, text=t) for t in ["fine"] * (MAX_INPUTS + 2) + [" "]]
+    with pytest.raises(grpc.RpcError) as e:
+        tei["Rerank"].RerankStream(iter(messages), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"message {MAX_INPUTS + 2}'s text is empty" \
+        in e.value.details(), e.value.details()
