@@ -4,39 +4,23 @@
         --shape spike --capacity-rps 20 --duration-s 120 --protocol mixed \\
         --record-file runs/loadtest/spike.jsonl
 
-Offered load: ``loadtests/shapes.py`` (rate curves in units of ``--capacity-rps``; pacing explained in
-its docstring). ``PacedLoadShape`` only keeps a fixed pool of users alive; users take tickets from
-a shared schedule, so the requests *started* per second follow the curve whatever the latency.
+Offered load: ``loadtests/shapes.py`` (rate curves in units of ``--capacity-rps``) and
+``loadtests/pacing.py`` (how they become the exact offered rate). ``PacedLoadShape`` only keeps a fixed
+pool of users alive; users take tickets from a shared schedule, so the requests *started* per second follow
+the curve whatever the latency.
 
 Users: ``HttpEmbedUser`` (TEI ``POST /embed``, or with ``--peer-openai`` an OpenAI-style
 ``POST /embeddings`` of a peer such as infinity-emb) and ``GrpcEmbedUser``
 (``elasticlm.v1.ElasticLM/Embed``); with ``--task rerank`` they send a TREC DL 2019 query and its BM25
-top ``--candidates`` to TEI ``POST /rerank`` and ``Rerank`` instead. Choose with ``--protocol http|grpc|mixed`` or by naming the
-classes on the command line; ``mixed`` splits one schedule between them (``--grpc-share``).
+top ``--candidates`` to TEI ``POST /rerank`` and ``Rerank`` instead. Choose with ``--protocol http|grpc|mixed``
+or by naming the classes on the command line; ``mixed`` splits one schedule between them (``--grpc-share``).
 
 Shedding: HTTP 503/429 and gRPC RESOURCE_EXHAUSTED are the server's designed answer to overload
 (bounded queues), not errors. Locust counts them as *successes* under their own name
 (``/embed [shed]``, ``grpc Embed [shed]``), so its failure count and exit code mean "broken", and its
 latency table keeps the fast shed answers apart from served ones; the record file has ``status: shed``.
 
-Record file (``--record-file``, JSON lines; everything an analysis needs, no server access):
-
-* first line ``{"type": "run", ...}``: ``started_at`` (epoch s of t = 0), ``shape`` (its parameters and
-  ``peak_rps``), ``capacity_rps``, ``shape_kw``, ``arrivals``, ``streams`` (share and users per protocol),
-  ``users_capped``, ``host``, ``grpc_target``, ``api``, texts and request options, ``seed``;
-* one ``{"type": "request", ...}`` line per finished request:
-  ``protocol`` (http | grpc), ``api`` (tei | openai | grpc), ``seq`` (ticket number within the protocol),
-  ``due_s`` (when the schedule wanted it, s after t = 0), ``start_ts`` (epoch s when sent),
-  ``lag_ms`` (start - due: > 0 means the generator fell behind), ``latency_ms``,
-  ``status`` (ok | shed | failed), ``code`` (HTTP status, 0 = no response; or gRPC status name),
-  ``sublm`` (the SubLM that served it; the peer's label with ``--peer-openai``; null unless ok),
-  ``kind`` (query | passage | rerank), ``n_texts`` (a rerank: the query and its candidates), ``n_chars``, ``prompt_tokens`` (gRPC only), ``bytes``,
-  ``offered_rps`` (the shape's total rate at ``due_s``), ``error`` (failed only), ``attempts`` (> 1
-  with ``--retry-on-shed``: the fields above are the last attempt's) and ``retry_ms`` (from the first
-  attempt to the last one's start);
-* last line ``{"type": "summary", ...}``: per protocol ``expected`` (integral of the shape),
-  ``started``, ``recorded``, ``in_flight_at_stop`` (killed at the end, never recorded),
-  ``late_over_100ms``, ``max_lag_ms``.
+Record file (``--record-file``): its fields are listed in ``loadtests/records.py``.
 
 Run one Locust process (no ``--processes``/workers: the schedule lives in the process), headless.
 
@@ -57,14 +41,10 @@ import grpc.experimental.gevent
 # Without this, every blocking gRPC call holds the whole process: users would run one at a time.
 grpc.experimental.gevent.init_gevent()
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402  (patched by gevent: a greenlet lock)
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +53,10 @@ if str(REPO) not in sys.path:  # run as a plain file by locust, from any directo
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER  # noqa: E402
-from loadtests.options import add_load_arguments  # noqa: E402
-from loadtests.shapes import ArrivalSchedule, Pacer, Shape, SplitSchedule, make_shape, users_needed  # noqa: E402
+from loadtests.options import add_locust_arguments, shape_kwargs  # noqa: E402
+from loadtests.pacing import ArrivalSchedule, Pacer, SplitSchedule, users_needed  # noqa: E402
+from loadtests.records import Outcome, Plan, Recorder, Stream  # noqa: E402
+from loadtests.shapes import make_shape  # noqa: E402
 from loadtests.texts import request_sampler  # noqa: E402
 
 logger = logging.getLogger("elasticlm.loadtest")
@@ -87,145 +69,10 @@ PROTOCOLS = ("http", "grpc")
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser):
-    g = parser.add_argument_group("elasticlm load shape")
-    add_load_arguments(g, only=("shape", "duration_s", "trace", "shape_kw", "max_users"))
-    g.add_argument("--capacity-rps", type=float, default=20.0,
-                   help="the deployment's measured capacity in requests/s: shapes are multiples of it")
-    g.add_argument("--arrivals", choices=("uniform", "poisson"), default="uniform",
-                   help="uniform: evenly spaced at the current rate (exact); poisson: exponential gaps, same rate")
-    g.add_argument("--latency-headroom-s", type=float, default=2.0,
-                   help="response time the pool absorbs at the peak rate without falling behind the schedule")
-    g.add_argument("--drain-s", type=float, default=10.0,
-                   help="after the schedule ends, wait up to this long for requests still in flight")
-
-    g = parser.add_argument_group("elasticlm requests")
-    add_load_arguments(g, only=("task", "candidates", "protocol"))
-    g.add_argument("--grpc-share", type=float, default=0.5, help="with --protocol mixed: share of requests over gRPC")
-    g.add_argument("--grpc-target", default="127.0.0.1:9000", help="host:port of the gRPC proxy")
-    g.add_argument("--grpc-app", default="elasticlm", help="Serve application name (gRPC metadata 'application')")
-    g.add_argument("--grpc-channels", type=int, default=4, help="gRPC channels shared by the gRPC users")
-    g.add_argument("--request-timeout-s", type=float, default=30.0)
-    g.add_argument("--retry-on-shed", choices=("none", "after", "at-once"), default="none",
-                   help="a shed request is: recorded as shed (none), sent again after the server's Retry-After "
-                        "(after), or sent again at once (at-once: an impatient client)")
-    g.add_argument("--retry-for-s", type=float, default=10.0,
-                   help="with --retry-on-shed: a client gives up (recorded as shed) once this long has passed")
-    g.add_argument("--deadline-ms", type=float, default=None, help="send x-elasticlm-deadline-ms with every request")
-    g.add_argument("--min-sublm", default="", help="send a quality floor with every request, e.g. w50")
-    g.add_argument("--peer-openai", action="store_true",
-                   help="HTTP users call an OpenAI-compatible peer (infinity-emb): POST --peer-path")
-    g.add_argument("--peer-path", default="/embeddings")
-    g.add_argument("--peer-model", default="all-MiniLM-L6-v2", help="'model' sent to the peer")
-    g.add_argument("--peer-sublm", default="", help="SubLM recorded for peer responses (default: --peer-model)")
-
-    g = parser.add_argument_group("elasticlm texts and record")
-    add_load_arguments(g, only=("data_dir", "query_share", "texts_per_request", "seed"))
-    g.add_argument("--passages", choices=("scifact", "dl19", "both"), default="both",
-                   help="passage source: SciFact abstracts, TREC DL 2019 passages, or both")
-    g.add_argument("--record-file", default="",
-                   help="per-request JSON lines (default runs/loadtest/records-<UTC time>.jsonl)")
-
-
-def _shape_kwargs(text: str) -> dict:
-    kwargs = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--shape-kw: expected key=value, got {item!r}")
-        key, value = key.strip(), value.strip()
-        if value.lower() == "none":
-            kwargs[key] = None
-            continue
-        try:
-            kwargs[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            kwargs[key] = value
-    return kwargs
-
-
-# --------------------------------------------------------------------------- record file
-
-class Recorder:
-    """JSON lines, one per request. Greenlets of one process share it; a line is written whole under a
-    lock, and the buffer is flushed at most every second (and at the end) to keep I/O off the hot path."""
-
-    FLUSH_EVERY_S = 1.0
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._f = open(path, "w", encoding="utf-8")
-        self._lock = threading.Lock()
-        self._last_flush = time.monotonic()
-        self.count = 0
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self._lock:
-            if self._f is None:
-                return
-            self._f.write(line)
-            self.count += record.get("type") == "request"
-            if time.monotonic() - self._last_flush >= self.FLUSH_EVERY_S:
-                self._f.flush()
-                self._last_flush = time.monotonic()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._f is not None:
-                self._f.flush()
-                self._f.close()
-                self._f = None
+    add_locust_arguments(parser)
 
 
 # --------------------------------------------------------------------------- the run
-
-@dataclass
-class Stream:
-    """One protocol's share of the schedule and its pool of users."""
-
-    protocol: str
-    share: float
-    users: int
-    pacer: Pacer | None = None
-    started: int = 0
-    recorded: int = 0
-    in_flight_at_stop: int = 0
-    late_100ms: int = 0
-    max_lag_ms: float = 0.0
-
-
-@dataclass
-class Plan:
-    """What the command line asked for (built at init), and the live run (from test_start)."""
-
-    options: argparse.Namespace
-    shape: Shape
-    streams: dict[str, Stream]
-    user_classes: list
-    texts: object  # loadtests.texts: TextSampler (embed) or RerankSampler
-    peer: bool
-    capped: bool
-    clock_start: float | None = None   # time.monotonic() at test_start: every stream's t = 0
-    start_epoch: float | None = None   # the same instant, wall clock
-    recorder: Recorder | None = None
-    grpc_stubs: list = field(default_factory=list)
-    grpc_channels: list = field(default_factory=list)
-
-    @property
-    def total_users(self) -> int:
-        return sum(s.users for s in self.streams.values())
-
-    @property
-    def started(self) -> bool:
-        return self.clock_start is not None
-
-    def elapsed(self) -> float:
-        return 0.0 if self.clock_start is None else time.monotonic() - self.clock_start
-
-    def in_flight(self) -> int:
-        return sum(s.pacer.in_flight for s in self.streams.values() if s.pacer is not None)
-
 
 PLAN: Plan | None = None
 _user_serial = 0
@@ -262,7 +109,7 @@ def _plan(environment, **_):
             raise ValueError("--peer-openai is HTTP only: use --protocol http")
         if not 0.0 < options.grpc_share < 1.0 and len(protocols) == 2:
             raise ValueError(f"--grpc-share must be in (0, 1) with --protocol mixed, got {options.grpc_share}")
-        kw = _shape_kwargs(options.shape_kw)
+        kw = shape_kwargs(options.shape_kw)
         if options.shape == "replay":
             kw.setdefault("trace", options.trace or None)
         duration = options.duration_s if options.duration_s > 0 or options.shape != "replay" else None
@@ -364,19 +211,6 @@ def _quit(**_):
 
 # --------------------------------------------------------------------------- users
 
-@dataclass(slots=True)
-class _Outcome:
-    status: str                  # ok | shed | failed
-    code: int | str              # HTTP status (0: no response) or gRPC status name
-    sublm: str | None
-    latency_ms: float
-    start_ts: float              # epoch seconds when the request was sent
-    bytes: int = 0
-    prompt_tokens: int | None = None
-    error: str | None = None
-    retry_after_s: float = 1.0   # what the server asked a shed client to wait (Retry-After, header or trailer)
-
-
 class _PacedUser:
     """Takes the next ticket of its protocol's schedule, waits until it is due, sends it, records it."""
 
@@ -417,7 +251,7 @@ class _PacedUser:
             "attempts": attempts, "retry_ms": round(retry_ms, 3),
         })
 
-    def send_until_answered(self, kind: str, texts: list[str]) -> tuple[_Outcome, int, float]:
+    def send_until_answered(self, kind: str, texts: list[str]) -> tuple[Outcome, int, float]:
         """(the last attempt's outcome, attempts, ms from the first attempt to the last one's start)."""
         o = PLAN.options
         first = time.time()
@@ -433,7 +267,7 @@ class _PacedUser:
             gevent.sleep(pause)
         return outcome, attempts, (outcome.start_ts - first) * 1000.0
 
-    def send(self, kind: str, texts: list[str]) -> _Outcome:
+    def send(self, kind: str, texts: list[str]) -> Outcome:
         raise NotImplementedError
 
 
@@ -493,7 +327,7 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
                 exc = meta.get("exception")
                 error = f"HTTP {code}: {(resp.text or '')[:200]}" if code else f"no response: {exc!r}"
                 resp.failure(error)
-            return _Outcome(status, code, sublm, meta.get("response_time") or 0.0, meta["start_time"],
+            return Outcome(status, code, sublm, meta.get("response_time") or 0.0, meta["start_time"],
                             meta.get("response_length") or 0, None, error, retry_after)
 
 
@@ -547,7 +381,7 @@ class GrpcEmbedUser(_PacedUser, User):
             exception = RuntimeError(error)
         events.request.fire(request_type="grpc", name=name, response_time=latency_ms, response_length=size,
                             exception=exception, context={})
-        return _Outcome(status, code, sublm, latency_ms, start_ts, size, tokens, error, retry_after)
+        return Outcome(status, code, sublm, latency_ms, start_ts, size, tokens, error, retry_after)
 
 
 # --------------------------------------------------------------------------- the shape

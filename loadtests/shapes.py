@@ -1,4 +1,4 @@
-"""Offered-load curves for load tests, and the pacing that makes a curve the *exact* offered rate.
+"""Offered-load curves for load tests: rate curves, recorded traces, and shapes in units of capacity.
 
 Pure Python: no locust or gevent import, so tests can import this without monkey-patching.
 
@@ -9,23 +9,7 @@ Every shape has ``rate_at(t) -> float`` (requests per second offered at ``t`` se
 ``make_shape(name, capacity_rps, duration_s, **kw)`` builds each one in units of a measured capacity,
 so that an experiment means the same thing on a bigger machine.
 
-Pacing: why a shared schedule rather than users
------------------------------------------------
-Locust's ``LoadTestShape`` sets a number of *users*; a closed-loop user sends its next request only
-after the previous one returns, so the offered rate would fall exactly when the server slows down,
-which hides overload. ``constant_throughput(rate / users)`` per user has the same flaw once latency
-exceeds ``users / rate``, and re-dividing the rate whenever the user count changes makes it drift.
-
-Here the offered load is *open loop*: ``ArrivalSchedule`` turns ``rate_at`` into due times
-(arrival ``k`` is due when the integral of the rate reaches ``k + 1/2``, or at Poisson times with the
-same intensity), and ``Pacer`` hands them out in order, one ticket per request. Users are only a pool
-of workers: a free user takes the next ticket, sleeps until it is due and sends it. The number of
-requests started in any interval therefore equals the integral of ``rate_at`` over it, whatever the
-latency, as long as a free user exists when a ticket falls due. ``users_needed`` sizes the pool for
-that (peak rate x the latency one must absorb, capped by a maximum); every request records how late
-it started (``lag``), so a pool that was too small shows up in the data instead of silently lowering
-the load. ``SplitSchedule`` deals one schedule's arrivals between protocols (HTTP / gRPC), so that
-together they still follow the curve, interleaved.
+Pacing (how a curve becomes the exact offered rate): ``loadtests/pacing.py``.
 """
 
 from __future__ import annotations
@@ -33,23 +17,19 @@ from __future__ import annotations
 import bisect
 import csv
 import math
-import random
-import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 SHAPES = ("constant", "step", "spike", "sinusoidal", "replay")
 
 
-def _positive(name: str, value: float) -> float:
+def positive(name: str, value: float) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value
 
 
-def _non_negative(name: str, value: float) -> float:
+def non_negative(name: str, value: float) -> float:
     value = float(value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -82,8 +62,8 @@ class Constant(Shape):
     name = "constant"
 
     def __init__(self, rps: float, duration_s: float):
-        self.rps = _non_negative("rps", rps)
-        self.duration_s = _positive("duration_s", duration_s)
+        self.rps = non_negative("rps", rps)
+        self.duration_s = positive("duration_s", duration_s)
 
     def _rate(self, t):
         return self.rps
@@ -108,16 +88,16 @@ class Step(Shape):
                  steps: int | None = None, end_rps: float | None = None):
         if steps is not None and end_rps is not None:
             raise ValueError("give Step either steps or end_rps, not both")
-        self.start_rps = _non_negative("start_rps", start_rps)
+        self.start_rps = non_negative("start_rps", start_rps)
         self.step_rps = float(step_rps)
         if not math.isfinite(self.step_rps):
             raise ValueError(f"step_rps must be finite, got {step_rps!r}")
-        self.step_every_s = _positive("step_every_s", step_every_s)
-        self.duration_s = _positive("duration_s", duration_s)
+        self.step_every_s = positive("step_every_s", step_every_s)
+        self.duration_s = positive("duration_s", duration_s)
         if steps is not None and (int(steps) != steps or steps < 0):
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
         self.steps = None if steps is None else int(steps)
-        self.end_rps = None if end_rps is None else _non_negative("end_rps", end_rps)
+        self.end_rps = None if end_rps is None else non_negative("end_rps", end_rps)
 
     def _rate(self, t):
         k = math.floor(t / self.step_every_s)
@@ -148,12 +128,12 @@ class Spike(Shape):
 
     def __init__(self, base_rps: float, peak_rps: float, spike_start_s: float, spike_len_s: float,
                  duration_s: float, ramp_s: float = 0.0):
-        self.base_rps = _non_negative("base_rps", base_rps)
-        self.peak = _non_negative("peak_rps", peak_rps)
-        self.spike_start_s = _non_negative("spike_start_s", spike_start_s)
-        self.spike_len_s = _positive("spike_len_s", spike_len_s)
-        self.duration_s = _positive("duration_s", duration_s)
-        self.ramp_s = _non_negative("ramp_s", ramp_s)
+        self.base_rps = non_negative("base_rps", base_rps)
+        self.peak = non_negative("peak_rps", peak_rps)
+        self.spike_start_s = non_negative("spike_start_s", spike_start_s)
+        self.spike_len_s = positive("spike_len_s", spike_len_s)
+        self.duration_s = positive("duration_s", duration_s)
+        self.ramp_s = non_negative("ramp_s", ramp_s)
         if self.spike_start_s + self.spike_len_s > self.duration_s:
             raise ValueError(f"the spike ({self.spike_start_s} s + {self.spike_len_s} s) ends after "
                              f"duration_s={self.duration_s}")
@@ -188,13 +168,13 @@ class Sinusoidal(Shape):
 
     def __init__(self, mean_rps: float, amplitude_rps: float, period_s: float, duration_s: float,
                  phase_s: float = 0.0):
-        self.mean_rps = _non_negative("mean_rps", mean_rps)
-        self.amplitude_rps = _non_negative("amplitude_rps", amplitude_rps)
+        self.mean_rps = non_negative("mean_rps", mean_rps)
+        self.amplitude_rps = non_negative("amplitude_rps", amplitude_rps)
         if self.amplitude_rps > self.mean_rps:
             raise ValueError(f"amplitude_rps ({self.amplitude_rps}) must not exceed mean_rps ({self.mean_rps}): "
                              "the rate would be clipped at 0 and the mean would no longer be mean_rps")
-        self.period_s = _positive("period_s", period_s)
-        self.duration_s = _positive("duration_s", duration_s)
+        self.period_s = positive("period_s", period_s)
+        self.duration_s = positive("duration_s", duration_s)
         self.phase_s = float(phase_s)
 
     def _rate(self, t):
@@ -242,8 +222,8 @@ class Replay(Shape):
 
     def scaled(self, rate_scale: float = 1.0, time_scale: float = 1.0) -> Replay:
         """The same trace with rates multiplied by ``rate_scale`` and time stretched by ``time_scale``."""
-        _non_negative("rate_scale", rate_scale)
-        _positive("time_scale", time_scale)
+        non_negative("rate_scale", rate_scale)
+        positive("time_scale", time_scale)
         return Replay([(t * time_scale, r * rate_scale) for t, r in zip(self.times, self.rates)],
                       interpolation=self.interpolation, source=self.source)
 
@@ -349,7 +329,7 @@ def _spike(capacity, duration_s, base_frac: float = 0.3, peak_frac: float = 2.5,
 def _sinusoidal(capacity, duration_s, mean_frac: float = 0.6, amplitude_frac: float = 0.5, periods: float = 1.0,
                 phase_s: float = 0.0):
     """``mean_frac`` +- ``amplitude_frac`` x capacity, ``periods`` full "days" in the run, from a trough."""
-    return Sinusoidal(mean_frac * capacity, amplitude_frac * capacity, duration_s / _positive("periods", periods),
+    return Sinusoidal(mean_frac * capacity, amplitude_frac * capacity, duration_s / positive("periods", periods),
                       duration_s, phase_s=phase_s)
 
 
@@ -365,7 +345,7 @@ def _replay(capacity, duration_s, trace=None, peak_frac: float | None = 1.5, int
         if replay.peak_rps() <= 0:
             raise ValueError(f"{replay.source}: the trace's rates are all 0: it cannot be scaled to a capacity")
         rate_scale = peak_frac * capacity / replay.peak_rps()
-    time_scale = 1.0 if duration_s is None else _positive("duration_s", duration_s) / replay.duration_s
+    time_scale = 1.0 if duration_s is None else positive("duration_s", duration_s) / replay.duration_s
     return replay.scaled(rate_scale=rate_scale, time_scale=time_scale)
 
 
@@ -387,11 +367,11 @@ def make_shape(name: str, capacity_rps: float, duration_s: float | None, **kw) -
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown shape {name!r}; choose one of {list(SHAPES)}")
-    capacity_rps = _positive("capacity_rps", capacity_rps)
+    capacity_rps = positive("capacity_rps", capacity_rps)
     if duration_s is None and name != "replay":
         raise ValueError(f"the {name} shape needs duration_s")
     if duration_s is not None:
-        duration_s = _positive("duration_s", duration_s)
+        duration_s = positive("duration_s", duration_s)
     try:
         return _BUILDERS[name](capacity_rps, duration_s, **kw)
     except TypeError as e:  # an unknown multiplier: say which ones exist
@@ -399,158 +379,3 @@ def make_shape(name: str, capacity_rps: float, duration_s: float | None, **kw) -
 
         known = [p for p in inspect.signature(_BUILDERS[name]).parameters][2:]
         raise ValueError(f"bad option for the {name} shape ({e}); its options are {known}") from None
-
-
-# --------------------------------------------------------------------------- pacing
-
-class ArrivalSchedule:
-    """Due times (seconds from the start) of successive requests whose rate follows ``shape``.
-
-    Arrival ``k`` (from 0) is due when the integral of ``scale * rate_at`` from 0 reaches ``k + 1/2``
-    (uniform), or after unit-mean exponential gaps of that integral (``poisson=True``: a Poisson
-    process with intensity ``scale * rate_at(t)``, reproducible with ``seed``). ``scale`` splits one
-    shape between several streams (e.g. 0.5 for HTTP and 0.5 for gRPC).
-
-    The integral is taken with the midpoint rule on a fixed ``dt`` grid (exact for piecewise-constant
-    rates whose breakpoints lie on the grid) and inverted linearly inside a grid cell.
-    """
-
-    def __init__(self, shape: Shape, scale: float = 1.0, poisson: bool = False, seed: int = 0,
-                 dt: float = 0.005):
-        self.shape = shape
-        self.scale = _non_negative("scale", scale)
-        self.poisson = poisson
-        self._rng = random.Random(seed)
-        self.dt = _positive("dt", dt)
-        self._cell = 0          # integral known up to t = _cell * dt (integer index: no drift)
-        self._area = 0.0        # integral of the rate over [0, _cell * dt)
-        self._target = 0.0 if poisson else -0.5
-        self._cells = math.ceil(shape.duration_s / dt)
-        self.issued = 0
-
-    def next_due(self) -> float | None:
-        """The next arrival's due time, or None once the shape has ended."""
-        self._target += self._rng.expovariate(1.0) if self.poisson else 1.0
-        while self._cell < self._cells:
-            t0 = self._cell * self.dt
-            cell_area = self.scale * self.shape.rate_at(t0 + self.dt / 2) * self.dt
-            if self._area + cell_area >= self._target and cell_area > 0:
-                due = t0 + self.dt * (self._target - self._area) / cell_area
-                if due >= self.shape.duration_s:
-                    break
-                self.issued += 1
-                return due
-            self._area += cell_area
-            self._cell += 1
-        self._cell = self._cells
-        return None
-
-    def expected_count(self, t0: float, t1: float) -> float:
-        """The integral of ``scale * rate_at`` over ``[t0, t1)`` (what a window should hold)."""
-        n = max(1, math.ceil((t1 - t0) / self.dt))
-        h = (t1 - t0) / n
-        return self.scale * sum(self.shape.rate_at(t0 + (i + 0.5) * h) for i in range(n)) * h
-
-
-class SplitSchedule:
-    """One schedule's arrivals dealt between streams in proportion to ``shares`` (e.g. HTTP and gRPC).
-
-    Each arrival goes to the stream furthest behind its share (deterministic, low-discrepancy), so
-    the streams interleave and together offer exactly the parent schedule. ``streams[name]`` has
-    the ``next_due`` / ``issued`` / ``expected_count`` interface of ``ArrivalSchedule``.
-    """
-
-    def __init__(self, schedule: ArrivalSchedule, shares: dict[str, float]):
-        total = sum(_non_negative(f"share of {k}", v) for k, v in shares.items())
-        if not shares or total <= 0:
-            raise ValueError(f"shares must contain a positive value, got {shares}")
-        self.schedule = schedule
-        self.shares = {k: v / total for k, v in shares.items()}
-        self._dealt = {k: 0 for k in shares}
-        self._queues: dict[str, deque] = {k: deque() for k in shares}
-        self.streams = {k: _StreamView(self, k) for k in shares}
-
-    def _pull(self, name: str) -> float | None:
-        while not self._queues[name]:
-            due = self.schedule.next_due()
-            if due is None:
-                return None
-            n = self.schedule.issued
-            to = max(self.shares, key=lambda k: (self.shares[k] * n - self._dealt[k], self.shares[k]))
-            self._dealt[to] += 1
-            self._queues[to].append(due)
-        return self._queues[name].popleft()
-
-
-class _StreamView:
-    def __init__(self, split: SplitSchedule, name: str):
-        self.split, self.name, self.issued = split, name, 0
-        self.shape = split.schedule.shape
-
-    def next_due(self) -> float | None:
-        due = self.split._pull(self.name)
-        if due is not None:
-            self.issued += 1
-        return due
-
-    def expected_count(self, t0: float, t1: float) -> float:
-        return self.split.shares[self.name] * self.split.schedule.expected_count(t0, t1)
-
-
-@dataclass(frozen=True)
-class Ticket:
-    seq: int          # 0, 1, 2, ... within one stream
-    due_s: float      # seconds after the pacer's start
-
-
-class Pacer:
-    """Hands out the tickets of one ``ArrivalSchedule`` against a clock, and counts requests in flight.
-
-    Not locked: Locust users are greenlets in one thread and ``claim`` never yields.
-    """
-
-    def __init__(self, schedule: ArrivalSchedule | _StreamView, clock=time.monotonic):
-        self.schedule = schedule
-        self.clock = clock
-        self.start_mono: float | None = None
-        self.start_epoch: float | None = None
-        self.in_flight = 0
-        self.exhausted = False
-
-    def start(self, at: float | None = None) -> None:
-        """Start the clock now, or at ``at`` (a reading of ``clock``) so that several pacers share one."""
-        if self.start_mono is None:
-            now = self.clock()
-            self.start_mono = now if at is None else at
-            self.start_epoch = time.time() - (now - self.start_mono)
-
-    @property
-    def started(self) -> bool:
-        return self.start_mono is not None
-
-    def elapsed(self) -> float:
-        return 0.0 if self.start_mono is None else self.clock() - self.start_mono
-
-    def claim(self) -> Ticket | None:
-        """The next ticket (possibly already due), or None when the schedule has ended."""
-        if self.exhausted:
-            return None
-        due = self.schedule.next_due()
-        if due is None:
-            self.exhausted = True
-            return None
-        return Ticket(self.schedule.issued - 1, due)
-
-    def wait_s(self, ticket: Ticket) -> float:
-        """Seconds until ``ticket`` is due (0 if it is due or late)."""
-        return max(0.0, ticket.due_s - self.elapsed())
-
-
-def users_needed(peak_rps: float, latency_headroom_s: float, max_users: int, min_users: int = 1) -> int:
-    """Workers for an open-loop schedule: each holds one request, so ``peak_rps`` with responses up to
-    ``latency_headroom_s`` long needs ``peak_rps * latency_headroom_s`` of them (+1 for the one
-    sleeping on the next ticket); clipped to ``[min_users, max_users]``."""
-    if max_users < 1 or min_users < 1:
-        raise ValueError(f"max_users and min_users must be >= 1, got {max_users}, {min_users}")
-    want = math.ceil(_non_negative("peak_rps", peak_rps) * _non_negative("latency_headroom_s", latency_headroom_s)) + 1
-    return max(min_users, min(max_users, want))

@@ -1,4 +1,4 @@
-"""Load-test rate curves (loadtests/shapes.py) and the open-loop pacing built on them."""
+"""Load-test rate curves (loadtests/shapes.py) and the open-loop pacing built on them (loadtests/pacing.py)."""
 
 import heapq
 import itertools
@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # loadtests/ is not an installed package; `python -m pytest` adds the root itself
     sys.path.insert(0, str(REPO))
 
-from loadtests.shapes import (ArrivalSchedule, Constant, Pacer, Replay, Sinusoidal, Spike, SplitSchedule, Step,
-                              make_shape, read_trace_csv, users_needed)  # noqa: E402
+from loadtests.pacing import ArrivalSchedule, Pacer, SplitSchedule, users_needed  # noqa: E402
+from loadtests.shapes import Constant, Replay, Sinusoidal, Spike, Step, make_shape, read_trace_csv  # noqa: E402
 
 pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
 
