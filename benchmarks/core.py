@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
+from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
 from elastic_core.data import DL19_UNRECORDED  # noqa: E402
 
 TARGETS = {"w100": 0.99, "w50": 0.95, "w25": 0.85}
@@ -57,7 +58,7 @@ def hf_teacher_latency_ms(batch: int, seq: int, repeats: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "elastic-minilm-l6"))
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--max-docs", type=int)
     parser.add_argument("--repeats", type=int, default=15)

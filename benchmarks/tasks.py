@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
+from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
 
 GLUE = ("sst2", "mrpc", "rte")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(ROOT / "models" / "elastic-minilm-l6"))
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--static-dir", default="runs/glue")
     parser.add_argument("--rerank-depth", type=int, default=100)

@@ -116,3 +116,25 @@ def test_network_policies_open_only_the_serving_ports_to_outsiders():
     assert redis_policy["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
     assert redis_policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": ray_pods}}],
                                         "ports": [{"port": 6379, "protocol": "TCP"}]}]
+
+
+def test_replica_defaults_are_their_owners():
+    """ReplicaConfig restates no default: each setting acting in the schedule, the engine, the request limits
+    or the shared depth has the default of the class it acts in (elastic_core/settings.py)."""
+    import inspect
+
+    from deployments import queue_depth
+    from deployments.contract import Limits
+    from elastic_core.engine import ServingEngine
+    from elastic_core.schedule import ElasticSchedule
+
+    cfg, engine = ReplicaConfig(), inspect.signature(ServingEngine).parameters
+    schedule = ElasticSchedule.__dataclass_fields__
+    assert [getattr(cfg, n) for n in ("max_batch_texts", "admission_factor", "calibration_alpha", "choice_quantile")] \
+        == [schedule[n].default for n in ("max_batch_texts", "admission_factor", "calibration_alpha", "choice_quantile")]
+    assert (cfg.max_batch_tokens, cfg.heartbeat_s) == (engine["max_batch_tokens"].default, engine["heartbeat_s"].default)
+    assert (cfg.max_inputs, cfg.max_input_chars) == (Limits().max_inputs, Limits().max_input_chars)
+    assert (cfg.depth_namespace, cfg.depth_ttl_s) == (queue_depth.DEFAULT_NAMESPACE, queue_depth.DEFAULT_TTL_S)
+    # and the owners' checks are the ones it applies, named by its own fields
+    with pytest.raises(ValueError, match=r"admission_factor=-1 \(must be >= 0\).*depth_ttl_s=0 \(must be > 0\)"):
+        ReplicaConfig(admission_factor=-1, depth_ttl_s=0)

@@ -1,0 +1,29 @@
+"""The load-test options are declared once (loadtests/options.py) and every parser reads them alike."""
+
+import argparse
+
+import pytest
+
+from loadtests.options import LoadOptions, add_load_arguments
+
+pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
+
+
+def test_every_parser_takes_the_options_with_their_one_default():
+    from loadtests import faults, runner
+
+    parsed = argparse.ArgumentParser()
+    runner.add_arguments(parsed)
+    assert LoadOptions.from_args(parsed.parse_args([])) == LoadOptions()
+    chaos = argparse.ArgumentParser()
+    faults.add_arguments(chaos)
+    args = chaos.parse_args([])
+    assert (args.data_dir, args.seed) == (LoadOptions().data_dir, LoadOptions().seed)
+
+
+def test_the_locust_command_line_parses_back_to_the_same_options():
+    opts = LoadOptions(shape="replay", duration_s=30.0, trace="t.csv", protocol="grpc", task="rerank", candidates=50,
+                       query_share=1.0, seed=7)
+    parser = argparse.ArgumentParser()
+    add_load_arguments(parser)
+    assert LoadOptions.from_args(parser.parse_args(opts.locust_args())) == opts
