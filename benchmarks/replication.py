@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks import report  # noqa: E402
 from benchmarks.stack import Ours, fmt  # noqa: E402
+from loadtests.experiment import Experiment  # noqa: E402
 
 # (replicas, torch threads per replica, max batch tokens); every layout uses the machine's 2 cores
 LAYOUTS = [(1, 2, 16384), (2, 1, 16384), (2, 1, 256), (3, 1, 16384), (4, 1, 16384)]
@@ -50,7 +51,8 @@ def pareto(points: list[dict]) -> list[dict]:
                        and (q["texts_per_s"] > p["texts_per_s"] or q["p99_ms"] < p["p99_ms"]) for q in points)]
 
 
-def run(args, log=print) -> dict:
+def measure(args, log=print) -> list[dict]:
+    """Every layout x SubLM x concurrency point."""
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = [{"kind": "load", "clients": c, "texts": 1} for c in CONCURRENCY]
@@ -69,7 +71,7 @@ def run(args, log=print) -> dict:
                                "mean_batch_texts": m["batches"].get("mean_texts")})
                 log(f"  {step['clients']:3d} clients: {m['texts_per_s']:.1f} texts/s, p50 {fmt(m['p50_ms'], '.0f')} "
                     f"ms, p99 {fmt(m['p99_ms'], '.0f')} ms")
-    return analyse(points, " ".join(["python benchmarks/replication.py", *sys.argv[1:]]), args.seconds)
+    return points
 
 
 def analyse(points: list[dict], command: str, seconds: float) -> dict:
@@ -148,6 +150,37 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class ReplicationSweep(Experiment):
+    """``measure`` (``--reanalyze``: the points saved in ``--out``) -> ``analyse`` -> the plot and the
+    "replication" section of docs/benchmarks.md."""
+
+    page, header, section = report.DOC, report.HEADER, "replication"
+
+    def __init__(self, args, log=print):
+        self.args, self.log, self.out = args, log, Path(args.out)
+
+    def run(self) -> dict:
+        if self.args.reanalyze:
+            return json.loads(self.out.read_text())
+        return {"points": measure(self.args, self.log), "seconds_per_point": self.args.seconds,
+                "command": " ".join(["python benchmarks/replication.py", *sys.argv[1:]])}
+
+    def analyze(self, measured: dict) -> dict:
+        doc = analyse(measured["points"], measured["command"], measured["seconds_per_point"])
+        if self.args.reanalyze:
+            doc.update({k: measured[k] for k in ("date", "machine")})
+        return doc
+
+    def plot(self, doc: dict) -> None:
+        plot(doc, ROOT / "docs" / "img" / "replication.png")
+
+    def markdown(self, doc: dict) -> str:
+        return markdown(doc)
+
+    def title(self, doc: dict) -> str:
+        return report.TITLES[self.section]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=12.0, help="measured seconds per point")
@@ -156,17 +189,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "replication.json"))
     p.add_argument("--reanalyze", action="store_true", help="rebuild the report from --out; measure nothing")
     args = p.parse_args()
-    if args.reanalyze:
-        saved = json.loads(Path(args.out).read_text())
-        doc = {**analyse(saved["points"], saved["command"], saved["seconds_per_point"]),
-               **{k: saved[k] for k in ("date", "machine")}}
-    else:
-        doc = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, ROOT / "docs" / "img" / "replication.png")
-    write_section("replication", markdown(doc))
-    print(markdown(doc))
+    print(markdown(ReplicationSweep(args).execute()))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks import report  # noqa: E402
 from benchmarks.stack import Infinity, Ours, fmt, load_name, median  # noqa: E402
+from loadtests.experiment import Experiment  # noqa: E402
 
 LOADS = [(1, 1), (8, 1), (64, 1), (8, 8)]          # (clients, texts per request)
 HEADLINE = [(64, 1), (8, 8)]                        # where the issue's targets are set
@@ -162,7 +163,8 @@ def plan_for(key: str) -> list[dict]:
                {"kind": "refusals", "name": "refusals"}])
 
 
-def run(args, log=print) -> dict:
+def measure(args, log=print) -> dict:
+    """Every round's measurements (the raw model, ours, ours-w25, the peer), the knobs and the overhead."""
     from loadtests.peer import infinity_available
 
     run_dir = Path(args.run_dir)
@@ -190,7 +192,8 @@ def run(args, log=print) -> dict:
                 log(f"  [{key}] {name}: {describe(m)}")
         rounds.append(rnd)
     knobs = run_knobs(args, run_dir, log) if args.knobs else None
-    return summarize(rounds, knobs, peer, schedule_overhead(args.calls), args.seconds)
+    return {"per_round": rounds, "knobs": knobs, "peer": peer, "overhead": schedule_overhead(args.calls),
+            "seconds_per_load": args.seconds}
 
 
 def describe(m: dict) -> str:
@@ -389,6 +392,36 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class ServingBenchmark(Experiment):
+    """``measure`` (``--reanalyze``: the measurements saved in ``--out``) -> ``summarize`` -> the plot and the
+    "serving" section of docs/benchmarks.md."""
+
+    page, header, section = report.DOC, report.HEADER, "serving"
+
+    def __init__(self, args, log=print):
+        self.args, self.log, self.out = args, log, Path(args.out)
+
+    def run(self) -> dict:
+        return json.loads(self.out.read_text()) if self.args.reanalyze else measure(self.args, self.log)
+
+    def analyze(self, measured: dict) -> dict:
+        peer = measured.get("peer", all("infinity" in r for r in measured["per_round"]))
+        doc = summarize(measured["per_round"], measured["knobs"], peer, measured["overhead"],
+                        measured["seconds_per_load"])
+        if self.args.reanalyze:
+            doc.update({k: measured[k] for k in ("command", "date", "machine")})
+        return doc
+
+    def plot(self, doc: dict) -> None:
+        plot(doc, ROOT / "docs" / "img" / "serving.png")
+
+    def markdown(self, doc: dict) -> str:
+        return markdown(doc)
+
+    def title(self, doc: dict) -> str:
+        return report.TITLES[self.section]
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--raw-worker":
         sublm, threads, batch, seconds, layout = sys.argv[2:7]
@@ -408,20 +441,6 @@ def main():
     p.add_argument("--run-dir", default=str(ROOT / "runs" / "serving-bench"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = p.parse_args()
-    if args.reanalyze:
-        saved = json.loads(Path(args.out).read_text())
-        peer = all("infinity" in r for r in saved["per_round"])
-        doc = summarize(saved["per_round"], saved["knobs"], peer, saved["overhead"], saved["seconds_per_load"])
-        doc.update({k: saved[k] for k in ("command", "date", "machine")})
-    else:
-        doc = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, ROOT / "docs" / "img" / "serving.png")
-    table = markdown(doc)
-    write_section("serving", table)
-    print(table)
+    print(markdown(ServingBenchmark(args).execute()))
 
 
-if __name__ == "__main__":
-    main()

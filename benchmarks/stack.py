@@ -112,30 +112,23 @@ class Ours:
 
 
 class StackUnderTest:
-    """Inside the measuring subprocess: the stack ``elasticlm serve`` would run, on free ports."""
+    """Inside the measuring subprocess: the stack ``elasticlm serve`` runs (``deployments.local.LocalStack``),
+    on free ports, and what the measurements ask of it."""
 
     def __init__(self, config_path: str, replicas: int):
         self.config_path, self.replicas = config_path, replicas
         self.url = None
 
     def __enter__(self):
-        from deployments.local import RedisServer, free_port, load_serve_config, start_ray, start_serve
+        from deployments.local import LocalStack, load_serve_config
 
-        self.redis = RedisServer(port=free_port(0)).start()
-        start_ray(num_cpus=2, redis_url=self.redis.url)
-        http_port, grpc_port = free_port(0), free_port(0)
-        start_serve(load_serve_config(self.config_path), "127.0.0.1", http_port, grpc_port)
-        self.url = f"http://127.0.0.1:{http_port}/embed"
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.local = LocalStack(load_serve_config(self.config_path), num_cpus=2).start()
+        self.url = self.local.url + "/embed"
+        self.grpc_target = self.local.grpc_target
         return self
 
     def __exit__(self, *exc):
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        self.redis.stop()
+        self.local.stop()
 
     def roots(self) -> list[int]:
         """The server's processes: this one's children (Ray, HAProxy, Redis), not this harness itself."""
@@ -173,7 +166,7 @@ def serve_worker(spec: dict) -> None:
 
 class Infinity:
     def __init__(self, run_dir: Path):
-        from loadtests.runner import PeerDeployment
+        from loadtests.stack import PeerDeployment
 
         self.name = "infinity"
         self.peer = PeerDeployment(run_dir / "infinity.log")

@@ -243,6 +243,78 @@ def _die_with_parent():
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class LocalStack:
+    """The stack ``elasticlm serve`` runs, in this process: a Redis of its own (unless ``redis_url`` names
+    one; ``redis_password`` / ``redis_tls`` as production has them), a local Ray whose processes see its URL,
+    and the Serve application of ``config``, HTTP on ``http_port`` and gRPC on ``grpc_port`` (0: a free
+    port). The one way the stack is started: by ``elasticlm serve`` (so by the load tests and faults, which
+    run it in a process of their own), by the tests' ``stack`` fixture and by the serving benchmarks'
+    measuring subprocess. A context manager; ``stop`` tears down what it started."""
+
+    def __init__(self, config, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
+                 redis_url: str | None = None, redis_port: int = 0, redis_password: str | None = None,
+                 redis_tls: RedisTLS | None = None, num_cpus: int | None = None, extra_args: dict | None = None):
+        self.config, self.host, self.num_cpus, self.extra_args = config, host, num_cpus, extra_args
+        self.http_port, self.grpc_port = http_port or free_port(0), grpc_port or free_port(0)
+        self.redis_url = redis_url
+        self.redis_server = None if redis_url else RedisServer(port=redis_port, password=redis_password,
+                                                               tls=redis_tls)
+        self.app_name: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def start_redis(self) -> None:
+        if self.redis_server is not None and self.redis_server.proc is None:
+            self.redis_url = self.redis_server.start().url
+
+    def start_ray(self) -> None:
+        start_ray(self.num_cpus, self.redis_url)
+
+    def start_serve(self) -> str:
+        self.app_name = start_serve(self.config, self.host, self.http_port, self.grpc_port, self.extra_args)
+        return self.app_name
+
+    def start(self) -> "LocalStack":
+        try:
+            self.start_redis()
+            self.start_ray()
+            self.start_serve()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, drain_first: bool = False) -> None:
+        """Serve, Ray, then Redis; ``drain_first`` (``elasticlm serve`` on a signal): no new connections,
+        and the open ones finish (at most ``DRAIN_TIMEOUT_S``) before Serve goes."""
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            try:
+                if drain_first:
+                    print("draining: no new connections; finishing the open ones ...", flush=True)
+                    drain()
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def busy_ports(host: str, *ports: int) -> list[int]:
     return [p for p in ports if not port_is_free(p, host)]
 
@@ -255,9 +327,11 @@ def main(args) -> int:
         print(f"elasticlm serve: port {', '.join(map(str, taken))} on {args.host} is already in use "
               "(another elasticlm serve?); stop it or choose --http-port / --grpc-port", file=sys.stderr, flush=True)
         return 2
-    config = load_serve_config(args.config)
-    redis_url = args.redis_url or os.environ.get("REDIS_URL")
-    redis_server = None
+    extra = {k: v for k, v in (("target_ms", args.target_ms), ("checkpoint", args.checkpoint)) if v}
+    # no Redis named: ours, on loopback only, and still a password (any local user can reach loopback)
+    stack = LocalStack(load_serve_config(args.config), args.host, args.http_port, args.grpc_port,
+                       redis_url=args.redis_url or os.environ.get("REDIS_URL"), redis_port=args.redis_port,
+                       redis_password=secrets.token_urlsafe(24), num_cpus=args.num_cpus, extra_args=extra)
     stop = threading.Event()
     reload = threading.Event()  # SIGHUP: redeploy the config file
 
@@ -273,14 +347,13 @@ def main(args) -> int:
     try:
         if stop.is_set():
             return 0
-        if not redis_url:  # ours: loopback only, and still a password (any local user can reach loopback)
-            redis_server = RedisServer(port=args.redis_port, password=secrets.token_urlsafe(24)).start()
-            redis_url = redis_server.url
-            print(f"started redis-server on {redacted(redis_url)} (pid {redis_server.proc.pid})", flush=True)
-        extra = {k: v for k, v in (("target_ms", args.target_ms), ("checkpoint", args.checkpoint)) if v}
-        start_ray(args.num_cpus, redis_url)
+        if stack.redis_server is not None:
+            stack.start_redis()
+            print(f"started redis-server on {redacted(stack.redis_url)} (pid {stack.redis_server.proc.pid})",
+                  flush=True)
+        stack.start_ray()
         catch_signals()  # ray.init installed its own handlers: ours must win so that teardown runs
-        app_name = start_serve(config, args.host, args.http_port, args.grpc_port, extra)
+        app_name = stack.start_serve()
         if stop.is_set():
             raise KeyboardInterrupt  # asked to stop while starting: tear down now
         print(usage(app_name, args.host, args.http_port, args.grpc_port, args.config), flush=True)
@@ -296,19 +369,7 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("interrupted while starting: shutting down ...", flush=True)
     finally:
-        import ray
-
-        if ray.is_initialized():
-            from ray import serve
-
-            try:
-                print("draining: no new connections; finishing the open ones ...", flush=True)
-                drain()
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        if redis_server:
-            redis_server.stop()
+        stack.stop(drain_first=True)
     print("stopped.", flush=True)
     return 0
 

@@ -30,221 +30,23 @@ Scenarios (``SCENARIOS``):
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import platform
-import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from loadtests.analysis import read_records, response_ms, timeline
 from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from loadtests.analysis import read_records, response_ms, timeline
+from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
-from loadtests.runner import (ServeDeployment, measure_capacity, run_locust, run_until_sigterm,
-                              serve_variant, warm_up)
+from loadtests.scenarios import SCENARIOS, SlowLink
+from loadtests.stack import (ServeDeployment, measure_capacity, refusal_cost, sample_depth_and_cpu, serve_variant,
+                             started)
 
 SETTLE_S = 5.0   # "during" runs until this long after the fault ended: the targets' recovery bound
-
-
-# --------------------------------------------------------------------------- faults
-def kill_redis(deployment: ServeDeployment, args) -> None:
-    deployment.redis.proc.send_signal(signal.SIGKILL)
-    deployment.redis.proc.wait()
-    time.sleep(args.outage_s)
-    deployment.redis.start()
-
-
-def replica_processes(deployment: ServeDeployment) -> list:
-    import psutil
-
-    found = []
-    for p in psutil.Process(deployment.proc.pid).children(recursive=True):
-        try:
-            if "ServeReplica" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
-def kill_replica(deployment: ServeDeployment, _args) -> None:
-    victims = replica_processes(deployment)
-    if len(victims) < 2:
-        raise RuntimeError(f"expected two replica processes, found {len(victims)}")
-    victims[0].send_signal(signal.SIGKILL)
-
-
-def pause_redis(deployment: ServeDeployment, args) -> None:
-    """Redis alive but answering nothing (``CLIENT PAUSE``): every depth sync times out."""
-    import redis
-
-    pause_s = min(args.outage_s, 5.0)
-    redis.Redis.from_url(deployment.redis.url).execute_command("CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
-    time.sleep(pause_s)
-
-
-def kill_proxy(deployment: ServeDeployment, _args) -> None:
-    """The HTTP/gRPC front: Serve's HAProxy process (its manager actor is expected to start another)."""
-    from deployments.local import haproxy_processes
-
-    proxies = haproxy_processes(deployment.proc.pid)
-    if not proxies:
-        raise RuntimeError("no haproxy process found under the deployment")
-    for p in proxies:
-        p.send_signal(signal.SIGKILL)
-
-
-class SlowLink:
-    """A TCP relay on loopback that delays every chunk by ``delay_s`` in each direction (0: a plain
-    relay): the replicas' way to Redis in the ``redis-slow`` scenario. Runs its own event loop thread."""
-
-    def __init__(self, target_port: int):
-        from deployments.local import free_port
-
-        self.target_port, self.port, self.delay_s = target_port, free_port(0), 0.0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        threading.Thread(target=self._serve, daemon=True, name="slow-link").start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the slow link did not start")
-
-    def _serve(self):
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", self.port))
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _relay(self, client_r, client_w):
-        try:
-            upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_w.close()
-            return
-
-        async def pump(reader, writer):
-            try:
-                while data := await reader.read(65536):
-                    if self.delay_s:
-                        await asyncio.sleep(self.delay_s)
-                    writer.write(data)
-                    await writer.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pump(client_r, upstream_w), pump(upstream_r, client_w))
-
-
-def slow_redis(deployment: ServeDeployment, args) -> None:
-    deployment.redis_link.delay_s = args.slow_ms / 1000
-    time.sleep(args.outage_s)
-    deployment.redis_link.delay_s = 0.0
-
-
-def overload(_deployment: ServeDeployment, args) -> None:
-    """The fault is the load shape itself (``--overload-frac`` from ``--fault-at-s``): mark its span."""
-    time.sleep(args.overload_s)
-
-
-def redeploy(deployment: ServeDeployment, args) -> None:
-    """A changed config deployed under load; returns once ``elasticlm serve`` says it is RUNNING."""
-    config = yaml.safe_load(deployment.config_path.read_text())
-    (app,) = config["applications"]
-    app["args"]["max_batch_texts"] = 48  # new replica init args: Serve replaces every replica
-    deployment.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    seen = deployment.log_path.read_text().count("redeployed ")
-    deployment.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 120
-    while deployment.log_path.read_text().count("redeployed ") == seen:
-        if time.monotonic() > deadline or "redeploy of" in deployment.log_path.read_text():
-            raise RuntimeError("the redeploy did not finish (see the server log)")
-        time.sleep(0.2)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    inject: Callable    # (deployment, args): the fault, returning when it has ended
-    retry: str = "none"  # the clients' answer to a shed request (locustfile --retry-on-shed)
-    overload: bool = False
-    slow_link: bool = False
-
-
-SCENARIOS = {"redis-kill": Scenario(kill_redis), "redis-pause": Scenario(pause_redis),
-             "redis-slow": Scenario(slow_redis, slow_link=True), "replica-kill": Scenario(kill_replica),
-             "proxy-kill": Scenario(kill_proxy), "overload-patient": Scenario(overload, "after", overload=True),
-             "overload-impatient": Scenario(overload, "at-once", overload=True), "redeploy": Scenario(redeploy)}
-
-
-def stack_cpu_s(deployment: ServeDeployment) -> float:
-    """CPU seconds (user + system) used so far by every process of the stack (replicas, HAProxy, Ray)."""
-    import psutil
-
-    total = 0.0
-    root = psutil.Process(deployment.proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
-def refusal_cost(deployment: ServeDeployment, n: int = 1500, threads: int = 4) -> dict:
-    """The stack's CPU per refused request, measured alone: ``n`` requests refused at the door (a
-    deadline no SubLM can meet: the path of an overload refusal up to the verdict, in the same
-    function: parse, validate, estimate, refuse) against the same stretch of idle."""
-    import httpx
-
-    def idle_rate(seconds: float = 3.0) -> float:
-        c0, t0 = stack_cpu_s(deployment), time.monotonic()
-        time.sleep(seconds)
-        return (stack_cpu_s(deployment) - c0) / (time.monotonic() - t0)
-
-    idle = idle_rate()
-    codes: list[int] = []
-
-    def send(count: int):
-        with httpx.Client(base_url=deployment.url, timeout=30) as client:
-            for _ in range(count):
-                codes.append(client.post("/embed", json={"inputs": ["what is elastic serving?"]},
-                                         headers={"x-elasticlm-deadline-ms": "0.001"}).status_code)
-
-    c0, t0 = stack_cpu_s(deployment), time.monotonic()
-    workers = [threading.Thread(target=send, args=(n // threads,)) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed, used = time.monotonic() - t0, stack_cpu_s(deployment) - c0
-    refused = sum(c == 400 for c in codes)
-    return {"requests": len(codes), "refused": refused, "seconds": round(elapsed, 2),
-            "idle_cores": round(idle, 3), "cpu_ms_per_refusal": round((used - idle * elapsed) / max(1, refused) * 1000, 3)}
-
-
-def sample(deployment: ServeDeployment, stop: threading.Event, out: list, cpu: list, every_s: float = 0.25) -> None:
-    """(time, live replicas, global depth) as the replicas count them, (time, None, None) while Redis
-    does not answer; and (time, the stack's CPU seconds so far)."""
-    import redis
-
-    from deployments.queue_depth import read_depth
-
-    client = redis.Redis.from_url(deployment.redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    while not stop.wait(every_s):
-        try:
-            reading = read_depth(client)
-            out.append((time.time(), reading.live_replicas, reading.global_depth))
-        except (redis.RedisError, OSError):
-            out.append((time.time(), None, None))
-        cpu.append((time.time(), stack_cpu_s(deployment)))
 
 
 # --------------------------------------------------------------------------- what it means
@@ -371,51 +173,45 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
         deployment.redis_link = SlowLink(deployment.redis.port)
         deployment.replicas_redis_url = f"redis://127.0.0.1:{deployment.redis_link.port}/0"
     record = run_dir / f"{name}.records.jsonl"
+    opts = LoadOptions(shape="constant", duration_s=args.duration_s, shape_kw=f"rps_frac={args.load_frac}",
+                       texts_per_request=1, query_share=1.0, data_dir=args.data_dir, seed=args.seed)
+    if scenario.overload:  # the same steady load, with --overload-frac x capacity from the fault on
+        opts.shape = "spike"
+        opts.shape_kw = (f"base_frac={args.load_frac},peak_frac={args.overload_frac},ramp_s=0,"
+                         f"spike_start_frac={args.fault_at_s / args.duration_s},"
+                         f"spike_len_frac={args.overload_s / args.duration_s}")
+        opts.max_users = 2000
+        opts.extra = ["--retry-on-shed", scenario.retry, "--retry-for-s", "10"]
     samples: list = []
     cpu: list = []
     fault: dict = {}
     extra: dict = {}
     stop = threading.Event()
-    log(f"[{name}] starting ...")
-    deployment.start()
-    try:
-        warm_up(deployment, peer=False)
+
+    def inject():
+        if stop.wait(args.fault_at_s):
+            return
+        fault["start"] = time.time()
+        log(f"[{name}] injecting the fault")
+        scenario.inject(deployment, args)
+        fault["end"] = time.time()
+        # a process started here (the restarted Redis) dies with the thread that started it
+        # (PR_SET_PDEATHSIG is per thread): this thread lives as long as the run
+        stop.wait()
+
+    with started(deployment, name, log):
         if scenario.overload:
             extra["refusal_cost"] = refusal_cost(deployment)
             log(f"[{name}] refusal cost: {extra['refusal_cost']}")
-        sampler = threading.Thread(target=sample, args=(deployment, stop, samples, cpu), daemon=True)
-        sampler.start()
-
-        def inject():
-            if stop.wait(args.fault_at_s):
-                return
-            fault["start"] = time.time()
-            log(f"[{name}] injecting the fault")
-            scenario.inject(deployment, args)
-            fault["end"] = time.time()
-            # a process started here (the restarted Redis) dies with the thread that started it
-            # (PR_SET_PDEATHSIG is per thread): this thread lives as long as the run
-            stop.wait()
-
-        injector = threading.Thread(target=inject, daemon=True)
-        opts = LoadOptions(shape="constant", duration_s=args.duration_s, shape_kw=f"rps_frac={args.load_frac}",
-                           texts_per_request=1, query_share=1.0, data_dir=args.data_dir, seed=args.seed)
-        if scenario.overload:  # the same steady load, with --overload-frac x capacity from the fault on
-            opts.shape = "spike"
-            opts.shape_kw = (f"base_frac={args.load_frac},peak_frac={args.overload_frac},ramp_s=0,"
-                             f"spike_start_frac={args.fault_at_s / args.duration_s},"
-                             f"spike_len_frac={args.overload_s / args.duration_s}")
-            opts.max_users = 2000
-            opts.extra = ["--retry-on-shed", scenario.retry, "--retry-for-s", "10"]
-        injector.start()
-        log(f"[{name}] {args.load_frac} x {capacity_rps:.1f} req/s for {args.duration_s:.0f} s, "
-            f"fault at {args.fault_at_s:.0f} s ...")
-        run_locust(deployment.url, deployment.grpc_target, capacity_rps, opts, record, False,
-                   run_dir / f"{name}.locust.log")
-    finally:
-        stop.set()
-        deployment.stop()
-        log(f"[{name}] stopped")
+        try:
+            threading.Thread(target=sample_depth_and_cpu, args=(deployment, stop, samples, cpu), daemon=True).start()
+            threading.Thread(target=inject, daemon=True).start()
+            log(f"[{name}] {args.load_frac} x {capacity_rps:.1f} req/s for {args.duration_s:.0f} s, "
+                f"fault at {args.fault_at_s:.0f} s ...")
+            run_locust(deployment.url, deployment.grpc_target, capacity_rps, opts, record, False,
+                       run_dir / f"{name}.locust.log")
+        finally:
+            stop.set()
     if "end" not in fault:
         raise RuntimeError(f"{name}: the fault was not injected (the run ended first?)")
     run, requests, _ = read_records(record)
@@ -523,47 +319,76 @@ Redis holds (live replicas, global queue depth).
 """
 
 
-def run(args, log=print) -> dict:
-    from loadtests.report import write_section
-    from elastic_core.model import load_config
+class Chaos(Experiment):
+    """Every scenario asked for, each on a clean stack at the same steady load; the scenarios not rerun keep
+    their last figures when the load is the same."""
 
-    base = yaml.safe_load(Path(args.config).read_text())
-    (app,) = base["applications"]
-    sublms = load_config(app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)).sublm_names
-    target_ms = float(app["args"].get("target_ms", 150.0))
-    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(names) - set(SCENARIOS)
-    if unknown:
-        raise SystemExit(f"unknown scenarios {sorted(unknown)}; choose from {list(SCENARIOS)}")
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    opts = LoadOptions(texts_per_request=1, query_share=1.0, data_dir=args.data_dir, seed=args.seed)
-    capacity = args.capacity_rps or measure_capacity("static-full", opts, run_dir, base, sublms, target_ms,
-                                                     args.num_cpus, log=log)
-    out = Path(args.out_dir) / "faults.json"
-    results = {name: run_scenario(name, capacity, args, base, sublms, target_ms, run_dir, log) for name in names}
-    kept = []
-    if out.exists():  # scenarios not rerun keep their last figures (same load: checked)
-        previous = json.loads(out.read_text())
-        if (previous.get("capacity_rps"), previous.get("load_frac")) == (capacity, args.load_frac):
-            kept = [n for n in previous["scenarios"] if n not in results]
-            results = {**{n: previous["scenarios"][n] for n in kept}, **results}
-            results = {n: results[n] for n in SCENARIOS if n in results}
-    doc = {"command": "elasticlm chaos " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()} x{os.cpu_count()} CPUs", "capacity_rps": capacity,
-           "load_frac": args.load_frac, "load_rps": args.load_frac * capacity, "target_ms": target_ms,
-           "overload_frac": args.overload_frac, "slow_ms": args.slow_ms,
-           "kept_from_earlier_runs": kept, "scenarios": results}
-    doc["targets"] = check_targets(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    docs = Path(args.docs_dir)
-    for name, result in results.items():
-        plot(name, result, target_ms, docs / "img" / f"faults-{name}.png")
-    write_section("faults", markdown(doc), doc=docs / "reliability.md", header=RELIABILITY_HEADER,
-                  title="Faults under a steady load")
-    log(f"wrote {out}, {docs / 'reliability.md'}")
-    return doc
+    header = RELIABILITY_HEADER
+    section = "faults"
+
+    def __init__(self, args, log=print):
+        from elastic_core.model import load_config
+
+        self.args, self.log = args, log
+        self.base = yaml.safe_load(Path(args.config).read_text())
+        (app,) = self.base["applications"]
+        self.sublms = load_config(app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)).sublm_names
+        self.target_ms = float(app["args"].get("target_ms", 150.0))
+        self.names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        unknown = set(self.names) - set(SCENARIOS)
+        if unknown:
+            raise SystemExit(f"unknown scenarios {sorted(unknown)}; choose from {list(SCENARIOS)}")
+        self.run_dir = Path(args.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out_dir) / "faults.json"
+        self.docs = Path(args.docs_dir)
+        self.page = self.docs / "reliability.md"
+
+    def run(self) -> dict:
+        args, log = self.args, self.log
+        opts = LoadOptions(texts_per_request=1, query_share=1.0, data_dir=args.data_dir, seed=args.seed)
+        capacity = args.capacity_rps or measure_capacity("static-full", opts, self.run_dir, self.base, self.sublms,
+                                                         self.target_ms, args.num_cpus, log=log)
+        return {"capacity": capacity, "scenarios": {
+            name: run_scenario(name, capacity, args, self.base, self.sublms, self.target_ms, self.run_dir, log)
+            for name in self.names}}
+
+    def analyze(self, measured: dict) -> dict:
+        args, capacity, results = self.args, measured["capacity"], measured["scenarios"]
+        kept = []
+        if self.out.exists():  # scenarios not rerun keep their last figures (same load: checked)
+            previous = json.loads(self.out.read_text())
+            if (previous.get("capacity_rps"), previous.get("load_frac")) == (capacity, args.load_frac):
+                kept = [n for n in previous["scenarios"] if n not in results]
+                results = {**{n: previous["scenarios"][n] for n in kept}, **results}
+                results = {n: results[n] for n in SCENARIOS if n in results}
+        return {"command": "elasticlm chaos " + " ".join(args.argv), "date": time.strftime("%Y-%m-%d"),
+                "machine": machine(with_platform=False), "capacity_rps": capacity,
+                "load_frac": args.load_frac, "load_rps": args.load_frac * capacity, "target_ms": self.target_ms,
+                "overload_frac": args.overload_frac, "slow_ms": args.slow_ms,
+                "kept_from_earlier_runs": kept, "scenarios": results}
+
+    def targets(self, doc: dict) -> list[dict]:
+        return check_targets(doc["scenarios"])
+
+    def plot(self, doc: dict) -> None:
+        for name, result in doc["scenarios"].items():
+            plot(name, result, self.target_ms, self.docs / "img" / f"faults-{name}.png")
+
+    def markdown(self, doc: dict) -> str:
+        return markdown(doc)
+
+    def title(self, doc: dict) -> str:
+        return "Faults under a steady load"
+
+    def execute(self) -> dict:
+        doc = super().execute()
+        self.log(f"wrote {self.out}, {self.page}")
+        return doc
+
+
+def run(args, log=print) -> dict:
+    return Chaos(args, log).execute()
 
 
 def add_arguments(p) -> None:

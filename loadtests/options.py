@@ -1,8 +1,8 @@
 """The load-test options, declared once: ``LoadOptions`` (what one load generator run is asked for) and
 its fields' flags, rendered into every parser that takes them (the locustfile's, ``elasticlm loadtest``'s,
 ``elasticlm chaos``'s) and into the locust command line the runner starts; beside them, the flags only the
-load generator takes (``add_locust_arguments``) and how ``--shape-kw`` reads (``shape_kwargs``). Standard library only: the
-locustfile imports it under gevent."""
+load generator takes (``add_locust_arguments``) and how ``--shape-kw`` reads (``shape_kwargs``). Standard
+library only: the locustfile imports it under gevent."""
 
 from __future__ import annotations
 

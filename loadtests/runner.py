@@ -23,312 +23,44 @@ Output: ``benchmarks/results/<run>.json``, PNG plots in ``docs/img/``, a section
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import os
-import platform
 import re
-import shlex
-import signal
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from deployments.ports import port_is_free
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance
-from loadtests.analysis import read_records, summarize, timeline
 from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from loadtests.analysis import read_records, summarize, timeline
+from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
-
-CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
-LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
-
-
-# --------------------------------------------------------------------------- what runs
-def static_sublm(name: str, sublms: list[str]) -> str:
-    """The one SubLM a ``static-*`` configuration serves (``static-full``, ``static-smallest``, ``static-w50``)."""
-    which = name.removeprefix("static-")
-    chosen = {"full": sublms[0], "smallest": sublms[-1]}.get(which, which)
-    if chosen not in sublms:
-        raise ValueError(f"{name}: the checkpoint has no SubLM {chosen!r} ({sublms})")
-    return chosen
-
-
-def _replica_options(cfg: dict) -> dict:
-    """The ``ElasticReplica`` deployment's options in a Serve config (one application)."""
-    (app,) = cfg["applications"]
-    return next(d for d in app.get("deployments", []) if d["name"] == "ElasticReplica")
-
-
-def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = True,
-                  fixed_replicas: int | None = None, task: str = "embed", target_ms: float | None = None) -> dict:
-    """A Serve config for one configuration, derived from the base YAML (same replicas, queues, batching).
-    ``admission=False`` queues everything (up to the Serve queues): for measuring saturation throughput.
-    ``fixed_replicas``: no autoscaling, that many replicas. ``task``'s latency target is ``target_ms``
-    (the load test's T, whatever the base config says)."""
-    cfg = copy.deepcopy(base)
-    (app,) = cfg["applications"]
-    replica = _replica_options(cfg)
-    scaling = replica.get("autoscaling_config")
-    if target_ms and task != "embed":
-        app["args"]["task_target_ms"] = {**(app["args"].get("task_target_ms") or {}), task: target_ms}
-    if not admission:
-        app["args"]["admission_factor"] = 0
-    if name == "elastic-noauto" and scaling and not fixed_replicas:
-        fixed_replicas = scaling.get("initial_replicas") or scaling.get("min_replicas", 1)
-    if fixed_replicas:
-        replica.pop("autoscaling_config", None)
-        replica["num_replicas"] = int(fixed_replicas)
-    if name.startswith("static-"):
-        app["args"]["sublms"] = [static_sublm(name, sublms)]
-        if "autoscaling_config" in replica:
-            scaling.pop("policy", None)  # Serve's ordinary queue-length autoscaling
-            # ... which may add replicas but not give back the ones it started with: its queue-length rule
-            # counts requests, not their work, so after a minute of quiet it took one of two replicas away
-            # in the middle of every spike (2 -> 1 at ~59 s), a handicap the elastic policy never had
-            scaling["min_replicas"] = max(scaling.get("min_replicas", 1), scaling.get("initial_replicas") or 1)
-    return cfg
-
-
-def max_replicas(base: dict) -> int:
-    """The most replicas the base config may run (its autoscaling maximum, or its fixed count)."""
-    replica = _replica_options(base)
-    return int((replica.get("autoscaling_config") or {}).get("max_replicas") or replica.get("num_replicas", 1))
-
-
-def _healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-
-
-class ServeDeployment:
-    """``elasticlm serve`` with a given config, in its own process group, with a Redis owned here
-    (so the runner can read the live replica count from the replicas' heartbeats)."""
-
-    def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
-        from deployments.local import RedisServer, free_port
-
-        self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
-        self.http_port, self.grpc_port = free_port(0), free_port(0)
-        self.redis = RedisServer(port=free_port(0))
-        self.replicas_redis_url: str | None = None  # another way to the same Redis (a fault run's slow link)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self, timeout_s: float = 240.0) -> "ServeDeployment":
-        self.redis.start()
-        cmd = [sys.executable, "-m", "elastic_core.cli", "serve", "--config", str(self.config_path),
-               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--redis-url", self.replicas_redis_url or self.redis.url, "--target-ms", str(self.target_ms)]
-        if self.num_cpus:
-            cmd += ["--num-cpus", str(self.num_cpus)]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=REPO_ROOT)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not _healthy(self.url + "/health"):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"elasticlm serve did not become healthy:\n{self.log_path.read_text()[-3000:]}")
-                time.sleep(1)
-        except BaseException:  # not healthy, or the runner is being stopped: leave nothing behind
-            self.stop()
-            raise
-        return self
-
-    def replicas(self) -> int:
-        """Replicas alive now: their heartbeats in Redis (each beats every 0.5 s, expires after 3 s)."""
-        import redis
-
-        return int(redis.Redis.from_url(self.redis.url, socket_timeout=1).hlen("elasticlm:heartbeat"))
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # elasticlm serve tears down Serve and Ray itself
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group
-            except ProcessLookupError:
-                pass
-        self.redis.stop()
-        deadline = time.monotonic() + 30
-        while not all(port_is_free(p) for p in (self.http_port, self.grpc_port)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
-class PeerDeployment:
-    """infinity-emb serving the teacher, given the same CPU threads and niceness as our replicas."""
-
-    def __init__(self, log_path: Path, threads: int = 2, nice: int = 15):
-        from elastic_core.model import teacher_dir
-        from deployments.ports import free_port
-        from loadtests.peer import InfinityServer
-
-        self.server = InfinityServer(teacher_dir(), free_port(), threads=threads, nice=nice, log_path=log_path)
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    grpc_target = None
-
-    def start(self) -> "PeerDeployment":
-        self.server.start(timeout_s=180)
-        return self
-
-    def replicas(self) -> int:
-        return 1 if self.server.running() else 0
-
-    def stop(self):
-        self.server.stop()
+from loadtests.stack import CONFIGS, deployment_for, measure_capacity, sample_replicas, started
 
 
 # --------------------------------------------------------------------------- one configuration
-def run_locust(host: str, grpc_target: str | None, capacity_rps: float, opts: LoadOptions, record: Path,
-               peer: bool, log_path: Path) -> None:
-    """Locust headless in its own process (gevent must never meet Ray); it stops when the shape ends."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "--capacity-rps", f"{capacity_rps:.3f}", "--record-file", str(record), "--only-summary",
-           "--loglevel", "WARNING"]
-    if peer:  # the peer serves embeddings over OpenAI's HTTP API only
-        cmd += dataclasses.replace(opts, protocol="http").locust_args() + ["--peer-openai"]
-    else:
-        cmd += opts.locust_args()
-        if grpc_target:
-            cmd += ["--grpc-target", grpc_target]
-    cmd += opts.extra
-    with open(log_path, "w") as log:
-        log.write(shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
-        try:
-            proc.wait(timeout=opts.duration_s + 120)
-        finally:  # ran over, or the runner is being stopped: Locust goes too
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-
-
-def warm_up(deployment, peer: bool, n: int = 20, task: str = "embed") -> None:
-    """A few requests before the clock starts: first calls pay one-time costs (allocations, caches)."""
-    import urllib.request
-
-    for i in range(n):
-        if peer:
-            path, body = "/embeddings", {"model": "all-MiniLM-L6-v2", "input": [f"warm-up request {i}"]}
-        elif task == "rerank":
-            path, body = "/rerank", {"query": f"warm-up {i}", "texts": [f"candidate {j}" for j in range(8)]}
-        else:
-            path, body = "/embed", {"inputs": [f"warm-up {i}"]}
-        req = urllib.request.Request(deployment.url + path, data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60):
-            pass
-
-
-def sample_replicas(deployment, stop: threading.Event, out: list, every_s: float = 1.0):
-    while not stop.wait(every_s):
-        try:
-            out.append((time.time(), deployment.replicas()))
-        except Exception:  # noqa: BLE001 - a missed sample is not worth failing the run for
-            pass
-
-
-def _deployment(kind: str, run_dir: Path, base_config: dict, sublms: list[str], target_ms: float,
-                num_cpus: int | None, label: str, admission: bool = True, fixed_replicas: int | None = None,
-                task: str = "embed"):
-    if kind == "infinity":
-        return PeerDeployment(run_dir / f"{label}.server.log")
-    cfg_path = run_dir / f"config.{label}.yaml"
-    cfg_path.write_text(yaml.safe_dump(serve_variant(base_config, kind, sublms, admission, fixed_replicas, task,
-                                                     target_ms), sort_keys=False))
-    return ServeDeployment(cfg_path, target_ms, run_dir / f"{label}.server.log", num_cpus)
-
-
 def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir: Path, base_config: dict,
                       sublms: list[str], target_ms: float, num_cpus: int | None, log=print, label: str = "") -> Path:
     """Start configuration ``kind`` clean, warm it up, run the shape, tear it down. Returns its record file."""
     name = label or kind
     peer = kind == "infinity"
-    deployment = _deployment(kind, run_dir, base_config, sublms, target_ms, num_cpus, label=name, task=opts.task)
+    deployment = deployment_for(kind, run_dir, base_config, sublms, target_ms, num_cpus, label=name, task=opts.task)
     record = run_dir / f"{name}.records.jsonl"
     replicas: list = []
     stop = threading.Event()
-    log(f"[{name}] starting ...")
-    deployment.start()
-    try:
-        warm_up(deployment, peer, task=opts.task)
+    with started(deployment, name, log, peer, opts.task):
         sampler = threading.Thread(target=sample_replicas, args=(deployment, stop, replicas), daemon=True)
         sampler.start()
         log(f"[{name}] {opts.shape} at capacity {capacity_rps:.1f} req/s for {opts.duration_s:.0f} s ...")
-        run_locust(deployment.url, deployment.grpc_target, capacity_rps, opts, record, peer,
-                   run_dir / f"{name}.locust.log")
-    finally:
-        stop.set()
-        deployment.stop()
-        log(f"[{name}] stopped")
+        try:
+            run_locust(deployment.url, deployment.grpc_target, capacity_rps, opts, record, peer,
+                       run_dir / f"{name}.locust.log")
+        finally:
+            stop.set()
     (run_dir / f"{name}.replicas.json").write_text(json.dumps(replicas))
     (run_dir / f"{name}.scaling.json").write_text(json.dumps(scaling_decisions(run_dir / f"{name}.server.log")))
     return record
-
-
-def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: dict, sublms: list[str],
-                     target_ms: float, num_cpus: int | None, concurrency: int = 32, warmup_s: float = 10.0,
-                     measure_s: float = 30.0, log=print) -> float:
-    """Saturation throughput (answered requests/s) of configuration ``name`` with the run's texts."""
-    import asyncio
-
-    from elastic_core.data import DEFAULT_DATA_DIR
-    from loadtests.closed_loop import closed_loop
-    from loadtests.texts import request_sampler
-
-    sampler = request_sampler(opts.task, opts.data_dir or str(DEFAULT_DATA_DIR), "both", opts.query_share,
-                              opts.texts_per_request, opts.candidates, opts.seed)
-    peer = name == "infinity"
-
-    def body(seq):
-        texts = sampler.sample("capacity", seq)[1]
-        if peer:
-            return {"model": "all-MiniLM-L6-v2", "input": texts}
-        return {"query": texts[0], "texts": texts[1:]} if opts.task == "rerank" else {"inputs": texts}
-
-    # saturation throughput of the whole machine: as many replicas as the config may run, everything
-    # queued, nothing refused for being late (as infinity-emb does)
-    deployment = _deployment(name, run_dir, base_config, sublms, target_ms, num_cpus, label=f"{name}.capacity",
-                             admission=False, fixed_replicas=max_replicas(base_config), task=opts.task)
-    log(f"[{name}] measuring capacity: {concurrency} closed-loop clients, {warmup_s:.0f} s + {measure_s:.0f} s ...")
-    deployment.start()
-    try:
-        warm_up(deployment, peer, task=opts.task)
-        path = "/embeddings" if peer else "/rerank" if opts.task == "rerank" else "/embed"
-        return asyncio.run(closed_loop(deployment.url + path, body, concurrency, warmup_s, measure_s)).rps
-    finally:
-        deployment.stop()
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -528,89 +260,122 @@ Metric definitions: `loadtests/analysis.py`.
 """
 
 
-def run_experiment(args, log=print) -> dict:
-    from loadtests.report import write_section
-    from elastic_core.model import load_config
-    from loadtests.peer import infinity_available
+class LoadTest(Experiment):
+    """Every configuration in turn under the same request stream, from the shape scaled to the measured
+    capacity (``--reanalyze``: the record files of an earlier run, analysed again; nothing is started)."""
 
-    base = yaml.safe_load(Path(args.config).read_text())
-    (app,) = base["applications"]
-    checkpoint = app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)
-    sublms = load_config(checkpoint).sublm_names
-    target_ms = float(args.target_ms or app["args"].get("target_ms", 150.0))
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = set(configs) - set(CONFIGS)
-    if unknown:
-        raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
-    if "infinity" in configs and not infinity_available():
-        log("infinity-emb is not installed (make peer): skipping that configuration")
-        configs.remove("infinity")
-    if args.task == "rerank":
-        configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
-        target_ms = float(args.target_ms or (app["args"].get("task_target_ms") or {}).get("rerank", target_ms))
-    opts = LoadOptions.from_args(args)
-    opts.protocol = opts.protocol or "http"  # an experiment's results name the protocol it ran
-    run_name = args.name or f"loadtest-{args.shape}"
-    run_dir = Path(args.run_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality()
-    headline = next(iter(quality_sets))  # dl19 when measured
-    quality = quality_sets[headline]
+    header = LOADTESTS_HEADER
 
-    previous = json.loads((Path(args.out_dir) / f"{run_name}.json").read_text()) if args.reanalyze else None
-    if previous:  # the record files of an earlier run, analysed again: nothing is started
-        capacity, peer_capacity, configs = previous["capacity_rps"], previous["peer_capacity_rps"], list(previous["configs"])
-    else:
-        capacity = args.capacity_rps or measure_capacity("static-full", opts, run_dir, base, sublms, target_ms,
-                                                         args.num_cpus, args.probe_concurrency, log=log)
+    def __init__(self, args, log=print):
+        from elastic_core.model import load_config
+        from loadtests.peer import infinity_available
+
+        self.args, self.log = args, log
+        self.base = yaml.safe_load(Path(args.config).read_text())
+        (app,) = self.base["applications"]
+        self.checkpoint = app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)
+        self.sublms = load_config(self.checkpoint).sublm_names
+        self.target_ms = float(args.target_ms or app["args"].get("target_ms", 150.0))
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = set(configs) - set(CONFIGS)
+        if unknown:
+            raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
+        if "infinity" in configs and not infinity_available():
+            log("infinity-emb is not installed (make peer): skipping that configuration")
+            configs.remove("infinity")
+        if args.task == "rerank":
+            configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
+            self.target_ms = float(args.target_ms or (app["args"].get("task_target_ms") or {}).get("rerank",
+                                                                                                 self.target_ms))
+        self.configs = configs
+        self.opts = LoadOptions.from_args(args)
+        self.opts.protocol = self.opts.protocol or "http"  # an experiment's results name the protocol it ran
+        self.section = args.name or f"loadtest-{args.shape}"
+        self.run_dir = Path(args.run_dir) / self.section
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out_dir) / f"{self.section}.json"
+        self.page = Path(args.docs_dir) / "loadtests.md"
+        self.image = Path(args.docs_dir) / "img" / f"{self.section}.png"
+        self.quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality()
+        self.headline = next(iter(self.quality_sets))  # dl19 when measured
+        self.previous = json.loads(self.out.read_text()) if args.reanalyze else None
+
+    def run(self) -> dict:
+        """Capacity, then every configuration's record file (``--reanalyze``: the earlier run's)."""
+        if self.previous:
+            return {"capacity": self.previous["capacity_rps"], "peer_capacity": self.previous["peer_capacity_rps"],
+                    "records": {name: self.run_dir / f"{name}.records.jsonl" for name in self.previous["configs"]}}
+        args, log, opts = self.args, self.log, self.opts
+        stack = (self.run_dir, self.base, self.sublms, self.target_ms, args.num_cpus)
+        capacity = args.capacity_rps or measure_capacity("static-full", opts, *stack, args.probe_concurrency, log=log)
         log(f"capacity of the full SubLM: {capacity:.1f} req/s")
         peer_capacity = None
-        if args.peer_capacity and "infinity" in configs:
-            peer_capacity = measure_capacity("infinity", opts, run_dir, base, sublms, target_ms, args.num_cpus,
-                                             args.probe_concurrency, log=log)
+        if args.peer_capacity and "infinity" in self.configs:
+            peer_capacity = measure_capacity("infinity", opts, *stack, args.probe_concurrency, log=log)
             log(f"capacity of infinity-emb: {peer_capacity:.1f} req/s")
+        return {"capacity": capacity, "peer_capacity": peer_capacity,
+                "records": {name: run_configuration(name, opts, capacity, *stack, log) for name in self.configs}}
 
-    results = {}
-    for name in configs:
-        record = run_dir / f"{name}.records.jsonl" if previous else \
-            run_configuration(name, opts, capacity, run_dir, base, sublms, target_ms, args.num_cpus, log)
+    def analyze(self, measured: dict) -> dict:
+        quality = self.quality_sets[self.headline]
+        results, run = {}, None
+        for name, record in measured["records"].items():
+            results[name], run = self.configuration(name, record, quality)
+        shape = json.loads(json.dumps(run["shape"])) if results else {}
+        previous, opts = self.previous, self.opts
+        command = previous["command"] if previous else "elasticlm loadtest " + " ".join(self.args.argv)
+        return {"run": self.section, "command": command,
+                "date": previous["date"] if previous else time.strftime("%Y-%m-%d"), "machine": machine(),
+                "target_ms": self.target_ms, "capacity_rps": measured["capacity"],
+                "peer_capacity_rps": measured["peer_capacity"], "shape": shape,
+                "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
+                "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
+                "quality_set": self.headline, "quality_sets": self.quality_sets, "configs": results,
+                "dl19_provenance": previous.get("dl19_provenance", DL19_UNRECORDED) if previous
+                else dl19_provenance(self.checkpoint)}
+
+    def configuration(self, name: str, record: Path, quality: dict) -> tuple[dict, dict]:
+        """One configuration's figures from its record file, replica samples and scaling decisions."""
         run, requests, summary = read_records(record)
         t0 = run["started_at"]
-        replicas = json.loads((run_dir / f"{name}.replicas.json").read_text())
-        scaling_path = run_dir / f"{name}.scaling.json"
+        replicas = json.loads((self.run_dir / f"{name}.replicas.json").read_text())
+        scaling_path = self.run_dir / f"{name}.scaling.json"
         scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else []
-        results[name] = {"summary": summarize(requests, target_ms, quality), "timeline": timeline(requests, t0),
-                         "replicas": [(round(t - t0, 2), n) for t, n in replicas],
-                         "scaling": [(round(t - t0, 2), a, b) for t, a, b in scaling], "locust": summary,
-                         "record_file": str(record)}
-        for other, table in quality_sets.items():  # the same requests weighed by the other quality table
-            if other != headline:
-                o = summarize(requests, target_ms, table)
-                results[name][f"{other}_quality"] = {k: o[k] for k in ("mean_served_quality", "effective_accuracy")}
-        s = results[name]["summary"]
-        log(f"[{name}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
-            f"failures {s['failures']}  quality {s['mean_served_quality']:.4f}  eff. acc {s['effective_accuracy']:.4f}")
-    shape = json.loads(json.dumps(run["shape"])) if results else {}
-    command = previous["command"] if previous else "elasticlm loadtest " + " ".join(args.argv)
-    doc = {"run": run_name, "command": command, "date": previous["date"] if previous else time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.platform()}",
-           "target_ms": target_ms, "capacity_rps": capacity, "peer_capacity_rps": peer_capacity, "shape": shape,
-           "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
-           "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
-           "quality_set": headline, "quality_sets": quality_sets, "configs": results,
-           "dl19_provenance": previous.get("dl19_provenance", DL19_UNRECORDED) if previous
-           else dl19_provenance(checkpoint)}
-    doc["targets"] = check_targets(args.shape, results, quality, capacity, peer_capacity, sublms, target_ms)
-    out = Path(args.out_dir) / f"{run_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    docs = Path(args.docs_dir)
-    image = docs / "img" / f"{run_name}.png"
-    plot(doc, image)
-    write_section(run_name, markdown(doc, f"img/{image.name}"), doc=docs / "loadtests.md",
-                  header=LOADTESTS_HEADER, title=f"`{run_name}`: {args.shape}, {', '.join(results)}")
-    log(f"wrote {out}, {image} and {docs / 'loadtests.md'}")
-    return doc
+        result = {"summary": summarize(requests, self.target_ms, quality), "timeline": timeline(requests, t0),
+                  "replicas": [(round(t - t0, 2), n) for t, n in replicas],
+                  "scaling": [(round(t - t0, 2), a, b) for t, a, b in scaling], "locust": summary,
+                  "record_file": str(record)}
+        for other, table in self.quality_sets.items():  # the same requests weighed by the other quality table
+            if other != self.headline:
+                o = summarize(requests, self.target_ms, table)
+                result[f"{other}_quality"] = {k: o[k] for k in ("mean_served_quality", "effective_accuracy")}
+        s = result["summary"]
+        self.log(f"[{name}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
+                 f"failures {s['failures']}  quality {s['mean_served_quality']:.4f}  "
+                 f"eff. acc {s['effective_accuracy']:.4f}")
+        return result, run
+
+    def targets(self, doc: dict) -> dict:
+        return check_targets(self.args.shape, doc["configs"], doc["quality"], doc["capacity_rps"],
+                             doc["peer_capacity_rps"], self.sublms, self.target_ms)
+
+    def plot(self, doc: dict) -> None:
+        plot(doc, self.image)
+
+    def markdown(self, doc: dict) -> str:
+        return markdown(doc, f"img/{self.image.name}")
+
+    def title(self, doc: dict) -> str:
+        return f"`{self.section}`: {self.args.shape}, {', '.join(doc['configs'])}"
+
+    def execute(self) -> dict:
+        doc = super().execute()
+        self.log(f"wrote {self.out}, {self.image} and {self.page}")
+        return doc
+
+
+def run_experiment(args, log=print) -> dict:
+    return LoadTest(args, log).execute()
 
 
 def add_arguments(p) -> None:
@@ -629,16 +394,6 @@ def add_arguments(p) -> None:
     p.add_argument("--docs-dir", default=str(REPO_ROOT / "docs"), help="loadtests.md and img/<run>.png")
     p.add_argument("--reanalyze", action="store_true",
                    help="rebuild the JSON, plot and table of run --name from its record files; start nothing")
-
-
-def run_until_sigterm(experiment, args) -> int:
-    """Run ``experiment(args)``; SIGTERM unwinds it, so every deployment's ``finally`` tears it down."""
-    def stop(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, stop)
-    experiment(args)
-    return 0
 
 
 def main(args) -> int:

@@ -100,17 +100,11 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
     per text, ``TARGET_MS``, no calibration, so which SubLM serves is exact on any machine."""
     import grpc
     import redis
-    from ray import serve
 
-    import ray
     from deployments.grpc_api import elasticlm_pb2_grpc
-    from deployments.local import DEFAULT_CONFIG, RedisServer, free_port, load_serve_config, start_ray, start_serve
+    from deployments.local import DEFAULT_CONFIG, LocalStack, load_serve_config
 
     profile = synthetic_profile(tmp_path_factory.mktemp("serving"))
-    # Redis as in production: a password and TLS only; the replicas get the URL from their environment
-    redis_server = RedisServer(port=free_port(0), password="s3cret/with:odd@chars", tls=redis_tls).start()
-    http_port, grpc_port = free_port(0), free_port(0)
-    start_ray(num_cpus=2, redis_url=redis_server.url)
     # the local config's deployment, one replica, with this test's settings
     config = load_serve_config(DEFAULT_CONFIG)
     (app,) = config.applications
@@ -118,17 +112,14 @@ def stack(tmp_path_factory, checkpoint_dir, redis_tls):
                 "depth_ttl_s": 2.0, "num_threads": 1}
     (replica,) = app.deployments
     replica.num_replicas, replica.autoscaling_config = 1, None
-    start_serve(config, "127.0.0.1", http_port, grpc_port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    grpc.channel_ready_future(channel).result(timeout=30)
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel),
-           "grpc_target": f"127.0.0.1:{grpc_port}",
-           "channel": channel, "redis": redis_server,
-           "redis_client": redis.Redis.from_url(redis_server.url, decode_responses=True)}
-    channel.close()
-    serve.shutdown()
-    ray.shutdown()
-    redis_server.stop()
+    # Redis as in production: a password and TLS only; the replicas get the URL from their environment
+    with LocalStack(config, redis_password="s3cret/with:odd@chars", redis_tls=redis_tls, num_cpus=2) as local:
+        channel = grpc.insecure_channel(local.grpc_target)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield {"http": local.url, "grpc": elasticlm_pb2_grpc.ElasticLMStub(channel), "grpc_target": local.grpc_target,
+               "channel": channel, "redis": local.redis_server,
+               "redis_client": redis.Redis.from_url(local.redis_url, decode_responses=True)}
+        channel.close()
 
 
 class GhostDepth:

@@ -10,7 +10,8 @@ import yaml
 
 from deployments.local import DEFAULT_CONFIG, load_serve_config
 from loadtests.analysis import summarize, timeline
-from loadtests.runner import check_targets, serve_variant
+from loadtests.runner import check_targets
+from loadtests.stack import serve_variant
 
 QUALITY = {"w100": 0.64, "w50": 0.60, "w25": 0.56}
 SUBLMS = ["w100", "w75", "w50", "w25"]
