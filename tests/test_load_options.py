@@ -27,3 +27,24 @@ def test_the_locust_command_line_parses_back_to_the_same_options():
     parser = argparse.ArgumentParser()
     add_load_arguments(parser)
     assert LoadOptions.from_args(parser.parse_args(opts.locust_args())) == opts
+
+
+def test_the_locustfiles_parser_reads_the_runners_command_line():
+    from loadtests.options import add_locust_arguments
+
+    opts = LoadOptions(shape="step", duration_s=40.0, shape_kw="steps=3", protocol="mixed", max_users=50, seed=3)
+    parser = argparse.ArgumentParser()
+    add_locust_arguments(parser)
+    args = parser.parse_args(opts.locust_args() + ["--capacity-rps", "12.5", "--retry-on-shed", "after"])
+    assert LoadOptions.from_args(args) == opts
+    assert (args.capacity_rps, args.retry_on_shed, args.grpc_share) == (12.5, "after", 0.5)
+
+
+def test_shape_kw_reads_numbers_none_and_words():
+    from loadtests.options import shape_kwargs
+
+    assert shape_kwargs("steps=3, peak_frac=2.5,base_frac=-0.5,trace=none,interpolation=step") == {
+        "steps": 3, "peak_frac": 2.5, "base_frac": -0.5, "trace": None, "interpolation": "step"}
+    assert shape_kwargs("") == {}
+    with pytest.raises(ValueError, match="key=value"):
+        shape_kwargs("steps")
