@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from loadtests.cpu import cpu_by_process, cpu_delta
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,52 +32,6 @@ def load_name(clients: int, texts: int) -> str:
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-# ----------------------------------------------------------------------------- CPU accounting
-def process_tree(roots: list[int]) -> list:
-    import psutil
-
-    procs = []
-    for pid in roots:
-        try:
-            root = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            continue
-        procs += [root, *root.children(recursive=True)]
-    return procs
-
-
-def cpu_by_process(roots: list[int]) -> dict[str, float]:
-    """CPU seconds so far of every process under ``roots``, keyed 'name pid' (names: Ray actor titles)."""
-    import psutil
-
-    out = {}
-    for p in process_tree(roots):
-        try:
-            t = p.cpu_times()
-            name = " ".join(p.cmdline()[:1]) or p.name()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        out[f"{_short(name)} {p.pid}"] = t.user + t.system
-    return out
-
-
-def _short(name: str) -> str:
-    for key in ("ServeReplica", "ServeController", "ProxyActor", "HAProxyManager", "haproxy", "raylet",
-                "gcs_server", "dashboard", "log_monitor", "redis-server", "infinity", "RuntimeEnv", "elasticlm"):
-        if key in name:
-            return key
-    return Path(name.split()[0]).name if name else "?"
-
-
-def cpu_delta(before: dict, after: dict) -> dict[str, float]:
-    """Per kind of process (summed over pids): CPU seconds spent between the two snapshots."""
-    out: dict[str, float] = {}
-    for key, value in after.items():
-        kind = key.rsplit(" ", 1)[0]
-        out[kind] = out.get(kind, 0.0) + value - before.get(key, 0.0)
-    return out
 
 
 # ----------------------------------------------------------------------------- servers

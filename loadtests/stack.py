@@ -27,6 +27,7 @@ import yaml
 
 from deployments.ports import free_port, port_is_free
 from elastic_core.paths import REPO_ROOT
+from loadtests.cpu import tree_cpu_s
 from loadtests.options import LoadOptions
 
 CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
@@ -268,17 +269,7 @@ def measure_capacity(name: str, opts: LoadOptions, run_dir: Path, base_config: d
 
 def stack_cpu_s(deployment: ServeDeployment) -> float:
     """CPU seconds (user + system) used so far by every process of the stack (replicas, HAProxy, Ray)."""
-    import psutil
-
-    total = 0.0
-    root = psutil.Process(deployment.proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
+    return tree_cpu_s(deployment.proc.pid)
 
 
 def refusal_cost(deployment: ServeDeployment, n: int = 1500, threads: int = 4) -> dict:
