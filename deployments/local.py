@@ -4,6 +4,10 @@ Starts (and owns) a Redis server unless ``--redis-url`` / ``$REDIS_URL`` names o
 instance, and the Serve app described by a Serve config YAML (default ``cluster/config.local.yaml``),
 HTTP on 127.0.0.1:8000 and gRPC on :9000. On Ctrl-C or SIGTERM it stops taking connections, finishes
 the open requests (at most ``DRAIN_TIMEOUT_S``), then tears down everything it started.
+
+``LocalStack`` is that stack as an object, the one way it is started: by ``elasticlm serve`` here, by the
+tests' ``stack`` fixture and by the serving benchmarks' measuring subprocess in their own process, and by
+the load tests and faults through ``elasticlm serve`` in a process of its own (``loadtests/stack.py``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ time-out), p99 before / during / after the fault, seconds until the live replica
 are back. Output: ``benchmarks/results/faults.json``, ``docs/img/faults-<scenario>.png`` and a section
 of ``docs/reliability.md``.
 
-Scenarios (``SCENARIOS``):
+Scenarios (``loadtests/scenarios.py:SCENARIOS``, where each fault is injected):
   * ``redis-kill``: redis-server SIGKILLed, restarted empty on the same port ``--outage-s`` later;
     replicas schedule on their local depth meanwhile and repopulate Redis with their heartbeats;
   * ``redis-pause``: Redis alive but silent for 5 s (``CLIENT PAUSE``): every depth sync times out;
