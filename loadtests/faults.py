@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from elastic_core.paths import REPO_ROOT
 from loadtests.analysis import read_records, response_ms, timeline
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
 from loadtests.scenarios import SCENARIOS, SlowLink
-from loadtests.stack import (ServeDeployment, measure_capacity, refusal_cost, sample_depth_and_cpu, serve_variant,
-                             started)
+from loadtests.stack import (BaseConfig, ServeDeployment, measure_capacity, refusal_cost, sample_depth_and_cpu,
+                             serve_variant, started)
 
 SETTLE_S = 5.0   # "during" runs until this long after the fault ended: the targets' recovery bound
 
@@ -327,13 +327,9 @@ class Chaos(Experiment):
     section = "faults"
 
     def __init__(self, args, log=print):
-        from elastic_core.model import load_config
-
         self.args, self.log = args, log
-        self.base = yaml.safe_load(Path(args.config).read_text())
-        (app,) = self.base["applications"]
-        self.sublms = load_config(app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)).sublm_names
-        self.target_ms = float(app["args"].get("target_ms", 150.0))
+        base = BaseConfig.read(args.config)
+        self.base, self.sublms, self.target_ms = base.serve, base.sublms, base.target_ms()
         self.names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         unknown = set(self.names) - set(SCENARIOS)
         if unknown:

@@ -29,14 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance
-from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
+from elastic_core.paths import REPO_ROOT
 from loadtests.analysis import read_records, summarize, timeline
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
-from loadtests.stack import CONFIGS, deployment_for, measure_capacity, sample_replicas, started
+from loadtests.stack import CONFIGS, BaseConfig, deployment_for, measure_capacity, sample_replicas, started
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -267,15 +265,12 @@ class LoadTest(Experiment):
     header = LOADTESTS_HEADER
 
     def __init__(self, args, log=print):
-        from elastic_core.model import load_config
         from loadtests.peer import infinity_available
 
         self.args, self.log = args, log
-        self.base = yaml.safe_load(Path(args.config).read_text())
-        (app,) = self.base["applications"]
-        self.checkpoint = app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)
-        self.sublms = load_config(self.checkpoint).sublm_names
-        self.target_ms = float(args.target_ms or app["args"].get("target_ms", 150.0))
+        base = BaseConfig.read(args.config)
+        self.base, self.checkpoint, self.sublms = base.serve, base.checkpoint, base.sublms
+        self.target_ms = float(args.target_ms or base.target_ms())
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         unknown = set(configs) - set(CONFIGS)
         if unknown:
@@ -285,8 +280,7 @@ class LoadTest(Experiment):
             configs.remove("infinity")
         if args.task == "rerank":
             configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
-            self.target_ms = float(args.target_ms or (app["args"].get("task_target_ms") or {}).get("rerank",
-                                                                                                 self.target_ms))
+            self.target_ms = float(args.target_ms or base.target_ms("rerank"))
         self.configs = configs
         self.opts = LoadOptions.from_args(args)
         self.opts.protocol = self.opts.protocol or "http"  # an experiment's results name the protocol it ran

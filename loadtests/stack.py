@@ -21,16 +21,42 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from deployments.ports import free_port, port_is_free
-from elastic_core.paths import REPO_ROOT
+from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
 from loadtests.cpu import tree_cpu_s
 from loadtests.options import LoadOptions
 
 CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """The base Serve config (one application) every configuration derives from, and what it says of the
+    model: its checkpoint, that checkpoint's SubLMs (largest first) and each task's latency target."""
+
+    serve: dict
+    checkpoint: str
+    sublms: list[str]
+
+    @classmethod
+    def read(cls, path: str | Path) -> BaseConfig:
+        from elastic_core.model import load_config
+
+        serve = yaml.safe_load(Path(path).read_text())
+        (app,) = serve["applications"]
+        checkpoint = app["args"].get("checkpoint") or str(DEFAULT_CHECKPOINT)
+        return cls(serve, checkpoint, load_config(checkpoint).sublm_names)
+
+    def target_ms(self, task: str = "embed") -> float:
+        """T of ``task``: its own (``task_target_ms``) if the config gives one, else ``target_ms``."""
+        (app,) = self.serve["applications"]
+        default = float(app["args"].get("target_ms", 150.0))
+        return float((app["args"].get("task_target_ms") or {}).get(task, default)) if task != "embed" else default
 
 
 def static_sublm(name: str, sublms: list[str]) -> str:
