@@ -41,6 +41,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--keep", type=int, default=5, help="SubLMs of the front to keep")
     parser.add_argument("--write", help="a checkpoint directory whose config gets the kept ladder")
+    parser.add_argument("--dl19-system", default="BM25", help="DL19 lists to rerank: a first stage of "
+                        "candidates.tsv (BM25: the served rerank's case) or '' for the union of all five")
+    parser.add_argument("--scifact-max-docs", type=int, help="SciFact: judged docs + a seeded sample, N in all")
     parser.add_argument("--pruned-only", action="store_true", help="also measure each candidate pruned, untrained")
     parser.add_argument("--reuse", action="store_true", help="take the measurements from --out; only select")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ladder.json"))
@@ -78,8 +81,8 @@ def measure(args) -> dict:
         rounds["teacher_hf"].append(hf_teacher_latency_ms(32, 128, args.repeats))
     latency = {k: statistics.median(v) for k, v in rounds.items()}
     # the pruned-only baseline of every candidate doubles the time: --pruned-only when it is wanted
-    dl19 = eval_dl19_dense(args.checkpoint, data_dir, pruned_only=args.pruned_only)
-    scifact = eval_scifact(args.checkpoint, data_dir, pruned_only=args.pruned_only)
+    dl19 = eval_dl19_dense(args.checkpoint, data_dir, pruned_only=args.pruned_only, system=args.dl19_system or None)
+    scifact = eval_scifact(args.checkpoint, data_dir, args.scifact_max_docs, pruned_only=args.pruned_only)
     candidates = {}
     for name in names:
         candidates[name] = {
@@ -97,7 +100,8 @@ def measure(args) -> dict:
     config = json.loads((Path(args.checkpoint) / "train_config.json").read_text())
     return {"command": "python benchmarks/ladder.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
             "device": device_name(torch.device("cpu")), "machine": platform.platform(),
-            "checkpoint": str(args.checkpoint),
+            "checkpoint": str(args.checkpoint), "dl19_dataset": dl19["dataset"],
+            "scifact_dataset": f"beir/scifact test, {scifact['corpus_docs']} docs, {scifact['queries']} queries",
             "provenance": {"dl19": dl19_provenance(args.checkpoint), "scifact": scifact_provenance(args.checkpoint)},
             "training_text": config.get("training_text"), "texts_seen": config.get("texts_seen"),
             "teacher": {"dl19_ndcg@10": dl19["teacher"]["ndcg@10"], "scifact_ndcg@10": scifact["teacher"]["ndcg@10"],
@@ -160,7 +164,7 @@ def markdown(r: dict) -> str:
     kept, front = set(r["kept"]), set(r["front"])
     lines = [f"Measured {r['date']}: `{r['command']}` on {r['device']}. Checkpoint `{r['checkpoint']}` "
              f"({r['texts_seen'] or 0:,} texts seen); DL19 {r['provenance']['dl19']}, SciFact {r['provenance']['scifact']}. "
-             "DL19: dense rerank of the candidate union, graded NDCG@10; SciFact: test, dense retrieval. Latency: "
+             f"DL19: {r['dl19_dataset']}, graded NDCG@10; SciFact: {r['scifact_dataset']}, dense retrieval. Latency: "
              "batch 32 x seq 128, median of 3 interleaved rounds.", "",
              "| SubLM | heads, FFN, layers | latency ms | / w100 | DL19 | / teacher | SciFact | / teacher | front | kept |",
              "|---|---|---|---|---|---|---|---|---|---|"]

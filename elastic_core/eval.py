@@ -135,13 +135,14 @@ def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR
 
 
 def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, baselines: bool = True,
-                    progress: bool = True, pruned_only: bool = True) -> dict:
+                    progress: bool = True, pruned_only: bool = True, system: str | None = None) -> dict:
     """TREC DL 2019 passage, dense reranking: each judged query's candidates (the union of the five
-    first stages in candidates.tsv) ordered by cosine; graded NDCG@10. Evaluation only: no part of
+    first stages in candidates.tsv, or ``system``'s list, e.g. ``BM25``) ordered by cosine; graded NDCG@10. Evaluation only: no part of
     TREC DL is ever used for training."""
-    queries, passages, candidates, qrels = load_dl19(data_dir, system=None)
+    queries, passages, candidates, qrels = load_dl19(data_dir, system=system)
     docs = {p: passages[p] for cands in candidates.values() for p in cands if p in passages}
-    return {"dataset": "trec-dl-2019 passage, dense rerank of the candidate union", "corpus_docs": len(docs),
+    lists = f"{system}'s top 100" if system else "the candidate union"
+    return {"dataset": f"trec-dl-2019 passage, dense rerank of {lists}", "corpus_docs": len(docs),
             "queries": len(queries),
             **eval_dense(checkpoint, queries, docs, {q: qrels[q] for q in queries}, candidate_run(candidates),
                          baselines, progress, "dl19 eval", pruned_only)}
