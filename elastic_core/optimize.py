@@ -219,6 +219,7 @@ def starting_model(cfg: TrainConfig, tokenizer, texts: list[str], device):
 
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
     """Run (or resume) the recipe; write the checkpoint to ``cfg.out``."""
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .corpus import TeacherCache, read_corpus
@@ -243,8 +244,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
         teacher = permute_by_importance(teacher, scores["head_scores"], scores["neuron_scores"])
 
     calibration = cfg.calibration_texts if not cfg.init else 0  # the importance texts are not trained on
-    batches = [b for b in length_bucketed_batches(lengths[calibration:], cfg.max_batch, cfg.seed, cfg.tokens_per_batch)]
-    batches = [[i + calibration for i in b] for b in batches]
+    batches = [[i + calibration for i in b]
+               for b in length_bucketed_batches(lengths[calibration:], cfg.max_batch, cfg.seed, cfg.tokens_per_batch)]
     planned = len(batches) if cfg.texts is None else _steps_for(batches, cfg.texts)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -302,8 +303,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
     model.eval().cpu()
     out = Path(cfg.out)
     save_checkpoint(model, out)
-    from safetensors.torch import save_file
-
     save_file(scores, str(out / IMPORTANCE_FILE))
     read = _sources_read(sources, batches[:plan["steps"]], calibration)
     record = asdict(cfg) | {"training_text": read, "texts_seen": seen,
