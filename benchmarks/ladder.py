@@ -55,8 +55,11 @@ def main():
     result["targets"] = targets(result["candidates"], result["kept"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, ROOT / "docs" / "img" / "ladder_pareto.png")
-    write_section("ladder", markdown(result), title="The SubLM ladder on a measured front (issue 28): `benchmarks/ladder.py`")
+    # named by --out: the candidates' run (ladder.json) and the default checkpoint's (ladder-default.json) sit side by side
+    name = Path(args.out).stem
+    result["plot"] = f"img/{name.replace('-', '_')}_pareto.png"
+    plot(result, ROOT / "docs" / result["plot"])
+    write_section(name, markdown(result), title=f"The SubLM ladder on a measured front (issue 28): `{name}`")
     if args.write:
         write_ladder(Path(args.write), Path(args.checkpoint), result["kept"])
     print(markdown(result))
@@ -176,7 +179,7 @@ def markdown(r: dict) -> str:
     lines.append(f"| teacher (HF) | | {t['latency_ms_b32_s128']:.1f} | | {t['dl19_ndcg@10']:.4f} | 1.000 | "
                  f"{t['scifact_ndcg@10']:.4f} | 1.000 | | |")
     lines += ["", "| target | met |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["targets"].items()]
-    lines += ["", "![quality vs latency of every candidate SubLM](img/ladder_pareto.png)"]
+    lines += ["", f"![quality vs latency of every candidate SubLM]({r.get('plot', 'img/ladder_pareto.png')})"]
     return "\n".join(lines)
 
 

@@ -82,3 +82,12 @@ def test_token_budget_batches_hold_more_short_texts():
         assert len(b) * max(lengths[i] for i in b) <= 1280
     assert max(len(b) for b in batches if lengths[b[0]] == 10) >= 100
     assert max(len(b) for b in batches if lengths[b[0]] == 120) <= 10
+
+
+def test_default_recipe_trains_the_width_ladder_w25_every_step_and_w100_every_second():
+    cfg = TrainConfig()
+    assert list(cfg.sublms) == ["w100", "w75", "w50", "w25"]
+    plan = [cfg.sublms_at(s) for s in range(8)]
+    assert all("w25" in names for names in plan)
+    assert [("w100" in names) for names in plan] == [True, False] * 4
+    assert {n for names in plan for n in names} == set(cfg.sublms)
