@@ -21,7 +21,8 @@ PEER_STAMP := $(PEER_VENV)/.installed
 PEER_CONSTRAINTS := loadtests/infinity-constraints.txt
 INFINITY_VERSION ?= 0.0.78
 
-.PHONY: setup run test test-fast profile eval-quick serve redis clean peer cluster cluster-stop cluster-status
+.PHONY: setup run test test-fast profile eval-quick serve redis clean peer cluster cluster-stop cluster-status \
+	gpu-bench gpu-carry
 
 setup: $(STAMP) redis
 
@@ -72,6 +73,15 @@ cluster-stop:
 
 cluster-status:
 	$(BIN)/python -m deployments.ray_cluster status --dir $(CLUSTER_DIR)
+
+# The GPU path (benchmarks/gpu.py: t_k per dtype, replicas sharing one GPU, a spike; ~7 min). gpu-bench on a
+# GPU host with the project installed; a lent GPU machine has no Ray and no network: gpu-carry gathers here
+# what it lacks, and the device tool runs `bash scripts/device_gpu_bench.sh run` with carry [".gpu-carry"].
+gpu-bench: setup
+	$(BIN)/python benchmarks/gpu.py
+
+gpu-carry:
+	scripts/device_gpu_bench.sh prepare
 
 # Peer server for load-test comparisons (not needed by `make test` or CI): infinity-emb with CPU torch,
 # kept by the constraints file. See loadtests/peer.py.

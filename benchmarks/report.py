@@ -18,6 +18,7 @@ TITLES = {
     "serving": "The serving core: raw model, this stack and infinity-emb (issues 4, 10): `benchmarks/serving.py`",
     "tasks": "Rankers and GLUE classification (issues 3, 12): `benchmarks/tasks.py`",
     "replication": "Replica layouts: a Pareto sweep (issue 11): `benchmarks/replication.py`",
+    "gpu": "The GPU path: t_k per dtype, replicas sharing a GPU, a spike (issue 32): `benchmarks/gpu.py`",
 }
 
 

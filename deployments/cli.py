@@ -20,6 +20,9 @@ def register_serve(sub) -> None:
     p.add_argument("--target-ms", type=float, help="override the config's latency target T")
     p.add_argument("--checkpoint", help="override the config's checkpoint directory")
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
+    p.add_argument("--api-key", help="require 'authorization: Bearer KEY' on every route and RPC but health "
+                                     "(default: $ELASTICLM_API_KEY or the file $ELASTICLM_API_KEY_FILE names; "
+                                     "prefer those: a command line is visible to every local user)")
     p.set_defaults(func=_serve)
 
 

@@ -19,6 +19,7 @@ from deployments.contract import Limits
 from deployments.tasks import SERVED_TASKS, TASKS
 from elastic_core.batching import Chunking
 from elastic_core.engine import ServingEngine
+from elastic_core.model import DTYPES
 from elastic_core.paths import DEFAULT_CHECKPOINT
 from elastic_core.schedule import ElasticSchedule
 from elastic_core.settings import POSITIVE, default_of, setting_problems
@@ -35,7 +36,9 @@ class ReplicaConfig:
     model_name: str = "elastic-minilm-l6"          # reported to clients (OpenAI "model", /info)
     device: str = "auto"                           # "auto": the GPU when there is one
     num_threads: int | None = None                 # torch threads; Ray pins OMP to the actor's num_cpus otherwise
-    sublms: list[str] | None = None                # SubLMs served (largest first); one = a static deployment
+    dtype: str = "float32"                         # what the model computes in: float16 / bfloat16 on a GPU
+                                                   # (elastic_core.model.DTYPES; the profile is measured in it)
+    sublms: list[str] | None = None                # SubLMs served (best first); one = a static deployment
     tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
                                                    # schedule and global depth (deployments/tasks/)
     classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>
@@ -67,7 +70,8 @@ class ReplicaConfig:
     drain_s: float = default_of(ServingEngine.close, "drain_s")  # on shutdown, finish accepted requests this long
 
     # the replica's own: a replica with a shared depth must beat (the engine alone also takes 0, no heartbeat)
-    SETTING_RULES = {"chunk_texts": POSITIVE, "heartbeat_s": POSITIVE}
+    SETTING_RULES = {"chunk_texts": POSITIVE, "heartbeat_s": POSITIVE,
+                     "dtype": (lambda v: v in DTYPES, f"one of {list(DTYPES)}")}
 
     def __post_init__(self):
         values = dataclasses.asdict(self)

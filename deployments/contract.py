@@ -1,6 +1,6 @@
 """What HTTP and gRPC agree on: validation, limits, tokenization, and the errors they map to status codes.
 
-Both protocol adapters (``http_adapter.py``, ``grpc_adapter.py``) translate their wire format into the
+Both protocol adapters (``http/``, ``grpc_adapter.py``) translate their wire format into the
 arguments of the task's ``request(validator, ...)`` (``deployments/tasks/``), which checks them with the
 ``Validator`` here, and map ``RequestError`` to their own status codes, so the two can never diverge on
 what is accepted. Validation is split from tokenization on purpose: the core's
@@ -86,6 +86,8 @@ class TaskRequest:
     kind: str = "passage"
     first_stage_scores: list[float] | None = None  # rerank: the retriever's score of each text (fused by rank)
     raw_scores: bool = False  # rerank / predict: the model's raw scores (logits, cosines), not 0..1 ones
+    dimensions: int | None = None  # embed: a declared reduced size (cut after the batch's forward); None: full
+    field: str = "inputs"  # what the client called ``texts`` ("input", "documents"): refusals name it so
 
     @property
     def examples(self) -> int:
@@ -109,6 +111,11 @@ class TaskTokenizer:
         self._whole.no_padding()
         self._whole.no_truncation()
 
+    @property
+    def whole(self):
+        """The tokenizer as the model reads a text, neither cut nor padded (TEI's /tokenize and /decode)."""
+        return self._whole
+
     def estimate(self, request: TaskRequest) -> int:
         """Tokens the request will take, from its characters alone (about 4 a WordPiece token in English,
         plus the special tokens): what admission needs before anything is tokenized."""
@@ -125,12 +132,12 @@ class TaskTokenizer:
         if not request.truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:
-                    self.refuse(i, len(self._whole.encode(*items[i], add_special_tokens=True).ids))
+                    self.refuse(request, i, len(self._whole.encode(*items[i], add_special_tokens=True).ids))
         return [enc.ids for enc in encodings], ([enc.type_ids for enc in encodings] if seconds is not None else None)
 
-    def refuse(self, i: int, tokens: int):
-        raise RequestError(413, f"{self.task.input_name(i)} has {tokens} tokens, more than the model's limit of "
-                                f"{self.max_tokens}; send truncate=true to truncate it")
+    def refuse(self, request: TaskRequest, i: int, tokens: int):
+        raise RequestError(413, f"{self.task.input_name(request, i)} has {tokens} tokens, more than the model's "
+                                f"limit of {self.max_tokens}; send truncate=true to truncate it")
 
 
 class Validator:
@@ -194,7 +201,20 @@ class Validator:
             if len(text) > self.limits.max_input_chars:
                 raise RequestError(413, f"{where} has {len(text)} characters, more than the limit of "
                                         f"{self.limits.max_input_chars}")
+            if not text.isascii():
+                self._refuse_lone_surrogate(text, where)
         return list(inputs)
+
+    @staticmethod
+    def _refuse_lone_surrogate(text: str, where: str):
+        """JSON lets a ``\\ud800`` escape stand alone (and Python's JSON reader decodes such bytes too), but
+        it is no Unicode character: the tokenizer, the response's JSON and protobuf all refuse it."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(422, f"{where} has a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                                    f"{e.start}: not Unicode text; a \\ud800-\\udbff escape must be followed by a "
+                                    "\\udc00-\\udfff one") from None
 
     # ----------------------------------------------------------------- tokenization
     def estimate_tokens(self, request: TaskRequest) -> int:

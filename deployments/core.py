@@ -4,7 +4,7 @@ Everything a request goes through once HTTP or gRPC has translated it into a val
 (``deployments/contract.py``) lives here, once: the unknown task, the deadline no load could meet,
 admission (before any tokenizer work, so refusing costs next to nothing), shed counting, tokenizing,
 the engine's queue (``elastic_core.engine.ServingEngine``), the overload answer and the task's answer
-(embeddings, ranks, label scores). The protocol adapters (``http_adapter.py``, ``grpc_adapter.py``)
+(embeddings, ranks, label scores). The protocol adapters (``http/``, ``grpc_adapter.py``)
 only translate wire formats, and the Serve deployment (``ingress.py``) only hosts a core: it passes in
 what only the host knows (its replica id, its metrics sink, the Redis queue depth) instead of the core
 looking them up, so the whole pipeline runs, and is tested, in a plain process.
@@ -63,11 +63,23 @@ class NoMetrics:
 def load_task_models(cfg: ReplicaConfig, device) -> dict:
     """The model of every served task, on ``device`` (each task's ``load``). All share the checkpoint's
     backbone and SubLMs; an adapter is merged into its own copy of the weights."""
+    from elastic_core.model import resolve_dtype
+
     loaded: dict = {}
     models = {task: SERVED_TASKS[task].load(cfg, device, loaded) for task in cfg.tasks}
     ranks = {task: m.sublms for task, m in models.items()}
     if len({tuple(r) for r in ranks.values()}) > 1:
         raise ValueError(f"the tasks' models disagree on the SubLMs: {ranks}")
+    dtype = resolve_dtype(cfg.dtype)
+    if dtype != torch.float32:  # once, before the latency profile is measured: t_k is the served dtype's
+        for m in models.values():
+            backbone = getattr(m.model, "encoder", m.model)  # a task model's, or the backbone itself
+            lowered = [s for s in m.sublms if (cfg.sublms is None or s in cfg.sublms)
+                       and backbone.config.sublm(s).precision != "fp32"]
+            if lowered:  # their lowered matrices take and give fp32 activations
+                raise ValueError(f"dtype={cfg.dtype!r} runs the whole model in {cfg.dtype}; the precision "
+                                 f"variants {lowered} lower their own matrices: serve them with dtype float32")
+            m.model.to(dtype)  # the tasks may share one module: casting it again changes nothing
     return models
 
 

@@ -58,7 +58,8 @@ class GrpcServicer:
         response = await self._rpc(
             request, grpc_context, "EmbedRequest",
             lambda m, meta: EMBED.request(self.core.validator, list(m.inputs), kind=m.kind or None,
-                                          **self._options(m, meta)),
+                                          **self._options(m, meta),
+                                          dimensions=m.dimensions if m.HasField("dimensions") else None),
             lambda _, served: elasticlm_pb2.EmbedResponse(
                 embeddings=[elasticlm_pb2.Embedding(values=row) for row in np.asarray(served.embeddings).tolist()],
                 sublm=served.sublm, prompt_tokens=served.num_tokens))
@@ -100,7 +101,7 @@ class GrpcServicer:
         return elasticlm_pb2.InfoResponse(
             model=info["model"], sublms=info["sublms"], target_ms=info["target_ms"],
             tasks=[elasticlm_pb2.TaskInfo(name=name, max_input_tokens=t["max_input_tokens"], target_ms=t["target_ms"],
-                                          ranker=t.get("ranker", ""))
+                                          ranker=t.get("ranker", ""), dimensions=t.get("dimensions", []))
                    for name, t in info["tasks"].items()],
             max_inputs=info["max_inputs"], max_input_chars=info["max_input_chars"],
             max_body_bytes=info["max_body_bytes"], classifier=predict.get("classifier", ""),

@@ -3,7 +3,7 @@
 Each replica builds one core (``deployments/core.py``: the models, the engine, the request pipeline),
 handing it what only a Serve replica knows: its replica id, Ray's metrics, and the Redis-shared queue
 depth (``deployments/queue_depth.py``). With Serve's direct ingress the replica answers HTTP
-(``http_adapter.build_http_app``) and gRPC, ``elasticlm.v1`` and TEI's ``tei.v1`` (it is a
+(``deployments.http.build_http_app``) and gRPC, ``elasticlm.v1`` and TEI's ``tei.v1`` (it is a
 ``tei_grpc_adapter.ElasticAndTeiServicer``), itself; HAProxy in
 front balances over replicas. A request costs one process and no Ray hop. Measured: a proxy and a
 separate ingress deployment cost ~20 ms of CPU per request here; this path ~2 ms (docs/benchmarks.md).
@@ -17,9 +17,11 @@ import os
 from ray import serve
 from ray.serve import metrics
 
+from deployments.auth import ApiKey
 from deployments.config import ReplicaConfig
 from deployments.core import ServingCore
-from deployments.http_adapter import build_http_app
+from deployments.haproxy_admission import CapacityPublisher
+from deployments.http import build_http_app
 from deployments.tei_grpc_adapter import ElasticAndTeiServicer
 from deployments.tasks import SERVED_TASKS
 from elastic_core.engine import BatchRecord
@@ -82,6 +84,9 @@ class RayMetrics:
 class ElasticReplica(ElasticAndTeiServicer):
     def __init__(self, config: ReplicaConfig | dict | None = None):
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
+        # the API key, like the Redis URL, from the replica's environment only; read before the models load,
+        # so a bad one fails the start at once (deployments/auth.py)
+        api_key = ApiKey.from_environment()
         replica_id = serve.get_replica_context().replica_id.unique_id
         # the URL (with its password) comes from the replica's environment unless given: on Kubernetes
         # it is a Secret mounted as $REDIS_URL and never appears in Serve's config or status
@@ -96,12 +101,15 @@ class ElasticReplica(ElasticAndTeiServicer):
             return self.depths[task]
 
         super().__init__(ServingCore.build(cfg, replica_id, shared_depth if redis_url else None,
-                                           RayMetrics(uses_redis=bool(redis_url))).start())
-        logger.info("ElasticReplica %s ready: redis %s", replica_id, "on" if redis_url else "off")
+                                           RayMetrics(uses_redis=bool(redis_url))).start(), api_key)
+        # what HAProxy caps this replica at, kept where HAProxy reads it (deployments/haproxy_admission.py)
+        self.haproxy_capacity = CapacityPublisher.for_replica(self.core.engine).start()
+        logger.info("ElasticReplica %s ready: redis %s, API key %s", replica_id, "on" if redis_url else "off",
+                    "required" if api_key.required else "off")
 
     def __serve_build_asgi_app__(self):
         """Serve answers HTTP with this app, built once the core exists (``serve.ingress()`` without an app)."""
-        return build_http_app(self.core)
+        return build_http_app(self.core, self.api_key)
 
     # ----------------------------------------------------------------- Serve hooks and operators
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -113,6 +121,7 @@ class ElasticReplica(ElasticAndTeiServicer):
 
     async def __del__(self):
         """Graceful shutdown: finish what was accepted, then leave the shared depth."""
+        self.haproxy_capacity.withdraw()
         await self.core.close()
         for depth in self.depths.values():
             await depth.leave()

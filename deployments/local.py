@@ -28,8 +28,10 @@ import yaml
 
 from deployments.cli import DEFAULT_CONFIG  # noqa: F401  (the Serve config `elasticlm serve` runs by default)
 from deployments.contract import MAX_BODY_BYTES
+from deployments.haproxy_admission import binary_environment
 from deployments.ports import free_port, port_is_free
 from deployments.queue_depth import redacted
+from deployments.wire import API_KEY_ENV, API_KEY_FILE_ENV, api_key_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
 GRPC_SERVICERS = [
@@ -153,8 +155,10 @@ def app_from_config(config, overrides: dict | None = None):
 
 def serve_environment() -> dict[str, str]:
     """``SERVE_ENV``, plus ports of HAProxy's own (stats, metrics) that are free on this machine, so two
-    stacks on one machine (a test beside `elasticlm serve`) never share them."""
-    return {**SERVE_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(0)),
+    stacks on one machine (a test beside `elasticlm serve`) never share them, and this environment's
+    ``elasticlm-haproxy`` as the binary Serve runs for HAProxy (admission in HAProxy:
+    ``deployments/haproxy_admission.py``)."""
+    return {**SERVE_ENV, **binary_environment(), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(0)),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(0))}
 
 
@@ -162,7 +166,8 @@ def start_ray(num_cpus: int | None = None, redis_url: str | None = None):
     """A local Ray instance whose processes all see ``serve_environment()`` (what the environment
     already sets wins: e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs Serve's Python proxy instead) and
     ``$REDIS_URL``: the replicas read the URL, password included, from their environment, so it never
-    enters Serve's config, status or logs (on Kubernetes the same variable comes from a Secret)."""
+    enters Serve's config, status or logs (on Kubernetes the same variable comes from a Secret); so does
+    the API key, ``$ELASTICLM_API_KEY`` (``deployments/auth.py``)."""
     import ray
 
     if redis_url:
@@ -196,10 +201,12 @@ def deploy(config, extra_args: dict | None = None) -> str:
     return app_cfg.name
 
 
-def usage(app_name: str, host: str, http_port: int, grpc_port: int, config_path: str) -> str:
+def usage(app_name: str, host: str, http_port: int, grpc_port: int, config_path: str, api_key_on: bool = False) -> str:
+    key = (f"  API key required: add -H 'authorization: Bearer <key>' to the curls; the examples send ${API_KEY_ENV}\n"
+           if api_key_on else f"  no API key: anyone who reaches these ports is served ({API_KEY_ENV}, --api-key)\n")
     return f"""
 elasticlm is serving (application "{app_name}").
-  HTTP  http://{host}:{http_port}   OpenAPI docs: http://{host}:{http_port}/docs
+{key}  HTTP  http://{host}:{http_port}   OpenAPI docs: http://{host}:{http_port}/docs
     curl -s http://{host}:{http_port}/embed -H 'content-type: application/json' \\
          -d '{{"inputs": ["What is elastic serving?"]}}' -D - | grep -i -e x-elasticlm-sublm -e '^\\['
     curl -s http://{host}:{http_port}/v1/embeddings -H 'content-type: application/json' -d '{{"input": "hello"}}'
@@ -332,6 +339,14 @@ def main(args) -> int:
               "(another elasticlm serve?); stop it or choose --http-port / --grpc-port", file=sys.stderr, flush=True)
         return 2
     extra = {k: v for k, v in (("target_ms", args.target_ms), ("checkpoint", args.checkpoint)) if v}
+    if args.api_key is not None:  # the replicas, started below, inherit this environment (as $REDIS_URL)
+        os.environ.pop(API_KEY_FILE_ENV, None)
+        os.environ[API_KEY_ENV] = args.api_key
+    try:  # a bad key stops us here, before anything starts, rather than every replica
+        api_key_on = api_key_from_environment() is not None
+    except ValueError as e:
+        print(f"elasticlm serve: {e}", file=sys.stderr, flush=True)
+        return 2
     # no Redis named: ours, on loopback only, and still a password (any local user can reach loopback)
     stack = LocalStack(load_serve_config(args.config), args.host, args.http_port, args.grpc_port,
                        redis_url=args.redis_url or os.environ.get("REDIS_URL"), redis_port=args.redis_port,
@@ -360,7 +375,7 @@ def main(args) -> int:
         app_name = stack.start_serve()
         if stop.is_set():
             raise KeyboardInterrupt  # asked to stop while starting: tear down now
-        print(usage(app_name, args.host, args.http_port, args.grpc_port, args.config), flush=True)
+        print(usage(app_name, args.host, args.http_port, args.grpc_port, args.config, api_key_on), flush=True)
         while not stop.wait(0.5):
             if reload.is_set():  # kill -HUP: redeploy the (edited) config file, as `serve deploy` would
                 reload.clear()

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deployments.haproxy_admission import binary_environment
 from deployments.local import SERVE_ENV, RedisServer
 from deployments.ports import free_port, port_is_free
 
@@ -105,10 +106,11 @@ def worker_command(gcs_address: str, ports: NodePorts, num_cpus: int) -> list[st
 
 
 def node_environment(cluster_dir: Path, redis_url: str, auth: dict[str, str], ports: NodePorts) -> dict[str, str]:
-    """What every node starts with: the project's Serve settings (``SERVE_ENV``), Redis for the replicas,
+    """What every node starts with: the project's Serve settings (``SERVE_ENV``, and ``elasticlm-haproxy`` run
+    as HAProxy: ``deployments/haproxy_admission.py``), Redis for the replicas,
     token authentication, this node's Serve ports and the marker ``stop_cluster`` selects by."""
     inherited = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
-    return {**inherited, **SERVE_ENV, **ports.serve_env(), **auth, "REDIS_URL": redis_url,
+    return {**inherited, **SERVE_ENV, **binary_environment(), **ports.serve_env(), **auth, "REDIS_URL": redis_url,
             "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             MARKER: str(cluster_dir)}
 

@@ -7,7 +7,7 @@ come from the metadata ``x-elasticlm-deadline-ms`` / ``x-elasticlm-min-sublm`` (
 for them), and the SubLM that served is in the trailing metadata ``x-elasticlm-sublm`` (for a stream: each
 SubLM that served it, comma-separated, in the order first used). Refusals carry TEI's status codes for the
 same failures (``tei_status``). What the core cannot do is refused by name, never ignored: left
-truncation, ``normalize=false``, ``prompt_name``, other ``dimensions``, sparse and per-token embeddings.
+truncation, ``normalize=false``, ``prompt_name``, undeclared ``dimensions``, sparse and per-token embeddings.
 
 Serve calls the deployment method named like the RPC, whatever its package (``replica.py``:
 ``call_method = service_method.split("/")[-1]``), so ``tei.v1.Embed/Embed`` and ``elasticlm.v1.ElasticLM/Embed``
@@ -17,28 +17,27 @@ reach the same method: ``ElasticAndTeiServicer`` tells them apart by the request
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
-import itertools
 import time
-from importlib import metadata as package_metadata
 
 import grpc
 import numpy as np
 
+from deployments.auth import ApiKey, every_rpc_requires_api_key
 from deployments.contract import RequestError, TaskRequest, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
 from deployments.grpc_adapter import GrpcServicer
-from deployments.grpc_api import tei_pb2
-from deployments.grpc_api.servicer import UndecodableTei
+from deployments.grpc_api import elasticlm_pb2, tei_pb2
+from deployments.grpc_api.servicer import TEI_SERVICES, UndecodableTei
 from deployments.tasks import EMBED, PREDICT, RERANK
+from deployments.tei import (NOT_SERVED, decode_ids, info_fields, no_prompt, normalized, simple_tokens,
+                             truncate_at_end)
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER
 
 # TEI answers a request its model's task cannot serve (a rerank on an embedding model) FAILED_PRECONDITION;
 # invalid input INVALID_ARGUMENT and overload RESOURCE_EXHAUSTED, as elasticlm.v1 does
 TEI_CODES = {404: grpc.StatusCode.FAILED_PRECONDITION}
-MODEL_TYPES = {EMBED.name: tei_pb2.MODEL_TYPE_EMBEDDING, RERANK.name: tei_pb2.MODEL_TYPE_RERANKER,
-               PREDICT.name: tei_pb2.MODEL_TYPE_CLASSIFIER}
+INFO_FIELDS = {f.name for f in tei_pb2.InfoResponse.DESCRIPTOR.fields} - {"model_type"}  # those of TEI's info it has
 
 
 def tei_status(error: RequestError) -> grpc.StatusCode:
@@ -58,19 +57,13 @@ def decoded(message):
 
 
 def truncate_right(message) -> bool:
-    """``truncate`` as sent (proto3: false unless set, so an over-long input is refused, as TEI does);
-    left truncation is refused where it would apply, rather than silently cutting the other end."""
-    if message.truncate and message.truncation_direction == tei_pb2.TRUNCATION_DIRECTION_LEFT:
-        raise RequestError(400, "truncation_direction=TRUNCATION_DIRECTION_LEFT is not supported: inputs over the "
-                                "token limit are cut at the end; send TRUNCATION_DIRECTION_RIGHT, or truncate=false "
-                                "to have them refused")
-    return message.truncate
+    """``truncate`` as sent (proto3: false unless set, so an over-long input is refused, as TEI does)."""
+    return truncate_at_end(message.truncate, message.truncation_direction == tei_pb2.TRUNCATION_DIRECTION_LEFT,
+                           "TRUNCATION_DIRECTION_LEFT", "TRUNCATION_DIRECTION_RIGHT")
 
 
-def no_prompt(message):
-    if message.HasField("prompt_name"):
-        raise RequestError(400, f"prompt_name {message.prompt_name!r} is not supported: this model has no prompts; "
-                                "leave prompt_name unset")
+def prompt_name(message) -> str | None:
+    return message.prompt_name if message.HasField("prompt_name") else None
 
 
 def answer_metadata(request: TaskRequest, served: TaskAnswer, started: float) -> tei_pb2.Metadata:
@@ -80,6 +73,23 @@ def answer_metadata(request: TaskRequest, served: TaskAnswer, started: float) ->
         + sum(map(len, request.pairs or ()))
     return tei_pb2.Metadata(compute_chars=chars, compute_tokens=served.num_tokens,
                             total_time_ns=int((time.perf_counter() - started) * 1e9))
+
+
+def unary_rpc(one, response):
+    """A unary RPC that ``one(servicer, message, options)`` answers (``_unary``); a refusal's answer: ``response()``."""
+    async def rpc(self, request, grpc_context):
+        return await self._unary(request, grpc_context, functools.partial(one, self), response())
+
+    return rpc
+
+
+def stream_rpc(one):
+    """A bidirectional stream whose every message ``one(servicer, message, options)`` answers (``_each``)."""
+    async def rpc(self, requests, grpc_context):
+        async for response in self._each(requests, grpc_context, functools.partial(one, self)):
+            yield response
+
+    return rpc
 
 
 class TeiGrpcServicer:
@@ -161,27 +171,16 @@ class TeiGrpcServicer:
 
     # ----------------------------------------------------------------- tei.v1.Embed
     async def _embed(self, m, options):
-        no_prompt(m)
-        if m.HasField("normalize") and not m.normalize:
-            raise RequestError(400, "normalize=false is not supported: embeddings are L2-normalized")
-        if m.HasField("dimensions") and EMBED.name in self.core.models and m.dimensions != self.dimensions:
-            raise RequestError(400, f"dimensions={m.dimensions} is not supported: the embeddings have "
-                                    f"{self.dimensions} dimensions; send {self.dimensions} or leave it unset")
+        no_prompt(prompt_name(m))
+        normalized(not m.HasField("normalize") or m.normalize)
         v = self.core.validator
-        request = EMBED.request(v, v.texts(m.inputs, "inputs", one=True), truncate=truncate_right(m), **options)
+        request = EMBED.request(v, v.texts(m.inputs, "inputs", one=True), truncate=truncate_right(m), **options,
+                                dimensions=m.dimensions if m.HasField("dimensions") else None)
         return await self._serve(request, lambda served, meta: tei_pb2.EmbedResponse(
             embeddings=np.asarray(served.embeddings[0]).tolist(), metadata=meta))
 
-    @functools.cached_property
-    def dimensions(self) -> int:
-        return self.core.models[EMBED.name].model.config.hidden_size
-
-    async def tei_embed(self, request, grpc_context) -> tei_pb2.EmbedResponse:
-        return await self._unary(request, grpc_context, self._embed, tei_pb2.EmbedResponse())
-
-    async def EmbedStream(self, requests, grpc_context):
-        async for response in self._each(requests, grpc_context, self._embed):
-            yield response
+    tei_embed = unary_rpc(_embed, tei_pb2.EmbedResponse)
+    EmbedStream = stream_rpc(_embed)
 
     async def EmbedSparse(self, request, grpc_context) -> tei_pb2.EmbedSparseResponse:
         return self._unserved(grpc_context, "EmbedSparse", tei_pb2.EmbedSparseResponse())
@@ -201,8 +200,7 @@ class TeiGrpcServicer:
 
     @staticmethod
     def _unserved(grpc_context, rpc: str, empty):
-        why = ("this model has no sparse (SPLADE) head" if rpc.startswith("EmbedSparse")
-               else "the serving core answers pooled embeddings only, not one per token")
+        why = NOT_SERVED["sparse" if rpc.startswith("EmbedSparse") else "per_token"]
         grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         grpc_context.set_details(f"tei.v1.Embed/{rpc} is not served: {why}; use tei.v1.Embed/Embed")
         return empty
@@ -219,8 +217,7 @@ class TeiGrpcServicer:
 
         return await self._serve(request, respond)
 
-    async def tei_rerank(self, request, grpc_context) -> tei_pb2.RerankResponse:
-        return await self._unary(request, grpc_context, self._rerank, tei_pb2.RerankResponse())
+    tei_rerank = unary_rpc(_rerank, tei_pb2.RerankResponse)
 
     async def RerankStream(self, requests, grpc_context) -> tei_pb2.RerankResponse:
         """One (query, text) per message, one answer for all: every text ranked, best first, its index its
@@ -284,96 +281,57 @@ class TeiGrpcServicer:
     async def _predict_pair(self, m, options):
         return await self._predict(m, options, list(m.inputs))
 
-    async def tei_predict(self, request, grpc_context) -> tei_pb2.PredictResponse:
-        return await self._unary(request, grpc_context, self._predict, tei_pb2.PredictResponse())
-
-    async def PredictPair(self, request, grpc_context) -> tei_pb2.PredictResponse:
-        return await self._unary(request, grpc_context, self._predict_pair, tei_pb2.PredictResponse())
-
-    async def PredictStream(self, requests, grpc_context):
-        async for response in self._each(requests, grpc_context, self._predict):
-            yield response
-
-    async def PredictPairStream(self, requests, grpc_context):
-        async for response in self._each(requests, grpc_context, self._predict_pair):
-            yield response
+    tei_predict = unary_rpc(_predict, tei_pb2.PredictResponse)
+    PredictPair = unary_rpc(_predict_pair, tei_pb2.PredictResponse)
+    PredictStream = stream_rpc(_predict)
+    PredictPairStream = stream_rpc(_predict_pair)
 
     # ----------------------------------------------------------------- tei.v1.Tokenize
-    @functools.cached_property
-    def tokenizer(self):
-        """The checkpoint's tokenizer as the model reads it, whole: TEI's Tokenize neither cuts nor pads."""
-        from tokenizers import Tokenizer
-
-        first = next(iter(self.core.models.values()))
-        whole = Tokenizer.from_str(first.tokenizer.backend_tokenizer.to_str())
-        whole.no_truncation()
-        whole.no_padding()
-        return whole
-
     async def _tokenize(self, m, options):
-        no_prompt(m)
+        no_prompt(prompt_name(m))
         (text,) = self.core.validator.texts(m.inputs, "inputs", one=True)
-        encoding = self.tokenizer.encode(text, add_special_tokens=m.add_special_tokens)
-        # TEI's offsets count UTF-8 bytes (Rust's); Python's tokenizers count characters
-        byte_at = list(itertools.accumulate((len(c.encode()) for c in text), initial=0))
-        tokens = []
-        for token_id, token, (start, stop), special in zip(encoding.ids, encoding.tokens, encoding.offsets,
-                                                           encoding.special_tokens_mask):
-            if special:
-                tokens.append(tei_pb2.SimpleToken(id=token_id, text=token, special=True))
-            else:
-                tokens.append(tei_pb2.SimpleToken(id=token_id, text=text[start:stop], start=byte_at[start],
-                                                  stop=byte_at[stop]))
-        return tei_pb2.EncodeResponse(tokens=tokens), None
+        tokens = simple_tokens(self.core.validator, text, m.add_special_tokens)
+        return tei_pb2.EncodeResponse(tokens=[tei_pb2.SimpleToken(**{k: v for k, v in token.items() if v is not None})
+                                              for token in tokens]), None
 
     async def _decode(self, m, options):
-        if not m.ids:
-            raise RequestError(422, "ids is empty: send at least one token id")
-        vocabulary = self.tokenizer.get_vocab_size()
-        unknown = next((i for i, token_id in enumerate(m.ids) if token_id >= vocabulary), None)
-        if unknown is not None:
-            raise RequestError(422, f"ids[{unknown}] = {m.ids[unknown]} is not a token id (the vocabulary has "
-                                    f"{vocabulary})")
-        return tei_pb2.DecodeResponse(text=self.tokenizer.decode(list(m.ids), m.skip_special_tokens)), None
+        (text,) = decode_ids(self.core.validator, [list(m.ids)], m.skip_special_tokens)
+        return tei_pb2.DecodeResponse(text=text), None
 
-    async def Tokenize(self, request, grpc_context) -> tei_pb2.EncodeResponse:
-        return await self._unary(request, grpc_context, self._tokenize, tei_pb2.EncodeResponse())
-
-    async def TokenizeStream(self, requests, grpc_context):
-        async for response in self._each(requests, grpc_context, self._tokenize):
-            yield response
-
-    async def Decode(self, request, grpc_context) -> tei_pb2.DecodeResponse:
-        return await self._unary(request, grpc_context, self._decode, tei_pb2.DecodeResponse())
-
-    async def DecodeStream(self, requests, grpc_context):
-        async for response in self._each(requests, grpc_context, self._decode):
-            yield response
+    Tokenize = unary_rpc(_tokenize, tei_pb2.EncodeResponse)
+    TokenizeStream = stream_rpc(_tokenize)
+    Decode = unary_rpc(_decode, tei_pb2.DecodeResponse)
+    DecodeStream = stream_rpc(_decode)
 
     # ----------------------------------------------------------------- tei.v1.Info
     async def tei_info(self, request, grpc_context=None) -> tei_pb2.InfoResponse:
-        """TEI's fields from ``describe()``: the model type is the first served task's; the batch limits
-        are the engine's; ``max_concurrent_requests`` stays 0: admission is by time, not by a count."""
-        info = self.core.describe()
-        first = next(iter(info["tasks"]))
-        return tei_pb2.InfoResponse(
-            version=package_version(), model_id=info["model"], model_dtype=self.model_dtype,
-            model_type=MODEL_TYPES.get(first, tei_pb2.MODEL_TYPE_EMBEDDING),
-            max_input_length=info["max_input_tokens"], max_batch_tokens=info["max_batch_tokens"],
-            max_batch_requests=info["max_batch_texts"], max_client_batch_size=info["max_inputs"],
-            tokenization_workers=1)  # tokenizing runs on the replica's one event loop
-
-    @functools.cached_property
-    def model_dtype(self) -> str:
-        model = next(iter(self.core.models.values()))
-        module = getattr(model, "model", model)
-        parameters = getattr(module, "parameters", None)
-        return str(next(parameters()).dtype).removeprefix("torch.") if parameters else "float32"
+        """TEI's info fields (``deployments/tei.py``) that its message has; the model type as its enum."""
+        fields = info_fields(self.core, self.core.describe())
+        (model_type,) = fields["model_type"]  # its one key: embedding, classifier or reranker
+        return tei_pb2.InfoResponse(**{name: value for name, value in fields.items()
+                                       if name in INFO_FIELDS and value is not None},
+                                    model_type=tei_pb2.ModelType.Value(f"MODEL_TYPE_{model_type.upper()}"))
 
 
+# each RPC's response message, by package: the empty answer of a call refused at the door (deployments/auth.py)
+ELASTICLM_RESPONSES = {m.name: getattr(elasticlm_pb2, m.output_type.name)
+                       for m in elasticlm_pb2.DESCRIPTOR.services_by_name["ElasticLM"].methods}
+TEI_RESPONSES = {m.name: getattr(tei_pb2, m.output_type.name) for s in TEI_SERVICES.values() for m in s.methods}
+
+
+def empty_response(rpc: str, request):
+    return (TEI_RESPONSES if rpc not in ELASTICLM_RESPONSES or is_tei(request) else ELASTICLM_RESPONSES)[rpc]()
+
+
+@every_rpc_requires_api_key(ELASTICLM_RESPONSES.keys() | TEI_RESPONSES.keys(), empty_response)
 class ElasticAndTeiServicer(GrpcServicer, TeiGrpcServicer):
     """Both packages over one core. The RPC names both define reach one method here (Serve dispatches by
-    the method's name alone), which answers in the package of the request's message."""
+    the method's name alone), which answers in the package of the request's message. Every RPC of both
+    requires ``api_key`` (None: the environment's, ``deployments/auth.py``); the health service's does not."""
+
+    def __init__(self, core: ServingCore, api_key: ApiKey | None = None):
+        super().__init__(core)
+        self.api_key = ApiKey.from_environment() if api_key is None else api_key
 
     async def Embed(self, request, grpc_context):
         if is_tei(request):
@@ -410,11 +368,3 @@ def discard(tasks):
             task.cancel()
         elif not task.cancelled():
             task.exception()
-
-
-@functools.cache
-def package_version() -> str:
-    try:
-        return package_metadata.version("elasticlm")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"

@@ -19,7 +19,7 @@ import torch
 from .batching import pad
 from .data import DEFAULT_DATA_DIR, _read_tsv
 from .optimize import length_bucketed_batches
-from .tasks import (FitConfig, TaskConfig, TaskPredictor, fit, new_task_model, predict_logits,
+from .tasks import (FitConfig, TaskConfig, TaskPredictor, fit, load_task, new_task_model, predict_logits,
                     save_task)
 
 
@@ -127,7 +127,7 @@ def train_glue(cfg: GlueTrainConfig, progress: bool = True) -> Path:
     max_length = cfg.max_length or spec.max_length
     lr, rank = cfg.lr or spec.lr, cfg.rank or spec.rank
     backbone_cfg = load_config(cfg.backbone)
-    sublms = [cfg.static] if cfg.static else backbone_cfg.sublm_names
+    sublms = [cfg.static] if cfg.static else list(backbone_cfg.trained_sublms())
     out = Path(cfg.out) if cfg.out else default_task_dir(cfg.backbone, cfg.task, cfg.static)
     config = TaskConfig(task=cfg.task, kind="classify", labels=list(spec.labels), rank=rank,
                         alpha=2.0 * rank, max_length=max_length, sublms=sublms,
@@ -161,12 +161,14 @@ def train_glue(cfg: GlueTrainConfig, progress: bool = True) -> Path:
 
 # --------------------------------------------------------------------------- evaluation
 def eval_glue(task: str, task_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR,
-              static_dirs: dict[str, Path] | None = None, progress: bool = True) -> dict:
-    """Dev-set metrics of every SubLM, and of each static baseline found, in one run."""
+              static_dirs: dict[str, Path] | None = None, progress: bool = True,
+              backbone_dir: str | Path | None = None) -> dict:
+    """Dev-set metrics of every SubLM, and of each static baseline found, in one run. ``backbone_dir``: another
+    checkpoint of the same weights than the adapter names (e.g. with precision variants declared)."""
     from tqdm.auto import tqdm
 
     a, b, labels = load_glue(task, "dev", data_dir)
-    clf = ElasticClassifier.from_task_dir(task_dir)
+    clf = ElasticClassifier(load_task(task_dir, backbone_dir=backbone_dir))
     static_dirs = {s: d for s, d in (static_dirs or {}).items() if (Path(d) / "task_config.json").exists()}
     bar = tqdm(total=len(labels) * (len(clf.sublms) + len(static_dirs)), desc=f"{task} dev", unit="example",
                disable=not progress)

@@ -112,6 +112,19 @@ def _cmd_eval(args):
     print(json.dumps(result) if args.json else table(result))
 
 
+def _cmd_dimensions(args):
+    from .dimensions import fit_dimensions, format_dimensions_table
+
+    sizes = [int(d) for d in args.sizes.split(",")]
+    dimensions, report = fit_dimensions(args.checkpoint, args.corpus_dir, args.data_dir, sizes, args.centered,
+                                        args.fit_texts, args.scifact_max_docs, not args.no_dl19, args.min_ratio,
+                                        progress=not args.json)
+    report["written"] = str(dimensions.save(args.checkpoint))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report) if args.json else format_dimensions_table(report))
+
+
 def _task_dir(args, task: str) -> Path:
     return Path(args.checkpoint) / "tasks" / task
 
@@ -232,6 +245,24 @@ def main(argv=None):
     p.add_argument("--out", help="also write the result JSON here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("dimensions", help="fit the reduced embedding sizes (OpenAI's dimensions) of a checkpoint "
+                                          "and measure each on held-out retrieval; writes <checkpoint>/"
+                                          "dimensions.safetensors")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--corpus-dir", default="runs/corpus", help="the distillation corpus and its teacher cache: "
+                                                              "the rotation is fitted on it")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="the held-out sets the sizes are measured on")
+    p.add_argument("--sizes", default="256,192,128,96,64,32", help="candidate sizes (each declared if it passes)")
+    p.add_argument("--min-ratio", type=float, default=0.9,
+                   help="declare a size when w100's NDCG@10 at that size is >= this x the full size's on every set")
+    p.add_argument("--centered", action="store_true", help="principal axes of the centered embeddings")
+    p.add_argument("--fit-texts", type=int, default=50_000, help="corpus texts whose teacher embeddings are fitted")
+    p.add_argument("--scifact-max-docs", type=int, default=1500, help="SciFact: judged docs + a seeded sample")
+    p.add_argument("--no-dl19", action="store_true", help="measure on SciFact only")
+    p.add_argument("--out", help="also write the report JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_dimensions)
 
     _register_commands_above_the_core(sub)
 

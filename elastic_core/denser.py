@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .batching import Chunking, run_chunked
+from .dimensions import Dimensions
 from .model import ElasticEncoder, load_checkpoint, load_tokenizer
 
 KINDS = ("query", "passage")
@@ -22,15 +23,19 @@ class ElasticDenser:
     the API so that asymmetric encoders can slot in, but it does not change the encoding.
     """
 
-    def __init__(self, model: ElasticEncoder, tokenizer=None, max_length: int | None = None):
+    def __init__(self, model: ElasticEncoder, tokenizer=None, max_length: int | None = None,
+                 dimensions: Dimensions | None = None):
         self.model = model.eval()
+        # the reduced sizes the checkpoint declares (``dimensions.py``); none unless loaded from one that does
+        self.dimensions = dimensions or Dimensions(model.config.hidden_size)
         self.tokenizer = tokenizer or load_tokenizer(model.config)
         self.max_length = max_length or model.config.max_seq_length
         self.device = next(model.parameters()).device
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kw) -> "ElasticDenser":
-        return cls(load_checkpoint(path, device), **kw)
+        model = load_checkpoint(path, device)
+        return cls(model, dimensions=Dimensions.load(path, model.config.hidden_size), **kw)
 
     @property
     def sublms(self) -> list[str]:

@@ -34,7 +34,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .batching import Chunking
-from .schedule import DepthReading, ElasticSchedule
+from .schedule import Capacity, DepthReading, ElasticSchedule
 from .settings import POSITIVE, Rules, check
 
 logger = logging.getLogger("elasticlm.engine")
@@ -257,13 +257,20 @@ class ServingEngine:
         lane = self.lanes[task]
         # work of other tasks runs on the same model first: count it at its fastest
         ahead_ms = self.running_left_ms() + sum(
-            other.schedule.drain_ms(other.schedule.sublms[-1], other.queued_texts, other.queued_tokens)
+            other.schedule.fastest_drain_ms(other.queued_texts, other.queued_tokens)
             for name, other in self.lanes.items() if name != task)
         verdict = lane.schedule.admits(texts, tokens, lane.queued_texts, lane.queued_tokens, ahead_ms,
                                        self.target(task, deadline_ms), min_sublm, idle=self.idle,
                                        client_deadline=deadline_ms is not None)
         self.pacing.record(verdict)
         return verdict
+
+    def capacity(self) -> Capacity | None:
+        """What this replica can hold within T (``ElasticSchedule.capacity``), for the lane that runs on the
+        engine's own target (embeddings, when served): the cap a front such as HAProxy puts on it. Calibrated,
+        so it follows the contention the replica meets. Requests of every task count against one cap."""
+        lane = next((lane for lane in self.lanes.values() if lane.target_ms is None), next(iter(self.lanes.values())))
+        return lane.schedule.capacity(lane.target_ms or self.target_ms)
 
     # ----------------------------------------------------------------- the call
     async def submit(self, job: Job) -> Served:

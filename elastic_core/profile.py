@@ -65,21 +65,25 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
 
     A serving replica needs t_k measured on its own device, but measuring takes seconds of the CPU it
     is about to serve with, every time a replica starts. The table is keyed by what it depends on:
-    the checkpoint (path, size, modification time), the device and its thread count, torch's version
-    and the grid. Contention that differs from the idle measurement is what calibration
+    the checkpoint (path, size, modification time), the device and its thread count, torch's version,
+    the grid and the model's dtype. Contention that differs from the idle measurement is what calibration
     (``ElasticSchedule``) corrects online, cached or not."""
     import hashlib
 
     weights = Path(checkpoint) / "model.safetensors"
     stat = weights.stat() if weights.exists() else None
+    param = next(model.parameters())
+    dtype = [] if param.dtype == torch.float32 else [str(param.dtype)]  # fp32 tables keep the key they had
     key = json.dumps([str(Path(checkpoint).resolve()), stat.st_size if stat else 0, stat.st_mtime if stat else 0,
-                      device_name(next(model.parameters()).device), torch.__version__, list(batches), list(seqs),
-                      repeats], sort_keys=True)
+                      device_name(param.device), torch.__version__, list(batches), list(seqs), repeats, *dtype],
+                     sort_keys=True)
     path = Path(cache_dir).expanduser() / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" \
         if cache_dir else None
     if path is not None and path.exists():
         try:
-            return LatencyProfile.load(path)
+            cached = LatencyProfile.load(path)
+            if set(model.config.sublm_names) <= set(cached.sublms):  # else a SubLM (a precision variant) was
+                return cached                                          # declared since: measured again
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # a damaged cache entry is measured again
     profile = measure_profile(model, batches, seqs, repeats=repeats, progress=False, warmup=warmup)

@@ -244,7 +244,7 @@ def train_ranker(cfg: RankerTrainConfig, progress: bool = True) -> Path:
     negatives = mine_negatives(ds, cfg.backbone, cfg.mine_depth, progress)
     positives = [(q, d) for q, rel in ds.qrels.items() for d, r in rel.items() if r > 0 and d in ds.corpus]
     backbone_cfg = load_config(cfg.backbone)
-    sublms = backbone_cfg.sublm_names
+    sublms = list(backbone_cfg.trained_sublms())  # precision variants run the trained adapter
     out = Path(cfg.out) if cfg.out else Path(cfg.backbone) / "tasks" / "rerank"
     config = TaskConfig(task="rerank", kind="rank", labels=["relevance"], rank=cfg.rank, alpha=2.0 * cfg.rank,
                         max_length=cfg.max_length, sublms=sublms, train=asdict(cfg))

@@ -1,7 +1,11 @@
-"""The elastic schedule: per batch, the largest SubLM whose predicted completion fits the target.
+"""The elastic schedule: per batch, the best SubLM whose predicted completion fits the target.
 
 The rule (``choose_sublm``) is the ElasticLM paper's: with q requests queued, run the largest SubLM k
-with ``(q + 1) * t_k <= T``: the queue drains within T if every request in it runs on k.
+with ``(q + 1) * t_k <= T``: the queue drains within T if every request in it runs on k. "Largest" is
+"best": SubLMs are ranked by held-out quality, in the order the checkpoint config lists them (best first,
+``ElasticConfig.sublms``), never by name or size; a precision variant (``w50-int8``: same structure, int8
+matrices) has its place in that order like any other SubLM. A quality floor ``min_sublm`` allows a SubLM
+and every one ranked before it.
 
 ``ElasticSchedule`` applies it to a replica that serves batches. One queue-wait model predicts
 
@@ -9,7 +13,7 @@ with ``(q + 1) * t_k <= T``: the queue drains within T if every request in it ru
   chunks (``elastic_core.batching.Chunking``), read from the latency profile measured on the device;
 * the time to drain ``n`` queued texts: batches of at most ``max_batch_texts`` at their mean length;
 
-and that one model serves three decisions:
+and that one model serves these decisions:
 
 * **choice** (per batch): SubLM k is feasible when
   ``waited + t_k(this batch) + drain_k(texts queued behind it) <= T``, where the texts behind it are
@@ -26,9 +30,11 @@ and that one model serves three decisions:
 * **headroom** (choice only): a calibrated prediction is right on average, and a batch chosen because
   its mean just fits T misses T about half the time. The schedule also follows how far measured
   times scatter around the calibrated prediction (an EWMA of the squared log ratio) and chooses on
-  the ``choice_quantile`` of the completion (log-normal): the largest SubLM that makes T that often.
+  the ``choice_quantile`` of the completion (log-normal): the best SubLM that makes T that often.
   A batch far larger than calibration has seen is an extrapolation and gets at least ``prior_spread``.
   Admission keeps the mean: it refuses only what is certain to miss.
+* **capacity** (for the front, ``capacity``): admission's bound counted in requests, what HAProxy caps a
+  replica at (``deployments/haproxy_admission.py``), so that what cannot fit is refused before Python.
 
 Pure logic: no Ray, no Redis, no torch. ``deployments/core.py`` only feeds it.
 """
@@ -45,16 +51,17 @@ from .profile import LatencyProfile
 from .settings import POSITIVE, Rules, check
 
 
-def choose_sublm(sublms_largest_first: Sequence[str], completion_ms: Callable[[str], float], target_ms: float,
+def choose_sublm(sublms_best_first: Sequence[str], completion_ms: Callable[[str], float], target_ms: float,
                  min_sublm: str | None = None) -> str:
-    """The rule: the largest SubLM whose predicted completion is within ``target_ms``.
+    """The rule: the best SubLM whose predicted completion is within ``target_ms``.
 
     ``completion_ms(k)`` is the predicted time until the last queued request is answered if
-    everything runs on k (the paper: ``(q + 1) * t_k``). When no SubLM fits, the smallest allowed
-    one runs: it drains the queue fastest (refusing work is admission's job, not the schedule's).
-    ``min_sublm`` is a quality floor: SubLMs smaller than it are never chosen.
+    everything runs on k (the paper: ``(q + 1) * t_k``). When no SubLM fits, the fastest allowed
+    one runs: it drains the queue soonest (refusing work is admission's job, not the schedule's). On a
+    ladder from a Pareto front that is the last one; a hand-made ladder need not be ordered by speed.
+    ``min_sublm`` is a quality floor: SubLMs ranked after it are never chosen.
     """
-    names = list(sublms_largest_first)
+    names = list(sublms_best_first)
     if min_sublm is not None:
         if min_sublm not in names:
             raise ValueError(f"unknown SubLM {min_sublm!r}; choose one of {names}")
@@ -62,7 +69,7 @@ def choose_sublm(sublms_largest_first: Sequence[str], completion_ms: Callable[[s
     for name in names:
         if completion_ms(name) <= target_ms:
             return name
-    return names[-1]
+    return min(names, key=completion_ms)
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,25 @@ class Choice:
     profiled_ms: float    # the same from the profile alone; actual / profiled feeds calibration
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What one replica can hold within its target (``ElasticSchedule.capacity``)."""
+
+    requests: int         # one-text requests held at once, each answered within the budget
+    service_ms: float     # the longest one of them spends in the replica (a batch ahead, then its own)
+    budget_ms: float      # admission_factor x T
+
+    @property
+    def queue_ms(self) -> float:
+        """How long a request may wait in front of the replica and still make the budget."""
+        return max(0.0, self.budget_ms - self.service_ms)
+
+
 @dataclass
 class ElasticSchedule:
     profile: LatencyProfile
-    sublms: list[str]                 # what this replica may serve, largest first
-    ranking: list[str] | None = None  # every SubLM of the checkpoint, largest first (floors name these)
+    sublms: list[str]                 # what this replica may serve, best first
+    ranking: list[str] | None = None  # every SubLM of the checkpoint, best first (floors name these)
     max_batch_texts: int = 64
     chunking: Chunking = Chunking()
     admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
@@ -100,6 +121,7 @@ class ElasticSchedule:
     _scatter: list[float] = field(default_factory=lambda: [0, 0.0], init=False, repr=False)  # [n, EWMA log² ratio]
 
     EXTRAPOLATION = 2.0  # a batch over this many times the largest its SubLM ran is beyond calibration
+    CAPACITY_LIMIT = 1 << 16  # ``capacity`` searches no further (a profile of zeros would never stop it)
     SETTING_RULES: ClassVar[Rules] = {
         "max_batch_texts": POSITIVE,
         "admission_factor": (lambda v: v >= 0, "must be >= 0"),
@@ -159,14 +181,15 @@ class ElasticSchedule:
 
     # ----------------------------------------------------------------- decisions
     def allowed(self, min_sublm: str | None) -> list[str]:
-        """The SubLMs a quality floor allows; a floor above everything this replica serves leaves its largest."""
+        """The SubLMs a quality floor allows, by rank (not name or size); a floor above everything this replica
+        serves leaves its best."""
         if min_sublm is None:
             return self.sublms
         rank = self.ranking.index(min_sublm)
         return [s for s in self.sublms if self.ranking.index(s) <= rank] or self.sublms[:1]
 
     def strictest(self, floors: Sequence[str | None]) -> str | None:
-        """A batch runs on one SubLM, so of its requests' floors the largest SubLM named wins."""
+        """A batch runs on one SubLM, so of its requests' floors the best-ranked SubLM named wins."""
         named = [f for f in floors if f]
         return min(named, key=self.ranking.index) if named else None
 
@@ -194,14 +217,44 @@ class ElasticSchedule:
         if idle:
             completion = self.alone_ms(texts, tokens, min_sublm)
         else:
-            fastest = self.allowed(min_sublm)[-1]
-            completion = running_left_ms + self.drain_ms(fastest, queued_texts + texts, queued_tokens + tokens)
+            completion = running_left_ms + self.fastest_drain_ms(queued_texts + texts, queued_tokens + tokens,
+                                                                 min_sublm)
         return completion <= self.admission_factor * target_ms
 
     def alone_ms(self, texts: int, tokens: float, min_sublm: str | None = None) -> float:
         """The least a request can take: alone, on the fastest SubLM it allows. A client deadline below
         this is unmeetable at any load."""
-        return self.drain_ms(self.allowed(min_sublm)[-1], texts, tokens)
+        return self.fastest_drain_ms(texts, tokens, min_sublm)
+
+    def fastest_drain_ms(self, texts: float, tokens: float | None = None, min_sublm: str | None = None) -> float:
+        """``drain_ms`` on the fastest SubLM a floor allows: measured, not assumed to be the last ranked (a
+        hand-made ladder may rank a slower SubLM after a faster one)."""
+        return min(self.drain_ms(s, texts, tokens) for s in self.allowed(min_sublm))
+
+    def capacity(self, target_ms: float) -> "Capacity | None":
+        """Admission's bound counted in requests, for a front that caps each replica (HAProxy's per-server
+        ``maxconn``): how many one-text requests of the running mean length this replica can hold with
+        every one answered within ``admission_factor x target_ms`` on its fastest SubLM. The model runs one
+        batch at a time and the loop takes what waits once it is free, so a request arriving as a batch
+        starts waits for that batch, then runs in the next: of ``n`` held, the worst case is ``n / 2`` on
+        the model (at most ``max_batch_texts``) and the rest drained behind them. At least 1 (a replica
+        that cannot answer one request within T still gets one at a time); None with admission off."""
+        if not self.admission_factor:
+            return None
+        length, budget = max(1, round(self.mean_tokens)), self.admission_factor * target_ms
+
+        def service_ms(n: int) -> float:  # on the fastest SubLM, measured as fastest_drain_ms does
+            running = min(self.max_batch_texts, (n + 1) // 2)
+            return min(self.batch_ms(s, [length] * running) + self.drain_ms(s, n - running, (n - running) * length)
+                       for s in self.sublms)
+
+        fits, over = 1, 2  # service_ms grows with n: double until it no longer fits, then bisect
+        while service_ms(over) <= budget and over < self.CAPACITY_LIMIT:
+            fits, over = over, over * 2
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            fits, over = (middle, over) if service_ms(middle) <= budget else (fits, middle)
+        return Capacity(fits, service_ms(fits), budget)
 
     # ----------------------------------------------------------------- learning from what ran
     def observe(self, sublm: str, lengths: Sequence[int], actual_ms: float) -> None:
@@ -233,4 +286,4 @@ class ElasticSchedule:
         return {**{s: self.factor(s) for s in self.sublms}, "headroom": self.headroom()}
 
 
-__all__ = ["choose_sublm", "DepthReading", "Choice", "ElasticSchedule"]
+__all__ = ["choose_sublm", "DepthReading", "Choice", "Capacity", "ElasticSchedule"]

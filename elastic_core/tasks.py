@@ -150,7 +150,10 @@ def load_task(task_dir: str | Path, device="cpu", backbone_dir: str | Path | Non
         for k, v in trained.items():
             params[k].copy_(v.float())
     merge_adapters(model.encoder)
-    return model.requires_grad_(False).to(device).eval()
+    model = model.requires_grad_(False).to(device).eval()
+    if next(model.parameters()).device.type == "cpu":
+        model.encoder.prepare()  # precision variants lowered from the merged weights, at load
+    return model
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,6 +1,8 @@
 """A gRPC client for elasticlm (what a search backend would write).
 
     .venv/bin/python examples/grpc_client.py "first text" "second text" [--deadline-ms 50] [--min-sublm w50]
+
+With ``$ELASTICLM_API_KEY`` (or ``$ELASTICLM_API_KEY_FILE``) set, the call carries the key.
 """
 
 import argparse
@@ -8,11 +10,11 @@ import argparse
 import grpc
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc
-from deployments.wire import DEADLINE_HEADER, SUBLM_HEADER
+from deployments.wire import DEADLINE_HEADER, SUBLM_HEADER, api_key_header
 
 
 def embed(texts, host="127.0.0.1", port=9000, app="elasticlm", deadline_ms=None, min_sublm="", timeout_s=10.0):
-    metadata = [("application", app)]
+    metadata = [("application", app), *api_key_header().items()]  # $ELASTICLM_API_KEY, when set
     if deadline_ms:
         # Serve's gRPC proxy does not pass the call's deadline on, so the budget also travels as metadata
         metadata.append((DEADLINE_HEADER, str(deadline_ms)))

@@ -9,7 +9,8 @@ which the service's schedule plans with (Serve's gRPC proxy does not pass the ca
 load the answer comes from a smaller SubLM, named in the response, rather than late; if the service
 refuses (RESOURCE_EXHAUSTED) or the deadline passes, the backend serves BM25's order instead of nothing.
 The request also carries BM25's scores (``first_stage_scores``): the service fuses its ranking with
-BM25's (hybrid reranking; ``--no-hybrid``: the ranker's order alone).
+BM25's (hybrid reranking; ``--no-hybrid``: the ranker's order alone). With ``$ELASTICLM_API_KEY`` set, the
+calls carry the key.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import bm25s
 import grpc
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc
-from deployments.wire import DEADLINE_HEADER
+from deployments.wire import DEADLINE_HEADER, api_key_header
 from elastic_core.data import DEFAULT_DATA_DIR, load_scifact
 
 
@@ -33,6 +34,7 @@ class SearchBackend:
         self.channel = grpc.insecure_channel(target)
         self.stub = elasticlm_pb2_grpc.ElasticLMStub(self.channel)
         self.app = app
+        self.credentials = [*api_key_header().items()]  # $ELASTICLM_API_KEY, when set
 
     def first_stage(self, query: str, k: int) -> tuple[list[int], list[float]]:
         """BM25's top ``k``: document indices and their scores, best first."""
@@ -46,7 +48,7 @@ class SearchBackend:
         first, scores = self.first_stage(query, candidates)
         request = elasticlm_pb2.RerankRequest(query=query, texts=[self.texts[i] for i in first],
                                               first_stage_scores=scores if hybrid else None)
-        metadata = [("application", self.app), (DEADLINE_HEADER, f"{deadline_ms:g}")]
+        metadata = [("application", self.app), (DEADLINE_HEADER, f"{deadline_ms:g}"), *self.credentials]
         start = time.perf_counter()
         try:
             response = self.stub.Rerank(request, metadata=metadata, timeout=deadline_ms / 1000)

@@ -22,9 +22,9 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
-from deployments.wire import SUBLM_HEADER
+from deployments.wire import SUBLM_HEADER, api_key_header
 
 
 @dataclass
@@ -52,28 +52,45 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def closed_loop(url: str, body: Callable[[int], dict], clients: int, warmup_s: float, measure_s: float,
-                      texts_per_request: int = 1, headers: dict | None = None, timeout_s: float = 60.0) -> Result:
-    """``body(seq)`` makes request number ``seq``; only answers that arrive inside the measured window
-    count (status 200 towards the rates, every status towards ``codes``)."""
+                      texts_per_request: int = 1, headers: dict | None = None, timeout_s: float = 60.0,
+                      latencies: list[float] | None = None) -> Result:
+    """``body(seq)`` makes request number ``seq``, POSTed to ``url`` (``closed_loop_calls`` counts)."""
     import aiohttp
 
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector) as session:
+        async def send(seq: int) -> tuple[int | str, str | None]:
+            try:
+                async with session.post(url, json=body(seq), headers=headers) as r:
+                    await r.read()
+                    return r.status, r.headers.get(SUBLM_HEADER)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                return type(e).__name__, None
+
+        return await closed_loop_calls(send, clients, warmup_s, measure_s, texts_per_request, latencies)
+
+
+async def closed_loop_calls(send: Callable[[int], Awaitable[tuple[int | str, str | None]]], clients: int,
+                            warmup_s: float, measure_s: float, texts_per_request: int = 1,
+                            latencies: list[float] | None = None) -> Result:
+    """``clients`` loops, each awaiting ``send(seq) -> (status, SubLM)`` for its next request number as soon as
+    the last is answered: over HTTP (``closed_loop``) or a call into a server in this process
+    (``benchmarks/gpu_stack.py``). Only answers that arrive inside the measured window count (status 200
+    towards the rates, every status towards ``codes``); ``latencies`` receives each counted answer's (ms),
+    for percentiles over several client processes."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     t_measure, t_end = start + warmup_s, start + warmup_s + measure_s
-    latencies, codes, sublms = [], {}, {}
+    latencies = [] if latencies is None else latencies
+    codes, sublms = {}, {}
     cpu0 = None
 
-    async def client(i: int, session):
+    async def client(i: int):
         nonlocal cpu0
         seq = i
         while loop.time() < t_end:
             sent = loop.time()
-            try:
-                async with session.post(url, json=body(seq), headers=headers) as r:
-                    await r.read()
-                    status, sublm = r.status, r.headers.get(SUBLM_HEADER)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                status, sublm = type(e).__name__, None
+            status, sublm = await send(seq)
             done = loop.time()
             if t_measure <= done <= t_end:
                 if cpu0 is None:
@@ -84,9 +101,7 @@ async def closed_loop(url: str, body: Callable[[int], dict], clients: int, warmu
                     sublms[sublm] = sublms.get(sublm, 0) + 1
             seq += clients
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector) as session:
-        await asyncio.gather(*(client(i, session) for i in range(clients)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     answered = len(latencies)
     total = sum(codes.values())
     return Result(clients, texts_per_request, measure_s, answered, answered * texts_per_request,
@@ -136,7 +151,8 @@ def main() -> None:
         return {"inputs": chosen, **({"min_sublm": a.min_sublm} if a.min_sublm else {})}
 
     headers = dict(h.split(":", 1) for h in a.header)
-    headers = {k.strip(): v.strip() for k, v in headers.items()}
+    # $ELASTICLM_API_KEY, when set, for elasticlm (not sent to a peer: --openai)
+    headers = {**({} if a.openai else api_key_header()), **{k.strip(): v.strip() for k, v in headers.items()}}
     result = asyncio.run(closed_loop(a.url, body, a.clients, a.warmup, a.seconds, a.texts, headers or None))
     print(json.dumps({**asdict(result), "started": time.time()}))
 

@@ -52,7 +52,8 @@ if str(REPO) not in sys.path:  # run as a plain file by locust, from any directo
     sys.path.insert(0, str(REPO))
 
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
-from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER  # noqa: E402
+from deployments.wire import (DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER,  # noqa: E402
+                              api_key_header)
 from loadtests.options import add_locust_arguments, shape_kwargs  # noqa: E402
 from loadtests.pacing import ArrivalSchedule, Pacer, SplitSchedule, users_needed  # noqa: E402
 from loadtests.records import Outcome, Plan, Recorder, Stream  # noqa: E402
@@ -62,6 +63,7 @@ from loadtests.texts import request_sampler  # noqa: E402
 logger = logging.getLogger("elasticlm.loadtest")
 
 SHED_HTTP = (429, 503)
+CREDENTIALS = api_key_header()  # $ELASTICLM_API_KEY, when set: sent to elasticlm, never to a peer server
 PROTOCOLS = ("http", "grpc")
 
 
@@ -289,7 +291,7 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
 
     def send(self, kind, texts):
         o = PLAN.options
-        headers = {}
+        headers = {} if PLAN.peer else dict(CREDENTIALS)
         if o.deadline_ms:
             headers[DEADLINE_HEADER] = str(o.deadline_ms)
         if PLAN.peer:
@@ -349,7 +351,7 @@ class GrpcEmbedUser(_PacedUser, User):
 
     def send(self, kind, texts):
         o = PLAN.options
-        metadata = [("application", o.grpc_app)]
+        metadata = [("application", o.grpc_app), *CREDENTIALS.items()]
         if o.deadline_ms:
             metadata.append((DEADLINE_HEADER, str(o.deadline_ms)))
         if kind == "rerank":

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from deployments.ports import free_port, port_is_free
+from deployments.wire import api_key_header
 from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
 from loadtests.cpu import tree_cpu_s
 from loadtests.options import LoadOptions
@@ -224,7 +225,7 @@ def warm_up(deployment, peer: bool, n: int = 20, task: str = "embed") -> None:
         else:
             path, body = "/embed", {"inputs": [f"warm-up {i}"]}
         req = urllib.request.Request(deployment.url + path, data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json", **({} if peer else api_key_header())})
         with urllib.request.urlopen(req, timeout=60):
             pass
 
@@ -316,7 +317,7 @@ def refusal_cost(deployment: ServeDeployment, n: int = 1500, threads: int = 4) -
         with httpx.Client(base_url=deployment.url, timeout=30) as client:
             for _ in range(count):
                 codes.append(client.post("/embed", json={"inputs": ["what is elastic serving?"]},
-                                         headers={"x-elasticlm-deadline-ms": "0.001"}).status_code)
+                                         headers={"x-elasticlm-deadline-ms": "0.001", **api_key_header()}).status_code)
 
     c0, t0 = stack_cpu_s(deployment), time.monotonic()
     workers = [threading.Thread(target=send, args=(n // threads,)) for _ in range(threads)]

@@ -4,6 +4,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the stacks the tests start are open unless a test gives them a key (tests/test_api_keys.py): a key
+# exported for clients in the developer's shell must not reach them
+os.environ.pop("ELASTICLM_API_KEY", None)
+os.environ.pop("ELASTICLM_API_KEY_FILE", None)
 
 import json  # noqa: E402
 
@@ -13,6 +17,16 @@ import torch  # noqa: E402
 from elastic_core.cli import DEFAULT_CHECKPOINT  # noqa: E402
 
 torch.set_num_threads(2)
+
+# Hypothesis (test_fuzz_text.py, test_fuzz.py): CI runs a fixed sample, the same on every run; a manual deep
+# run (`--hypothesis-profile deep`, docs/reliability.md) a random one ten times larger. Registered here so
+# the option can name them before any test module is imported.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=30, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("deep", parent=settings.get_profile("ci"), max_examples=1000, derandomize=False)
+settings.load_profile("ci")
 
 from elastic_core.data import DEFAULT_DATA_DIR as DATA_DIR  # noqa: E402,F401
 
@@ -150,7 +164,7 @@ def core_stack(tmp_path_factory, checkpoint_dir):
     from deployments.core import ServingCore
     from deployments.grpc_api import elasticlm_pb2_grpc
     from deployments.grpc_api.servicer import add_ElasticLMServicer_to_server, add_TeiServicer_to_server
-    from deployments.http_adapter import build_http_app
+    from deployments.http import build_http_app
     from deployments.tei_grpc_adapter import ElasticAndTeiServicer
 
     depths = {}

@@ -10,6 +10,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.config import ReplicaConfig
+from deployments.haproxy_admission import BINARY_ENV, BINARY_NAME
 from deployments.local import SERVE_ENV
 
 pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
@@ -74,8 +75,16 @@ def test_rayservice_embeds_the_cluster_config_and_redis_secret():
     for c in containers:
         env = {e["name"]: e for e in c["env"]}
         assert env.pop("REDIS_URL")["valueFrom"]["secretKeyRef"]["name"] == "elasticlm-redis"
-        # every pod starts with what every node of a `ray start` cluster starts with
-        assert {name: e["value"] for name, e in env.items()} | {"RAY_AUTH_MODE": "token"} == node_env()
+        # the API key from a Secret of its own, optional: without it the default deploy still starts (open)
+        assert env.pop("ELASTICLM_API_KEY")["valueFrom"]["secretKeyRef"] == {
+            "name": "elasticlm-api-key", "key": "key", "optional": True}
+        # every pod starts with what every node of a `ray start` cluster starts with; the HAProxy binary is the
+        # same console script, at the image's path there and where `ray start`'s shell finds it here
+        pod, node = {name: e["value"] for name, e in env.items()} | {"RAY_AUTH_MODE": "token"}, node_env()
+        binary = Path(pod.pop(BINARY_ENV))
+        assert binary.is_absolute() and binary.name == BINARY_NAME  # Serve requires an absolute path
+        assert node.pop(BINARY_ENV) == f"$(command -v {BINARY_NAME})"
+        assert pod == node
 
 
 def node_env() -> dict[str, str]:
@@ -89,6 +98,7 @@ def test_every_node_runs_the_serving_path_that_was_measured_and_token_auth():
     only a replica's draining period is longer, for HAProxies on several nodes."""
     env = node_env()
     assert env.pop("RAY_AUTH_MODE") == "token" and "REDIS_URL" not in env   # a password never in a file
+    assert "ELASTICLM_API_KEY" not in env and "ELASTICLM_API_KEY_FILE" not in env   # nor the API key
     for name, value in SERVE_ENV.items():
         if name != "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S":
             assert env[name] == value, name

@@ -26,7 +26,7 @@ NOT_BELOW = {  # what each floor must never import
     "loadtests": {"benchmarks"},
 }
 # the serving core and its protocol adapters run without Ray (tests/test_serving_core.py runs them so)
-RAY_FREE = ["deployments.core", "deployments.http_adapter", "deployments.grpc_adapter", "deployments.tei_grpc_adapter"]
+RAY_FREE = ["deployments.core", "deployments.http.app", "deployments.grpc_adapter", "deployments.tei_grpc_adapter"]
 # what clients, the load generator and the peer server import: nothing beyond the standard library
 STANDARD_LIBRARY_ONLY = ["deployments/wire.py", "deployments/ports.py", "loadtests/report.py"]
 

@@ -29,8 +29,9 @@ FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database
 
 
 # ----------------------------------------------------------------------------- HTTP
-ROUTES = [("POST", "/embed"), ("POST", "/v1/embeddings"), ("POST", "/rerank"), ("POST", "/v1/rerank"),
-          ("POST", "/predict"), ("GET", "/health"), ("GET", "/info")]
+ROUTES = [("POST", "/embed"), ("POST", "/similarity"), ("POST", "/tokenize"), ("POST", "/decode"),
+          ("POST", "/v1/embeddings"), ("POST", "/v1/embed"), ("POST", "/v2/embed"), ("POST", "/rerank"),
+          ("POST", "/v1/rerank"), ("POST", "/v2/rerank"), ("POST", "/predict"), ("GET", "/health"), ("GET", "/info")]
 EXAMPLES = {"POST": 110, "GET": 20}  # a GET takes no input: a few cases say all there is
 
 

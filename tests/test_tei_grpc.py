@@ -111,7 +111,7 @@ def test_tokenize_and_decode(tei):
     ("Embed", "Embed", tei_pb2.EmbedRequest(inputs=" "), "inputs is empty"),
     ("Embed", "Embed", tei_pb2.EmbedRequest(inputs=LONG), "more than the model's limit of 256"),  # truncate unset
     ("Embed", "Embed", tei_pb2.EmbedRequest(inputs="x", normalize=False), "normalize=false"),
-    ("Embed", "Embed", tei_pb2.EmbedRequest(inputs="x", dimensions=128), "the embeddings have 384 dimensions"),
+    ("Embed", "Embed", tei_pb2.EmbedRequest(inputs="x", dimensions=100), "dimensions must be one of [384"),
     ("Embed", "Embed", tei_pb2.EmbedRequest(inputs="x", prompt_name="query"), "prompt_name"),
     ("Embed", "Embed", tei_pb2.EmbedRequest(inputs=LONG, truncate=True, truncation_direction=1),
      "TRUNCATION_DIRECTION_LEFT"),

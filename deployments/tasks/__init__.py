@@ -1,7 +1,7 @@
 """The tasks a replica can serve, one module each (``base.ServedTask`` says what a task owns).
 
 Adding a task: one module here and one line in ``SERVED_TASKS`` (and, for its wire formats, its routes in
-``http_adapter.py`` and its RPC in ``proto/elasticlm.proto`` / ``grpc_adapter.py``).
+``deployments/http/`` and its RPC in ``proto/elasticlm.proto`` / ``grpc_adapter.py``).
 """
 
 from deployments.tasks.base import ServedTask

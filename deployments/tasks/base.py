@@ -43,9 +43,9 @@ class ServedTask:
         """The first texts and, for pairs, the second ones, in the order the tokenizer joins them."""
         return request.texts, request.pairs
 
-    def input_name(self, i: int) -> str:
+    def input_name(self, request: TaskRequest, i: int) -> str:
         """How a refusal names the i-th tokenized input."""
-        return f"inputs[{i}]"
+        return f"{request.field}[{i}]"
 
     def answer(self, request: TaskRequest, outputs, model) -> dict:
         """The ``TaskAnswer`` fields of the engine's ``outputs`` for ``request``."""
