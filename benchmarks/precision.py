@@ -10,10 +10,11 @@ precision: a variant slower *and* worse than another is dropped (``benchmarks/la
 What a part skips is taken from ``--out`` when it holds the same checkpoint. Quality: TREC DL 2019, BM25's top 100
 reranked by cosine (graded NDCG@10), SciFact test dense retrieval (``--scifact-max-docs``), both against the
 teacher (HF) in the same run as in ``ladder.py``; SST-2 dev accuracy of the checkpoint's adapter on every variant.
-Latency: batch 32 x 128 tokens (the front's axis) and 1 x 16 tokens, median of interleaved rounds; the load
-average of the machine while timing is recorded, and figures taken above ``QUIET_LOAD`` are marked provisional.
-``--skip kernels`` leaves out the int8 kernel comparison (per-token ``torch._int_mm`` against fbgemm's per-tensor
-``quantized::linear_dynamic``, what ``torch.ao.quantization.quantize_dynamic`` runs), which chose the kernel.
+Latency: batch 32 x 128 tokens (the front's axis) and 1 x 16 tokens, median of interleaved rounds; the share of the
+CPUs other processes used meanwhile is recorded, and figures taken above ``QUIET_SHARE`` are marked provisional.
+``--skip kernels`` leaves out the int8 kernel comparison that chose the served one (``quantized::linear_dynamic``, what
+``torch.ao.quantization.quantize_dynamic`` runs, packed for oneDNN / AMX or fbgemm, against per-token activations
+through ``torch._int_mm``).
 Memory: the lowered matrices each variant holds, and the replica's resident memory before and after lowering.
 Writes benchmarks/results/precision.json, docs/img/precision_pareto.png and a section of docs/benchmarks.md;
 ``--write`` declares the kept ladder (best first) in a checkpoint's config.
@@ -39,7 +40,7 @@ from benchmarks.report import write_section  # noqa: E402
 from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
 
 PARTS = ("dl19", "scifact", "sst2", "latency", "kernels")
-QUIET_LOAD = 0.5  # 1-minute load average above which a timing is marked provisional (others were running)
+QUIET_SHARE = 0.05  # share of the CPUs other processes used while timing above which a figure is provisional
 TITLE = "Precision as a second elastic axis: int8 / bf16 SubLMs on the front (issue 32): `benchmarks/precision.py`"
 
 
@@ -111,6 +112,9 @@ def measure(args, saved: dict) -> dict:
     ckpt = variant_checkpoint(Path(args.checkpoint), Path(args.work_dir), args.precisions, args.of)
     cfg = load_config(ckpt)
     old = saved.get("candidates", {})
+    # timing first: a quiet machine may not stay quiet for the half hour quality takes
+    latency = saved.get("latency") if "latency" in args.skip else measure_latency(ckpt, args.repeats)
+    kernels = saved.get("kernels") if "kernels" in args.skip else compare_int8_kernels(ckpt, args.repeats)
     quality = {part: saved.get(part) if part in args.skip else None for part in ("dl19", "scifact", "sst2")}
     if quality["dl19"] is None and "dl19" not in args.skip:
         quality["dl19"] = dense_quality("dl19", ckpt, data_dir, args)
@@ -118,8 +122,6 @@ def measure(args, saved: dict) -> dict:
         quality["scifact"] = dense_quality("scifact", ckpt, data_dir, args)
     if quality["sst2"] is None and "sst2" not in args.skip:
         quality["sst2"] = sst2_accuracy(Path(args.checkpoint), ckpt, data_dir)
-    latency = saved.get("latency") if "latency" in args.skip else measure_latency(ckpt, args.repeats)
-    kernels = saved.get("kernels") if "kernels" in args.skip else compare_int8_kernels(ckpt, args.repeats)
 
     candidates = {}
     for name in cfg.sublm_names:
@@ -175,45 +177,101 @@ def sst2_accuracy(source: Path, ckpt: Path, data_dir) -> dict | None:
 
 
 # --------------------------------------------------------------------------- latency and memory
-def resident_mb() -> float:
+MEMORY_PROBE = """
+import json, sys
+from safetensors.torch import load_file
+from elastic_core.model import ElasticEncoder, load_config
+
+def resident_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+model = ElasticEncoder(load_config(sys.argv[1]))
+weights = load_file(sys.argv[1] + "/model.safetensors")
+model.load_state_dict({k: weights[k].float() for k in model.state_dict()})
+del weights
+before = resident_mb()
+lowered = model.prepare()
+print(json.dumps({"fp32_weights": round(before, 1), "with_variants": round(resident_mb(), 1), "lowered_bytes": lowered}))
+"""
+
+
+def replica_memory(ckpt: Path) -> dict:
+    """Resident memory of a fresh process holding the checkpoint in fp32, then with every variant lowered."""
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ckpt)], capture_output=True, text=True, check=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+class OthersCpu:
+    """The share of the machine's CPUs that processes other than this one used since it was made (/proc/stat)."""
+
+    def __init__(self):
+        self.start = self.read()
+
+    @staticmethod
+    def read() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            ticks = [float(v) for v in f.readline().split()[1:]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        return time.monotonic(), busy, sum(os.times()[:2])
+
+    def share(self) -> float:
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, self.read()
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
 
 
 def measure_latency(ckpt: Path, repeats: int) -> dict:
     """Every SubLM at batch 32 x 128 and 1 x 16, interleaved round by round (noise falls on all alike), and what
-    the lowered matrices cost in memory."""
+    the lowered matrices cost a replica in memory."""
     import torch
 
-    from elastic_core.model import ElasticEncoder, load_config
+    from elastic_core.model import load_checkpoint
     from elastic_core.profile import time_forward_ms
-    from safetensors.torch import load_file
 
-    model = ElasticEncoder(load_config(ckpt))  # loaded by hand: memory before and after lowering
-    weights = load_file(str(ckpt / "model.safetensors"))
-    model.load_state_dict({k: weights[k].float() for k in model.state_dict()})
-    model.eval()
-    del weights
-    before = resident_mb()
-    lowered = model.prepare()
-    after = resident_mb()
+    memory = replica_memory(ckpt)
+    model = load_checkpoint(ckpt)
     names = model.config.sublm_names
-    load = [os.getloadavg()[0]]
+    others = OthersCpu()
     rounds = {name: {"b32_s128": [], "b1_s16": []} for name in names}
     for _ in range(3):
         for name in names:
             rounds[name]["b32_s128"].append(time_forward_ms(model, name, 32, 128, repeats=repeats))
             rounds[name]["b1_s16"].append(time_forward_ms(model, name, 1, 16, repeats=5 * repeats))
-        load.append(os.getloadavg()[0])
-    return {"threads": torch.get_num_threads(), "load_average": load, "provisional": max(load) > QUIET_LOAD,
+    share = others.share()
+    return {"threads": torch.get_num_threads(), "others_cpu_share": share, "provisional": share > QUIET_SHARE,
             "ms": {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rounds.items()},
-            "rounds_ms": rounds, "lowered_bytes": lowered,
-            "resident_mb": {"fp32_weights": round(before, 1), "with_variants": round(after, 1)}}
+            "rounds_ms": rounds, "lowered_bytes": memory.pop("lowered_bytes"), "resident_mb": memory}
+
+
+class PerTokenInt8Linear:
+    """The alternative int8 kernel: every token's activations quantized with a scale of their own (a text's
+    embedding no longer depends on its batch-mates), int8 x int8 -> int32 by ``torch._int_mm``. The product is
+    fast; the quantize / dequantize passes around it, in eager PyTorch, are not."""
+
+    def __init__(self, weight, bias):
+        from elastic_core.precision import quantize_per_channel
+
+        values, self.scale = quantize_per_channel(weight)
+        self.weight_t, self.bias = values.t().contiguous(), bias.detach().float()
+        self.nbytes = values.numel()
+
+    def __call__(self, x):
+        import torch
+
+        rows = x.reshape(-1, x.shape[-1]).float()
+        step = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127
+        y = torch._int_mm((rows / step).round_().to(torch.int8), self.weight_t).float()
+        return y.mul_(step).mul_(self.scale).add_(self.bias).view(*x.shape[:-1], -1)
 
 
 def compare_int8_kernels(ckpt: Path, repeats: int) -> dict:
     """Per int8 kernel: latency of the int8 SubLMs and their cosine to fp32 on held-out DL19 queries and passages.
-    Swaps ``precision.LOWERINGS['int8']``: what the checkpoint serves is the kernel named there."""
+    Swaps ``precision.LOWERINGS['int8']``: what the checkpoint serves is ``Int8Linear`` on ``int8_engine()``."""
+    import functools
+
     import torch
     import torch.nn.functional as F
 
@@ -230,9 +288,14 @@ def compare_int8_kernels(ckpt: Path, repeats: int) -> dict:
     texts = list(queries.values())[:16] + [passages[p] for c in list(candidates.values())[:16] for p in list(c)[:1]]
     batch = load_tokenizer(model.config)(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     served = precision.LOWERINGS["int8"]
-    out = {"served": served.__name__, "texts": len(texts), "kernels": {}}
+    kernels = {f"dynamic, {engine}": functools.partial(precision.Int8Linear, engine=engine)
+               for engine in dict.fromkeys([precision.int8_engine(), "onednn", "x86"])
+               if engine in torch.backends.quantized.supported_engines}
+    kernels["per token, torch._int_mm"] = PerTokenInt8Linear
+    out = {"served": f"dynamic, {precision.int8_engine()}", "texts": len(texts), "kernels": {}}
+    others = OthersCpu()
     try:
-        for kernel in (precision.Int8Linear, precision.FbgemmInt8Linear):
+        for label, kernel in kernels.items():
             precision.LOWERINGS["int8"] = kernel
             model.lowered.clear()
             row = {}
@@ -244,10 +307,10 @@ def compare_int8_kernels(ckpt: Path, repeats: int) -> dict:
                     cos = F.cosine_similarity(low, ref)
                     row[name] = {"min_cosine": cos.min().item(), "mean_cosine": cos.mean().item(),
                                  "ms_b32_s128": time_forward_ms(model, name, 32, 128, repeats=repeats)}
-            out["kernels"][kernel.__name__] = row
+            out["kernels"][label] = row
     finally:
         precision.LOWERINGS["int8"] = served
-    out["load_average"] = os.getloadavg()[0]
+    out["others_cpu_share"] = others.share()
     return out
 
 
@@ -281,9 +344,9 @@ def fmt(v, spec: str = ".4f") -> str:
 def markdown(r: dict) -> str:
     lat = r.get("latency") or {}
     timing = ("not measured (`--skip latency`)" if not lat else
-              f"batch 32 x 128 tokens and 1 x 16, median of 3 interleaved rounds, {lat['threads']} threads; load average "
-              f"{max(lat['load_average']):.2f}" + (" — **provisional: measured under contention**"
-                                                   if lat["provisional"] else " (quiet)"))
+              f"batch 32 x 128 tokens and 1 x 16, median of 3 interleaved rounds, {lat['threads']} threads; other "
+              f"processes used {lat['others_cpu_share']:.0%} of the CPUs meanwhile"
+              + (" — **provisional: measured under contention**" if lat["provisional"] else " (quiet)"))
     lines = [f"Measured {r['date']}: `{r['command']}` on {r['device']}, torch {r['torch']}. Checkpoint "
              f"`{r['checkpoint']}`; DL19 {r['provenance']['dl19']}, SciFact {r['provenance']['scifact']}. "
              f"DL19: {(r.get('dl19') or {}).get('dataset', 'not measured')}; SciFact: "
@@ -314,7 +377,7 @@ def markdown(r: dict) -> str:
     k = r.get("kernels") or {}
     if k.get("kernels"):
         lines += ["", f"int8 kernels (serving: `{k['served']}`), cosine to fp32 over {k['texts']} DL19 queries and "
-                      f"passages, latency at 32 x 128 (load average {k['load_average']:.2f}):", "",
+                      f"passages, latency at 32 x 128 (others used {k['others_cpu_share']:.0%} of the CPUs):", "",
                   "| kernel | SubLM | min cosine | mean cosine | ms |", "|---|---|---|---|---|"]
         for kernel, rows in k["kernels"].items():
             lines += [f"| {kernel} | {n} | {v['min_cosine']:.4f} | {v['mean_cosine']:.4f} | {v['ms_b32_s128']:.1f} |"

@@ -9,13 +9,15 @@ How a variant runs: the six matrices of every layer are *lowered* once per struc
 structure multiplies with (``ElasticLayer.sliced``: a row prefix of q/k/v/ffn_in, a column prefix of
 attn_out/ffn_out), into a callable ``x -> x W^T + b``:
 
-* ``int8`` (``Int8Linear``): W symmetric int8 per output channel, every token's activations quantized at each
-  call with a scale of their own, int8 x int8 -> int32 by ``torch._int_mm`` (oneDNN: VNNI / AMX on this CPU).
-  Per output channel, quantizing a row prefix gives exactly the rows of the whole matrix quantized (each row
-  has its own scale); a column prefix gets scales of its own columns, finer than the whole row's. So each int8
-  structure holds its own copy: about 1 byte per multiplied weight (w100 10.6 MB, w50 5.3 MB for MiniLM-L6).
-  ``FbgemmInt8Linear`` is the stock alternative (``quantize_dynamic``'s kernel, activations per tensor), kept
-  for ``benchmarks/precision.py``'s comparison of the two.
+* ``int8`` (``Int8Linear``): W symmetric int8 per output channel, the activations quantized at each call with
+  one scale per call (dynamic): PyTorch's ``quantized::linear_dynamic``, packed for oneDNN where the CPU has
+  AMX-int8 (this one), else fbgemm. Per output channel, quantizing a row prefix gives exactly the rows of the
+  whole matrix quantized (each row has its own scale); a column prefix gets scales of its own columns, finer
+  than the whole row's. A packed matrix cannot be sliced, so each int8 structure holds its own copy: about
+  1 byte per multiplied weight (w100 10.6 MB, w50 5.3 MB for MiniLM-L6). One activation scale per call
+  makes a text's embedding depend slightly on its batch-mates (cosine to fp32 >= 0.99 either way); a scale
+  per token does not, but its quantize / dequantize passes cost more than the int8 product saves in eager
+  PyTorch here (``benchmarks/precision.py``'s kernel comparison).
 * ``bf16``: W cast to bfloat16 (AMX / AVX512-BF16 on this CPU), the activation cast per call; about 2 bytes per
   weight. LayerNorms, softmax attention and the residual stream stay fp32 in both.
 
@@ -38,15 +40,19 @@ LINEARS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")  # the matr
 
 
 @functools.lru_cache(maxsize=1)
-def has_vnni() -> bool:
-    """Whether the CPU multiplies int8 in 32-bit accumulators (VNNI). Without it fbgemm's AVX2 kernels add
-    pairs of products in 16 bits, which can saturate: activations then get 7 bits (``reduce_range``)."""
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+        return frozenset()
+
+
+def int8_engine() -> str:
+    """Whose int8 kernels run the matrices: oneDNN where the CPU multiplies int8 on AMX tiles (measured on this
+    CPU at 32 x 128 tokens: 384 -> 1536 in 3.1 ms against fbgemm's 6.4 and fp32's 16.7), else PyTorch's x86
+    default (fbgemm, VNNI where there is VNNI)."""
+    return "onednn" if "amx_int8" in cpu_flags() and "onednn" in torch.backends.quantized.supported_engines else "x86"
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,39 +63,24 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class Int8Linear:
-    """``x W^T + b`` with W int8 per output channel and x quantized per token at each call (symmetric, its own
-    scale per row): ``torch._int_mm`` multiplies int8 by int8 into int32 (oneDNN: VNNI / AMX on this CPU).
+    """``x W^T + b`` with W int8 per output channel and x quantized at each call (dynamic, one scale per call):
+    PyTorch's ``quantized::linear_dynamic``, what ``torch.ao.quantization.quantize_dynamic`` runs with a
+    per-channel qconfig, its weights packed for ``engine`` (default ``int8_engine()``)."""
 
-    Per token, not per tensor: a text's embedding does not depend on which texts share its batch, and one
-    outlier token does not coarsen every other token's steps (fbgemm's per-tensor ``linear_dynamic`` kept
-    a min cosine of 0.991 to fp32 on w100 where this keeps 0.9965, same sentences)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        values, self.scale = quantize_per_channel(weight)
-        self.weight_t = values.t().contiguous()  # (in, out): _int_mm's right operand
-        self.bias = bias.detach().float().contiguous()
-        self.nbytes = values.numel() + 4 * (len(self.scale) + len(self.bias))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        step = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127
-        q = (rows / step).round_().to(torch.int8)
-        y = torch._int_mm(q, self.weight_t).float().mul_(step).mul_(self.scale).add_(self.bias)
-        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
-
-
-class FbgemmInt8Linear:
-    """The same weights through PyTorch's ``quantized::linear_dynamic`` (fbgemm), the activation quantized per
-    tensor: what ``torch.ao.quantization.quantize_dynamic`` runs with a per-channel qconfig."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, engine: str | None = None):
         values, scale = quantize_per_channel(weight)
         zero = torch.zeros(len(scale), dtype=torch.long)
+        engine, previous = engine or int8_engine(), torch.backends.quantized.engine
         with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (for torchao) but runs them
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(values, scale.double(), zero, 0)
-            self.packed = torch.ops.quantized.linear_prepack(qweight, bias.detach().float().contiguous())
-        self.reduce_range = not has_vnni()
+            torch.backends.quantized.engine = engine  # packing picks the kernel that will run: not the call
+            try:
+                self.packed = torch.ops.quantized.linear_prepack(qweight, bias.detach().float().contiguous())
+            finally:
+                torch.backends.quantized.engine = previous
+        # without VNNI fbgemm adds pairs of int8 products in 16 bits, which can saturate: 7-bit activations there
+        self.reduce_range = engine != "onednn" and not {"avx512_vnni", "avx_vnni"} & cpu_flags()
         self.nbytes = values.numel() + 4 * (len(scale) + len(bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,5 +168,5 @@ class LoweredCache:
         self._built.clear()
 
 
-__all__ = ["PRECISIONS", "LINEARS", "has_vnni", "quantize_per_channel", "Int8Linear", "FbgemmInt8Linear", "Bf16Linear", "LOWERINGS",
-           "check_precision", "precision_variants", "Lowered", "weights_stamp", "lower", "LoweredCache"]
+__all__ = ["PRECISIONS", "LINEARS", "cpu_flags", "int8_engine", "quantize_per_channel", "Int8Linear", "Bf16Linear",
+           "LOWERINGS", "check_precision", "precision_variants", "Lowered", "weights_stamp", "lower", "LoweredCache"]

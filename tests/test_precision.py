@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_core.model import ElasticConfig, ElasticEncoder, load_checkpoint, load_config, save_checkpoint
-from elastic_core.precision import (Int8Linear, LoweredCache, has_vnni, precision_variants, quantize_per_channel,
+from elastic_core.precision import (Int8Linear, LoweredCache, int8_engine, precision_variants, quantize_per_channel,
                                     weights_stamp)
 from elastic_core.profile import LatencyProfile, cached_profile
 from elastic_core.schedule import DepthReading, ElasticSchedule
@@ -57,7 +57,10 @@ def test_a_variant_stays_close_to_its_fp32_sublm(variant, floor):
         padded = model.embed(ids, mask, sublm=variant)
     assert F.cosine_similarity(low, ref).min() >= floor
     assert not torch.equal(low, ref)  # it did run in another precision
-    torch.testing.assert_close(padded, low, atol=1e-5, rtol=1e-5)  # packing computes the same function
+    if variant.endswith("bf16"):  # packing computes the same function
+        torch.testing.assert_close(padded, low, atol=1e-5, rtol=1e-5)
+    else:  # but the padding's own activations take part in int8's one scale per call
+        assert F.cosine_similarity(padded, low).min() >= 0.99
 
 
 def test_int8_quantizes_per_output_channel_so_a_row_prefix_is_the_prefix_of_the_whole():
@@ -70,17 +73,22 @@ def test_int8_quantizes_per_output_channel_so_a_row_prefix_is_the_prefix_of_the_
     # the model's lowered w50 query is the first rows of w100's (a column prefix gets scales of its own)
     model = tiny_model()
     w100, w50 = (model.lowered.get(model.layers, model.config.sublm(n)).layers[0] for n in ("w100-int8", "w50-int8"))
-    assert torch.equal(w50["query"].weight_t, w100["query"].weight_t[:, :32])
-    assert w50["ffn_out"].weight_t.shape == (128, 64)
+
+    def unpacked(linear):
+        return torch.ops.quantized.linear_unpack(linear.packed)[0]
+
+    assert torch.equal(unpacked(w50["query"]).int_repr(), unpacked(w100["query"]).int_repr()[:32])
+    assert unpacked(w50["ffn_out"]).shape == (64, 128)
 
 
-def test_int8_quantizes_each_token_alone_so_batch_mates_change_nothing():
+def test_an_int8_text_depends_only_slightly_on_its_batch_mates():
+    """One activation scale per call (dynamic, per tensor): a text's steps follow its batch's largest value."""
     model, (ids, mask) = tiny_model(), tiny_batch()
     with torch.inference_mode():
         together = model.embed(ids, mask, sublm="w100-int8", packed=True)
         alone = torch.cat([model.embed(ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())],
                                        sublm="w100-int8", packed=True) for i in range(len(ids))])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert F.cosine_similarity(together, alone).min() >= 0.99
 
 
 def test_int8_linear_matches_fp32_on_any_leading_shape():
@@ -88,7 +96,8 @@ def test_int8_linear_matches_fp32_on_any_leading_shape():
     y = Int8Linear(w, b)(x)
     assert y.shape == (2, 7, 48) and y.dtype == torch.float32
     assert F.cosine_similarity(y.reshape(-1, 48), F.linear(x, w, b).reshape(-1, 48)).min() > 0.999
-    assert isinstance(has_vnni(), bool)
+    assert int8_engine() in ("onednn", "x86")
+    assert F.cosine_similarity(Int8Linear(w, b, engine="x86")(x).reshape(-1, 48), y.reshape(-1, 48)).min() > 0.999
 
 
 def test_lowered_matrices_follow_every_change_of_the_weights():
@@ -273,6 +282,6 @@ def test_the_benchmark_keeps_the_front_and_declares_it_best_first(tmp_path):
     report = markdown({**result, "date": "today", "command": "python benchmarks/precision.py", "device": "cpu",
                        "torch": torch.__version__, "checkpoint": str(source),
                        "provenance": {"dl19": "held out", "scifact": "held out"},
-                       "latency": {"threads": 2, "load_average": [3.0], "provisional": True,
+                       "latency": {"threads": 2, "others_cpu_share": 0.4, "provisional": True,
                                    "resident_mb": {"fp32_weights": 400.0, "with_variants": 420.0}}})
     assert "provisional: measured under contention" in report and "best first: w100, w100-int8, w50-int8" in report
