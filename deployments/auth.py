@@ -115,23 +115,30 @@ def route_path(scope) -> str:
 
 
 # ----------------------------------------------------------------------------- gRPC
-def grpc_refused(api_key: ApiKey, grpc_context) -> bool:
-    """Whether the call of ``grpc_context`` lacks the key; if so its status is set: UNAUTHENTICATED, naming
-    the problem. Any context with grpc's servicer-context API (Serve's ``RayServegRPCContext`` too)."""
+def grpc_refused(api_key: ApiKey, grpc_context) -> str | None:
+    """What is wrong with the credential of ``grpc_context``'s call (None: nothing); if anything, the call's
+    status is set: UNAUTHENTICATED, naming the problem. Any context with grpc's servicer-context API (Serve's
+    ``RayServegRPCContext`` too)."""
     if not api_key.required:
-        return False
+        return None
     metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
     problem = api_key.problem(next((v for k, v in metadata if k == AUTHORIZATION_HEADER), None))
     if problem is not None and grpc_context is not None:
         grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
         grpc_context.set_details(problem)
-    return problem is not None
+    return problem
+
+
+class Unauthenticated(Exception):
+    """A streaming RPC refused for its credential (the call's code and details are already set)."""
 
 
 def every_rpc_requires_api_key(rpcs: Iterable[str], refusal: Callable[[str, object], object]):
     """A class decorator: each method named in ``rpcs`` (a servicer's RPCs; ``self.api_key`` the key) runs only
     for a call that carries the key. Another call gets UNAUTHENTICATED and ``refusal(rpc, request)`` (the
-    RPC's empty response), or no message at all from a method that streams its answers. Serve calls the
+    RPC's empty response); a method that streams its answers raises ``Unauthenticated`` instead: Serve's
+    proxy copies a context's code onto the call only with a message, so an empty stream would end OK, while
+    an exception raised after the code is set reaches the client with that code and details. Serve calls the
     deployment method named like the RPC, so this is the one gate of every RPC; a method left out of
     ``rpcs`` (the health service's ``Check``) stays open."""
 
@@ -139,8 +146,9 @@ def every_rpc_requires_api_key(rpcs: Iterable[str], refusal: Callable[[str, obje
         if inspect.isasyncgenfunction(rpc):
             @functools.wraps(rpc)
             async def guarded_stream(self, request, grpc_context):
-                if grpc_refused(self.api_key, grpc_context):
-                    return
+                problem = grpc_refused(self.api_key, grpc_context)
+                if problem:
+                    raise Unauthenticated(problem)
                 async for response in rpc(self, request, grpc_context):
                     yield response
 
