@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import label_quality_axes, save_figure, write_section  # noqa: E402
 
 
 def main():
@@ -189,7 +189,6 @@ def plot(r: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, s, label in ((axes[0], "dl19", "TREC DL 2019 NDCG@10"), (axes[1], "scifact", "SciFact NDCG@10")):
         for n, c in r["candidates"].items():
@@ -200,12 +199,8 @@ def plot(r: dict, path: Path):
         ax.plot([c["latency_ms_b32_s128"] for c in kept], [c[f"{s}_ndcg@10"] for c in kept], "-", color="C0",
                 label="kept ladder (circles: width, squares: depth, triangles: both)")
         ax.plot([r["teacher"]["latency_ms_b32_s128"]], [r["teacher"][f"{s}_ndcg@10"]], "k*", ms=12, label="teacher (HF)")
-        ax.set_xlabel("latency, batch 32 x seq 128 (ms)")
-        ax.set_ylabel(f"{label} ({r['provenance'][s].split(':')[0]})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        label_quality_axes(ax, f"{label} ({r['provenance'][s].split(':')[0]})")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ladder import keep, pareto_front  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import LATENCY_AXIS, label_quality_axes, save_figure, write_section  # noqa: E402
 from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
 
 PARTS = ("dl19", "scifact", "sst2", "latency", "kernels")
@@ -394,7 +394,6 @@ def plot(r: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     marker = {"fp32": "o", "int8": "s", "bf16": "^"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, s, label in ((axes[0], "dl19", "TREC DL 2019 NDCG@10"), (axes[1], "scifact", "SciFact NDCG@10")):
@@ -409,12 +408,9 @@ def plot(r: dict, path: Path):
                 label="kept ladder (circles: fp32, squares: int8, triangles: bf16)")
         if r.get(s):
             ax.axhline(r[s]["teacher"], color="k", ls=":", lw=1, label="teacher (HF)")
-        ax.set_xlabel("latency, batch 32 x seq 128 (ms)" + (" — provisional" if r["latency"]["provisional"] else ""))
-        ax.set_ylabel(f"{label} ({r['provenance'][s].split(':')[0]})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        label_quality_axes(ax, f"{label} ({r['provenance'][s].split(':')[0]})",
+                           LATENCY_AXIS + (" — provisional" if r["latency"]["provisional"] else ""))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,20 @@ def write_section(name: str, markdown: str, doc: Path = DOC, header: str = HEADE
     """Replace (or append) the section ``name`` of ``doc`` (``loadtests.report.write_section``), titled by
     ``TITLES`` unless ``title`` says otherwise."""
     report.write_section(name, markdown, doc, header, title or TITLES.get(name, name))
+
+
+LATENCY_AXIS = "latency, batch 32 x seq 128 (ms)"  # the front's axis: ladder.py, precision.py, core.py
+
+
+def label_quality_axes(ax, ylabel: str, xlabel: str = LATENCY_AXIS) -> None:
+    """A quality-vs-latency panel's labels, grid and legend, the same in every benchmark's plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)

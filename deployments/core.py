@@ -73,14 +73,21 @@ def load_task_models(cfg: ReplicaConfig, device) -> dict:
     dtype = resolve_dtype(cfg.dtype)
     if dtype != torch.float32:  # once, before the latency profile is measured: t_k is the served dtype's
         for m in models.values():
-            backbone = getattr(m.model, "encoder", m.model)  # a task model's, or the backbone itself
-            lowered = [s for s in m.sublms if (cfg.sublms is None or s in cfg.sublms)
-                       and backbone.config.sublm(s).precision != "fp32"]
-            if lowered:  # their lowered matrices take and give fp32 activations
+            named = [s for s in cfg.sublms or () if backbone_config(m).sublm(s).precision != "fp32"]
+            if named:  # their lowered matrices take and give fp32 activations (unnamed, they are left out)
                 raise ValueError(f"dtype={cfg.dtype!r} runs the whole model in {cfg.dtype}; the precision "
-                                 f"variants {lowered} lower their own matrices: serve them with dtype float32")
+                                 f"variants {named} lower their own matrices: serve them with dtype float32")
             m.model.to(dtype)  # the tasks may share one module: casting it again changes nothing
     return models
+
+
+def backbone_of(task_model):
+    """The elastic encoder under a task model (a ranker or classifier wraps one; an embedder is one)."""
+    return task_model.model.encoder if hasattr(task_model.model, "encoder") else task_model.model
+
+
+def backbone_config(task_model):
+    return backbone_of(task_model).config
 
 
 class ServingCore:
@@ -104,7 +111,7 @@ class ServingCore:
               depth: Callable[[str], DepthSource] | None = None, metrics: MetricsSink | None = None) -> "ServingCore":
         """Loads the task models and the latency profile and builds the engine's lanes. ``depth(task)``: the
         task's global queue depth (the host's Redis); None: this replica's own queue only."""
-        from elastic_core.model import resolve_device
+        from elastic_core.model import resolve_device, resolve_dtype
         from elastic_core.profile import LatencyProfile, cached_profile
 
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
@@ -117,15 +124,27 @@ class ServingCore:
         sublms = [s for s in ranking if cfg.sublms is None or s in cfg.sublms]
         if not sublms or (cfg.sublms and len(sublms) != len(set(cfg.sublms))):
             raise ValueError(f"sublms {cfg.sublms} must be a subset of the checkpoint's {ranking}")
+        variants = {s for s in sublms if backbone_config(first).sublm(s).precision != "fp32"}
+        if cfg.sublms is None and variants and (device.type != "cpu" or resolve_dtype(cfg.dtype) != torch.float32):
+            # lowered matrices are CPU kernels on fp32 activations; a GPU, or a model already cast to fp16 / bf16,
+            # serves the trained structures in its own precision
+            sublms = [s for s in sublms if s not in variants]
         chunking = Chunking(cfg.chunk_texts, cfg.chunk_tokens)
         if cfg.profile_path:
             profile = LatencyProfile.load(cfg.profile_path)
         else:  # measured on this replica's device (once: cached); beyond the grid, time grows in proportion.
             # Every task runs the same backbone shape (a task's adapter is merged into its weights), so one
             # table serves all; a rerank pair is one sequence of query + passage tokens.
-            backbone = first.model.encoder if hasattr(first.model, "encoder") else first.model  # task model or not
+            backbone = backbone_of(first)
             profile = cached_profile(backbone, cfg.checkpoint, cfg.profile_cache,
-                                     batches=sorted({1, 8, min(32, cfg.chunk_texts)}), seqs=(16, 64, 128))
+                                     batches=sorted({1, 8, min(32, cfg.chunk_texts)}), seqs=(16, 64, 128), sublms=sublms)
+        # a precision variant that never pays off on this device leaves the ladder (``LatencyProfile.dominated``);
+        # a ladder named by hand stays as named, and so do the trained structures (nested: a smaller one is
+        # never slower, but a tiny model's timings are noise enough to say otherwise)
+        if cfg.sublms is None and (dominated := [s for s in profile.dominated(sublms) if s in variants]):
+            sublms = [s for s in sublms if s not in dominated]
+            logger.info("SubLMs %s dropped: on %s a better-ranked SubLM is as fast at every profiled shape",
+                        dominated, profile.device)
         lanes = {}
         for task, model in models.items():
             # each task its own schedule (own calibration) and its own global depth, so each degrades

@@ -47,11 +47,12 @@ def time_forward_ms(model: ElasticEncoder, sublm: str, batch: int, seq: int, rep
 
 
 def measure_profile(model: ElasticEncoder, batches=(1, 8, 32), seqs=(32, 128, 256), repeats: int = 10,
-                    progress: bool = True, warmup: int = 2) -> "LatencyProfile":
+                    progress: bool = True, warmup: int = 2, sublms: list[str] | None = None) -> "LatencyProfile":
+    """t_k of ``sublms`` (default: every SubLM of the model) over the batch x seq grid."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    grid = [(s, b, q) for s in model.config.sublm_names for b in batches for q in seqs]
+    grid = [(s, b, q) for s in sublms or model.config.sublm_names for b in batches for q in seqs]
     entries = []
     for sublm, b, q in tqdm(grid, desc="profile", unit="point", disable=not progress):
         ms = time_forward_ms(model, sublm, b, q, repeats, warmup)
@@ -60,7 +61,7 @@ def measure_profile(model: ElasticEncoder, batches=(1, 8, 32), seqs=(32, 128, 25
 
 
 def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str | Path | None, batches, seqs,
-                   repeats: int = 2, warmup: int = 1) -> "LatencyProfile":
+                   repeats: int = 2, warmup: int = 1, sublms: list[str] | None = None) -> "LatencyProfile":
     """The profile of ``model`` on this device, measured once and kept in ``cache_dir``.
 
     A serving replica needs t_k measured on its own device, but measuring takes seconds of the CPU it
@@ -70,6 +71,7 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
     (``ElasticSchedule``) corrects online, cached or not."""
     import hashlib
 
+    sublms = list(sublms or model.config.sublm_names)
     weights = Path(checkpoint) / "model.safetensors"
     stat = weights.stat() if weights.exists() else None
     param = next(model.parameters())
@@ -82,11 +84,11 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
     if path is not None and path.exists():
         try:
             cached = LatencyProfile.load(path)
-            if set(model.config.sublm_names) <= set(cached.sublms):  # else a SubLM (a precision variant) was
-                return cached                                          # declared since: measured again
+            if set(sublms) <= set(cached.sublms):  # else a SubLM (a precision variant) was declared since:
+                return cached                       # measured again
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # a damaged cache entry is measured again
-    profile = measure_profile(model, batches, seqs, repeats=repeats, progress=False, warmup=warmup)
+    profile = measure_profile(model, batches, seqs, repeats=repeats, progress=False, warmup=warmup, sublms=sublms)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = path.with_suffix(f".{os.getpid()}.tmp")
@@ -141,6 +143,24 @@ class LatencyProfile:
             return lo * scale
         hi = ms[i + 1][j] + (ms[i + 1][j + 1] - ms[i + 1][j]) * ws if ws else ms[i + 1][j]
         return (lo + (hi - lo) * wb) * scale
+
+    def dominated(self, sublms_best_first: list[str]) -> list[str]:
+        """The SubLMs of a quality-ordered ladder that never pay off on this device: one ranked above each is
+        at least as fast at every measured (batch, seq). A precision variant's speed is the hardware's (bf16
+        halves fp32's time at batch 32 on a CPU with AMX and doubles it on one without), so which variants the
+        checkpoint's front keeps is decided again on the device that serves it. The schedule would never
+        choose one of these over its better, faster rival anyway; dropping them saves their profile rows and
+        makes the ladder a replica reports the one it serves."""
+        out = []
+        for i, name in enumerate(sublms_best_first):
+            bs, ss, ms = self._grid[name]
+            for better in sublms_best_first[:i]:
+                if better in out:
+                    continue
+                if all(self.predict_ms(better, b, q) <= ms[x][y] for x, b in enumerate(bs) for y, q in enumerate(ss)):
+                    out.append(name)
+                    break
+        return out
 
     def to_json(self) -> dict:
         return {"device": self.device, "entries": self.entries}

@@ -251,6 +251,37 @@ def test_answers_name_the_variant_that_served(tmp_path, checkpoint_dir):
     shutil.rmtree(ckpt)
 
 
+def test_a_replica_drops_the_variants_its_device_makes_pointless(tmp_path, checkpoint_dir):
+    """A variant slower than a better-ranked SubLM at every profiled shape leaves the replica's ladder; one
+    that pays off anywhere stays; a model cast to bf16 as a whole serves the trained structures only."""
+    from deployments.config import ReplicaConfig
+    from deployments.core import ServingCore
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").symlink_to((checkpoint_dir / "model.safetensors").resolve())
+    config = json.loads((checkpoint_dir / "elastic_config.json").read_text())
+    config["sublms"] = precision_variants(precision_variants(config["sublms"], ["w50"]), ["w75"], "bf16")
+    (ckpt / "elastic_config.json").write_text(json.dumps(config))
+    assert list(config["sublms"]) == ["w100", "w75", "w75-bf16", "w50", "w50-int8", "w25"]
+    # per text at batch 1 and 64: w75-bf16 is slower than w75 alone but faster in a batch; w50-int8 never beats w50
+    ms = {"w100": (10.0, 10.0), "w75": (6.0, 6.0), "w75-bf16": (7.0, 3.0), "w50": (3.0, 3.0), "w50-int8": (3.5, 3.0),
+          "w25": (1.0, 1.0)}
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "synthetic", "entries": [
+        {"sublm": s, "batch": b, "seq": q, "ms": t[b > 1] * b} for s, t in ms.items() for b in (1, 64)
+        for q in (8, 512)]}))
+    args = dict(checkpoint=str(ckpt), tasks=("embed",), profile_path=str(profile))
+    assert ServingCore.build(ReplicaConfig(**args)).describe()["sublms"] == ["w100", "w75", "w75-bf16", "w50", "w25"]
+    named = ["w100", "w50", "w50-int8"]  # a ladder named by hand is served as named
+    assert ServingCore.build(ReplicaConfig(**args, sublms=named)).describe()["sublms"] == named
+    whole = ServingCore.build(ReplicaConfig(**args, dtype="bfloat16"))
+    assert whole.describe()["sublms"] == ["w100", "w75", "w50", "w25"]
+    with pytest.raises(ValueError, match=r"variants \['w50-int8'\] lower their own matrices"):
+        ServingCore.build(ReplicaConfig(**args, sublms=named, dtype="bfloat16"))
+    shutil.rmtree(ckpt)
+
+
 # ----------------------------------------------------------------------------- the front over structure x precision
 def test_the_benchmark_keeps_the_front_and_declares_it_best_first(tmp_path):
     """benchmarks/precision.py: a variant slower and worse than another is dropped; the kept ladder is written

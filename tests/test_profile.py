@@ -38,3 +38,17 @@ def test_a_profile_is_measured_once_per_checkpoint_and_grid(tmp_path, monkeypatc
     assert cached_profile(model, ckpt, cache, batches=(1, 4), seqs=(8, 16)).sublms == ["w100", "w50"]
     cached_profile(model, ckpt, None, batches=(1, 4), seqs=(8, 16))
     assert len(calls) == 5                                          # no cache: always measured
+
+
+def test_a_variant_slower_than_a_better_one_at_every_shape_is_dominated():
+    from elastic_core.profile import LatencyProfile
+
+    # ms at (batch 1, batch 32): bf16 pays off only in big batches (AMX), int8 is slower everywhere than w50
+    times = {"w100": (2.0, 400.0), "w100-bf16": (3.0, 210.0), "w50": (1.5, 220.0), "w50-int8": (1.6, 300.0),
+             "w50-bf16": (2.5, 120.0), "w25": (1.0, 128.0)}
+    entries = [{"sublm": s, "batch": b, "seq": 16, "ms": ms} for s, pair in times.items() for b, ms in zip((1, 32), pair)]
+    profile = LatencyProfile(device="test", entries=entries)
+    assert profile.dominated(list(times)) == ["w50-int8"]
+    # ranked last, what was a rival is dominated too: w100 is faster than w100-bf16 only at batch 1
+    assert profile.dominated(["w100", "w50", "w100-bf16"]) == []
+    assert profile.dominated(["w50", "w100"]) == ["w100"]
