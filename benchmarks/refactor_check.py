@@ -1,10 +1,14 @@
 """The serving stack of two commits side by side: did a refactor change what the stack serves per second?
 
     .venv/bin/python benchmarks/refactor_check.py --old 4f46c78          # ~6 min on 2 cores
+    .venv/bin/python benchmarks/refactor_check.py --old 1380c5d --api-key --section drop_in_check \
+        --title "Drop-in clients and API keys, old vs new (issue 30)"   # also the new stack with a key required
 
 Each round starts ``elasticlm serve`` from each commit in turn (a git worktree for the old one, this tree for
 the new; the same .venv, checkpoint and cluster/config.local.yaml) with T = 60 s so that nothing is refused,
 floor w100 so every answer is full quality, and drives it with the closed-loop client at 64 clients x 1 text and 8 clients x 8 texts.
+On 2 saturated cores req/s is the inverse of the CPU a request costs, so equal req/s is equal CPU per
+request. ``--api-key`` adds the new stack with a key required (every client sends it): what checking it costs.
 Ratios new / old per round, then the median. Writes benchmarks/results/refactor_check.json and a section
 of docs/benchmarks.md. Target (issue 29): the new commit's req/s within noise of the old one's.
 """
@@ -27,9 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
 
-def serve(tree: Path, port: int):
+API_KEY = "refactor-check-key"
+
+
+def serve(tree: Path, port: int, api_key: str | None = None):
     """``elasticlm serve`` of the code in ``tree``, in its own process group; ready when /info answers."""
     env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("ELASTICLM_API_KEY", None)
+    if api_key:
+        env["ELASTICLM_API_KEY"] = api_key
     proc = subprocess.Popen([sys.executable, "-m", "elastic_core.cli", "serve", "--http-port", str(port),
                              "--grpc-port", str(port + 1000), "--redis-port", str(port + 2000),
                              # T far above any batch: admission takes everything, so what is measured is
@@ -40,12 +50,17 @@ def serve(tree: Path, port: int):
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=2)
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/info", headers=headers(api_key)),
+                                   timeout=2)
             return proc
         except OSError:
             time.sleep(1)
     stop(proc)
     raise RuntimeError(f"the stack of {tree} did not answer within 180 s")
+
+
+def headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def stop(proc):
@@ -56,10 +71,11 @@ def stop(proc):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def load(port: int, clients: int, texts: int, seconds: float) -> dict:
+def load(port: int, clients: int, texts: int, seconds: float, api_key: str | None = None) -> dict:
+    sent = [arg for name, value in headers(api_key).items() for arg in ("--header", f"{name}: {value}")]
     out = subprocess.run([sys.executable, "-m", "loadtests.closed_loop", f"http://127.0.0.1:{port}/embed",
                           "--clients", str(clients), "--texts", str(texts), "--seconds", str(seconds),
-                          "--min-sublm", "w100"], cwd=ROOT, capture_output=True, text=True, check=True)
+                          "--min-sublm", "w100", *sent], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -70,44 +86,56 @@ def main():
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--loads", default="64x1,8x8", help="clients x texts per request, comma-separated")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refactor_check.json"))
+    parser.add_argument("--api-key", action="store_true", help="also the new stack with an API key required")
+    parser.add_argument("--section", default="refactor_check", help="the docs/benchmarks.md section written")
+    parser.add_argument("--title", default="The serving core redesign, old vs new (issue 29)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<section>.json")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.section}.json")
 
     old_tree = ROOT / "runs" / f"worktree-{args.old}"
     if not old_tree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], cwd=ROOT, check=True)
         subprocess.run([sys.executable, "-c", "from deployments.grpc_api.generate import generate; generate()"],
                        cwd=old_tree, env=dict(os.environ, PYTHONPATH=str(old_tree)), check=True)
-    trees = {"old": old_tree, "new": ROOT}
+    stacks = {"old": (old_tree, None), "new": (ROOT, None)} | ({"new+key": (ROOT, API_KEY)} if args.api_key else {})
     loads = [tuple(int(x) for x in spec.split("x")) for spec in args.loads.split(",")]
-    runs = {name: {f"{c}x{t}": [] for c, t in loads} for name in trees}
+    runs = {name: {f"{c}x{t}": [] for c, t in loads} for name in stacks}
     for _ in range(args.rounds):
-        for name, tree in trees.items():
-            proc = serve(tree, args.port)
+        for name, (tree, api_key) in stacks.items():
+            proc = serve(tree, args.port, api_key)
             try:
-                load(args.port, 8, 1, 3)  # warm-up
+                load(args.port, 8, 1, 3, api_key)  # warm-up
                 for clients, texts in loads:
-                    runs[name][f"{clients}x{texts}"].append(load(args.port, clients, texts, args.seconds))
+                    runs[name][f"{clients}x{texts}"].append(load(args.port, clients, texts, args.seconds, api_key))
             finally:
                 stop(proc)
-    ratios = {key: statistics.median(n["rps"] / o["rps"] for n, o in zip(runs["new"][key], runs["old"][key]))
-              for key in runs["new"]}
+
+    def over_old(name):
+        return {key: statistics.median(n["rps"] / o["rps"] for n, o in zip(runs[name][key], runs["old"][key]))
+                for key in runs[name]}
+
+    ratios = over_old("new")
     result = {"command": "python benchmarks/refactor_check.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "old": args.old,
               "new": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip(),
               "rps": {name: {key: [r["rps"] for r in rs] for key, rs in loads.items()} for name, loads in runs.items()},
               "p99_ms": {name: {key: [r["p99_ms"] for r in rs] for key, rs in loads.items()} for name, loads in runs.items()},
-              "new_over_old_rps": ratios}
+              "new_over_old_rps": ratios} | ({"new_with_key_over_old_rps": over_old("new+key")} if args.api_key else {})
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Measured {result['date']}: `{result['command']}` (new = {result['new']}), {args.rounds} interleaved "
              "rounds, each stack started clean, every answer w100.", "",
-             "| load (clients x texts) | old req/s | new req/s | new / old (median of rounds) |", "|---|---|---|---|"]
+             "| load (clients x texts) | " + " | ".join(f"{n} req/s" for n in stacks) + " | new / old (median of rounds) |"
+             + (" new+key / old |" if args.api_key else ""), "|---|" + "---|" * (len(stacks) + 1 + args.api_key)]
     for key, ratio in ratios.items():
-        lines.append(f"| {key} | {', '.join(f'{x:.0f}' for x in result['rps']['old'][key])} | "
-                     f"{', '.join(f'{x:.0f}' for x in result['rps']['new'][key])} | {ratio:.2f} |")
-    write_section("refactor_check", "\n".join(lines), title="The serving core redesign, old vs new (issue 29): "
-                  "`benchmarks/refactor_check.py`")
+        cells = [", ".join(f"{x:.0f}" for x in result["rps"][n][key]) for n in stacks] + [f"{ratio:.2f}"]
+        if args.api_key:
+            cells.append(f"{result['new_with_key_over_old_rps'][key]:.2f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if args.api_key:
+        lines += ["", "new+key: the new stack with an API key required (`ELASTICLM_API_KEY`), every request sending it."]
+    write_section(args.section, "\n".join(lines), title=f"{args.title}: `benchmarks/refactor_check.py`")
     print("\n".join(lines))
 
 
