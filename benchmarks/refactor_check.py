@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -32,6 +33,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import write_section  # noqa: E402
 
 API_KEY = "refactor-check-key"
+# `elasticlm serve` of the tree on PYTHONPATH, its serve command registered by hand: the installed entry points
+# name this tree's commands, which an older tree may not have
+SERVE_ONLY = """import argparse, sys
+from deployments.cli import register_serve
+parser = argparse.ArgumentParser(prog="elasticlm")
+register_serve(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args()
+sys.exit(args.func(args))
+"""
 
 
 def serve(tree: Path, port: int, api_key: str | None = None):
@@ -40,7 +50,7 @@ def serve(tree: Path, port: int, api_key: str | None = None):
     env.pop("ELASTICLM_API_KEY", None)
     if api_key:
         env["ELASTICLM_API_KEY"] = api_key
-    proc = subprocess.Popen([sys.executable, "-m", "elastic_core.cli", "serve", "--http-port", str(port),
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_ONLY, "serve", "--http-port", str(port),
                              "--grpc-port", str(port + 1000), "--redis-port", str(port + 2000),
                              # T far above any batch: admission takes everything, so what is measured is
                              # saturation throughput, not what refusing costs (as benchmarks/serving.py)
@@ -116,7 +126,7 @@ def main():
                 for key in runs[name]}
 
     ratios = over_old("new")
-    result = {"command": "python benchmarks/refactor_check.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python benchmarks/refactor_check.py " + shlex.join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "old": args.old,
               "new": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip(),
