@@ -1,5 +1,6 @@
-"""``elasticlm loadtest`` and ``elasticlm chaos``, registered with the CLI of ``elastic_core`` through the
-``elasticlm.commands`` entry points (pyproject.toml): the core's CLI never imports the load tests."""
+"""``elasticlm loadtest``, ``elasticlm chaos`` and ``elasticlm autoscale``, registered with the CLI of
+``elastic_core`` through the ``elasticlm.commands`` entry points (pyproject.toml): the core's CLI never imports
+the load tests."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def register_chaos(sub) -> None:
     p.set_defaults(func=_chaos)
 
 
+def register_autoscale(sub) -> None:
+    from loadtests.autoscale import add_arguments
+
+    p = sub.add_parser("autoscale", help="a sustained surge from one replica on a multi-node Ray cluster: the elastic "
+                                         "policy beside Serve's queue-length policy")
+    add_arguments(p)
+    p.set_defaults(func=_autoscale)
+
+
 def _loadtest(args) -> int:
     # Locust runs in its own process (it must never share one with Ray); see loadtests/runner.py
     from loadtests.runner import main
@@ -29,5 +39,11 @@ def _loadtest(args) -> int:
 
 def _chaos(args) -> int:
     from loadtests.faults import main
+
+    return main(args)
+
+
+def _autoscale(args) -> int:
+    from loadtests.autoscale import main
 
     return main(args)
