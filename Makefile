@@ -64,9 +64,13 @@ test-fast: setup
 # project's environment on every node), in its own temp dir and on free ports: other Ray instances on the
 # machine are never touched, and cluster-stop stops this one only (plain `ray stop` would stop them all).
 # Then: source $(CLUSTER_DIR)/env.sh && serve deploy cluster/config.local.yaml (README, "On a Ray cluster").
+# Each node gets a Serve proxy of its own with `proxy_location: EveryNode`: the head's on 8000/9000, worker
+# node i's on 800i/900i (when free); env.sh lists them all for clients ($ELASTICLM_HTTP_ENDPOINTS,
+# $ELASTICLM_GRPC_ENDPOINTS: examples/http_client.py, examples/grpc_client.py resend to another on failure).
 CLUSTER_DIR ?= .cluster
+CLUSTER_WORKERS ?= 1
 cluster: setup
-	$(BIN)/python -m deployments.ray_cluster start --dir $(CLUSTER_DIR)
+	$(BIN)/python -m deployments.ray_cluster start --dir $(CLUSTER_DIR) --workers $(CLUSTER_WORKERS)
 
 cluster-stop:
 	$(BIN)/python -m deployments.ray_cluster stop --dir $(CLUSTER_DIR)

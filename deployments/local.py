@@ -62,6 +62,16 @@ SERVE_ENV = {
     # the gRPC twin of the HTTP body limit: Serve lets a replica's gRPC server take 2 GiB messages,
     # which gRPC would parse into Python objects before any of our code could refuse them
     "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_BODY_BYTES),
+    # Serve's controller replaces a proxy after 3 failed health checks in a row (a fixed threshold), one
+    # check every period (default 10 s), each failed by a False answer or none within the time-out
+    # (default 10 s). A dead HAProxy answers False at once (its manager asks `show info` on HAProxy's
+    # admin socket: refused): noticed in 20-30 s, answering again after 28 s; every 0.5 s: 1-1.5 s, and
+    # 3.3-3.9 s, for 2.7 ms more CPU a second (benchmarks/proxy_health.py). A proxy that is alive but
+    # stalled (a starved machine: seen at load 80 on 2 cores) must still not be replaced sooner than
+    # before: 3 x (period + time-out) = 61.5 s, as 3 x (10 + 10) was. A reload's admin-socket gap
+    # (milliseconds) cannot fail 3 checks 0.5 s apart.
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "0.5",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "20",
 }
 
 

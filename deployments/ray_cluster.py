@@ -11,6 +11,12 @@ in its environment, ``ELASTICLM_CLUSTER=<the cluster's dir>``, which every proce
 ``stop_cluster`` signals only the processes of those sessions, once a member shows the marker, in
 ``ray stop``'s order (raylets, then the rest, then the GCS).
 
+Each node runs its own Serve proxy where the Serve config says ``proxy_location: EveryNode``: the head's on
+the config's ports (``--http-port`` / ``--grpc-port``, 8000 / 9000), worker node i's on those + i when free
+(``RAY_SERVE_WORKER_PROXY_HTTP_PORT`` / ``_GRPC_PORT`` in its environment, which Serve 2.60 applies to a
+non-head node's proxy). ``cluster.json`` lists them (``proxies``) and ``env.sh`` exports them for clients
+(``$ELASTICLM_HTTP_ENDPOINTS``, ``$ELASTICLM_GRPC_ENDPOINTS``: ``deployments/endpoints.py``).
+
     python -m deployments.ray_cluster start --dir runs/cluster     # what `make cluster` runs
     source runs/cluster/env.sh && serve deploy cluster/config.local.yaml && serve status
     python -m deployments.ray_cluster stop --dir runs/cluster      # what `make cluster-stop` runs
@@ -31,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deployments.endpoints import GRPC_ENDPOINTS_ENV, HTTP_ENDPOINTS_ENV
 from deployments.haproxy_admission import binary_environment
 from deployments.local import SERVE_ENV, RedisServer
 from deployments.ports import free_port, port_is_free
@@ -46,7 +53,30 @@ RAY_TEMP_DIR_MAX_CHARS = 40
 # what a shell may carry for another cluster: a token (RAY_AUTH_TOKEN wins over RAY_AUTH_TOKEN_PATH), an
 # address, a Redis
 INHERITED_NOT = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS",
-                 "REDIS_URL")
+                 "REDIS_URL", "RAY_SERVE_WORKER_PROXY_HTTP_PORT", "RAY_SERVE_WORKER_PROXY_GRPC_PORT")
+# what cluster/config.local.yaml serves on: the head node's proxy
+HTTP_PORT, GRPC_PORT = 8000, 9000
+
+
+def proxy_ports(http_port: int, grpc_port: int, workers: int, is_free=port_is_free) -> list[tuple[int, int]]:
+    """(HTTP, gRPC) of each node's proxy, the head's first: the head's are the Serve config's; worker node i
+    (1-based) takes the head's + i when free (ports a user can guess and type), else ports the OS picks."""
+    chosen = [(http_port, grpc_port)]
+    taken = {http_port, grpc_port}
+    for i in range(1, workers + 1):
+        pair = []
+        for base in (http_port, grpc_port):
+            port = base + i if base + i not in taken and is_free(base + i) else free_port(0)
+            taken.add(port)
+            pair.append(port)
+        chosen.append((pair[0], pair[1]))
+    return chosen
+
+
+def endpoint_lists(proxies: list[dict]) -> dict[str, str]:
+    """The clients' view of the proxies (``deployments/endpoints.py``): every node's, the head's first."""
+    return {HTTP_ENDPOINTS_ENV: ",".join(f"http://127.0.0.1:{p['http']}" for p in proxies),
+            GRPC_ENDPOINTS_ENV: ",".join(f"127.0.0.1:{p['grpc']}" for p in proxies)}
 
 
 @dataclass
@@ -115,10 +145,14 @@ def node_environment(cluster_dir: Path, redis_url: str, auth: dict[str, str], po
             MARKER: str(cluster_dir)}
 
 
-def run_in_own_session(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float = 120) -> int:
-    """Run ``ray start`` in a new session and return that session's id (the daemons it leaves keep it)."""
+def run_in_own_session(cmd: list[str], env: dict[str, str], log: Path, started=None, timeout_s: float = 120) -> int:
+    """Run ``ray start`` in a new session and return that session's id (the daemons it leaves keep it).
+    ``started(session id)`` is called before waiting: a ``ray start`` that fails or times out (a loaded machine)
+    may already have left a GCS, a dashboard, ... in that session, which ``stop_cluster`` must find."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if started:
+            started(proc.pid)
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -238,9 +272,12 @@ def _sid(pid: int) -> int | None:
 
 
 def start_cluster(cluster_dir: Path, workers: int = 1, head_cpus: int = 1, worker_cpus: int = 1,
-                  redis_url: str | None = None, auth: dict[str, str] | None = None) -> dict:
+                  redis_url: str | None = None, auth: dict[str, str] | None = None, http_port: int = HTTP_PORT,
+                  grpc_port: int = GRPC_PORT) -> dict:
     """Redis (unless ``redis_url``), a head and ``workers`` worker nodes, each in its own session; writes
-    ``cluster.json`` (sessions, ports, addresses) and ``env.sh`` (what the ``serve`` CLI needs)."""
+    ``cluster.json`` (sessions, ports, addresses, each node's proxy ports) and ``env.sh`` (what the ``serve``
+    CLI needs, and the proxies' endpoints for clients). ``http_port`` / ``grpc_port``: the Serve config's, the
+    head's proxy; the workers' proxies: ``proxy_ports``."""
     cluster_dir = Path(cluster_dir).resolve()
     if (cluster_dir / STATE_FILE).exists() and cluster_processes(cluster_dir, **_members(cluster_dir)):
         raise RuntimeError(f"a cluster of {cluster_dir} is running: stop it first")
@@ -256,11 +293,18 @@ def start_cluster(cluster_dir: Path, workers: int = 1, head_cpus: int = 1, worke
         auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     state = {"sessions": [], "known": [], "dir": str(cluster_dir), "temp_dir": str(temp_dir), "auth": auth}
     head = HeadPorts()
+    proxies = [{"node": "head" if i == 0 else f"worker-{i}", "http": h, "grpc": g}
+               for i, (h, g) in enumerate(proxy_ports(http_port, grpc_port, workers))]
     state.update(gcs_address=f"127.0.0.1:{head.gcs}", dashboard_url=f"http://127.0.0.1:{head.dashboard}",
-                 ports=head.all())
+                 ports=head.all(), proxies=proxies, endpoints=endpoint_lists(proxies))
 
     def save():
         (cluster_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def started(session: int):
+        state["sessions"].append(session)
+        proxies[sum("session" in p for p in proxies)]["session"] = session  # nodes start in this order
+        save()
 
     try:
         if not redis_url:
@@ -270,27 +314,32 @@ def start_cluster(cluster_dir: Path, workers: int = 1, head_cpus: int = 1, worke
             save()
         state["redis_url"] = redis_url
         save()
-        state["sessions"].append(run_in_own_session(
-            head_command(temp_dir, head, head_cpus), node_environment(cluster_dir, redis_url, auth, head), log))
-        save()
-        for _ in range(workers):
+        run_in_own_session(head_command(temp_dir, head, head_cpus),
+                           node_environment(cluster_dir, redis_url, auth, head), log, started)
+        for proxy in proxies[1:]:
             ports = NodePorts()
             state["ports"] += ports.all()
-            state["sessions"].append(run_in_own_session(
-                worker_command(state["gcs_address"], ports, worker_cpus),
-                node_environment(cluster_dir, redis_url, auth, ports), log))
-            save()
+            # this node's proxy (Serve applies these to a non-head node's proxy only)
+            own_proxy = {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(proxy["http"]),
+                         "RAY_SERVE_WORKER_PROXY_GRPC_PORT": str(proxy["grpc"])}
+            run_in_own_session(worker_command(state["gcs_address"], ports, worker_cpus),
+                               {**node_environment(cluster_dir, redis_url, auth, ports), **own_proxy}, log, started)
     except BaseException:
         stop_cluster(cluster_dir)
         raise
-    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in
-                 {**auth, "RAY_DASHBOARD_ADDRESS": state["dashboard_url"], "RAY_ADDRESS": state["gcs_address"],
-                  "REDIS_URL": redis_url}.items()]
+    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in cli_environment(state).items()]
     (cluster_dir / "env.sh").write_text("# source me: the `serve` and `ray` CLIs then reach this cluster\n"
                                         "unset RAY_AUTH_TOKEN  # another cluster's token would win over ours\n"
                                         + "\n".join(env_lines) + "\n")
     (cluster_dir / "env.sh").chmod(0o600)  # it names the Redis password and the token's file
     return state
+
+
+def cli_environment(state: dict) -> dict[str, str]:
+    """What the ``serve`` / ``ray`` CLIs need to reach the cluster of ``state``, and its proxies for clients
+    (``env.sh`` exports it; ``RAY_AUTH_TOKEN`` must be unset, or another cluster's token wins)."""
+    return {**state["auth"], "RAY_DASHBOARD_ADDRESS": state["dashboard_url"], "RAY_ADDRESS": state["gcs_address"],
+            "REDIS_URL": state["redis_url"], **state["endpoints"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--head-cpus", type=int, default=1, help="logical CPUs Ray may place replicas on")
     parser.add_argument("--worker-cpus", type=int, default=1)
+    parser.add_argument("--http-port", type=int, default=HTTP_PORT,
+                        help="the Serve config's HTTP port: the head's proxy; worker node i's: this + i when free")
+    parser.add_argument("--grpc-port", type=int, default=GRPC_PORT, help="the same for gRPC")
     args = parser.parse_args(argv)
     cluster_dir = Path(args.dir).resolve()
     if args.action == "stop":
@@ -313,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = cluster_processes(cluster_dir, **_members(cluster_dir))
         print(f"{len(procs)} processes of the cluster of {cluster_dir} are running")
         return 0 if procs else 1
-    busy = [p for p in (8000, 9000) if not port_is_free(p)]  # what cluster/config.local.yaml serves on
+    busy = [p for p in (args.http_port, args.grpc_port) if not port_is_free(p)]  # the head's proxy
     if busy:
         print(f"port {', '.join(map(str, busy))} is taken (elasticlm serve? another cluster?): "
               "`serve deploy cluster/config.local.yaml` would share it", file=sys.stderr)
@@ -321,12 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("redis-server") and not os.environ.get("REDIS_URL"):
         print("redis-server not found: `make setup` installs it (or set REDIS_URL)", file=sys.stderr)
         return 2
-    state = start_cluster(cluster_dir, args.workers, args.head_cpus, args.worker_cpus, os.environ.get("REDIS_URL"))
+    state = start_cluster(cluster_dir, args.workers, args.head_cpus, args.worker_cpus, os.environ.get("REDIS_URL"),
+                          http_port=args.http_port, grpc_port=args.grpc_port)
+    proxies = "\n".join(f"    {p['node']:>9}: HTTP 127.0.0.1:{p['http']}  gRPC 127.0.0.1:{p['grpc']}"
+                         for p in state["proxies"])
     print(f"""a Ray cluster (head + {args.workers} worker node(s)) is running in {cluster_dir}
   dashboard {state['dashboard_url']}   GCS {state['gcs_address']}
-  source {cluster_dir}/env.sh       # RAY_AUTH_MODE=token, the token, the dashboard's address, REDIS_URL
+  each node's Serve proxy (with `proxy_location: EveryNode` in the Serve config; HeadOnly: the head's alone):
+{proxies}
+  source {cluster_dir}/env.sh       # RAY_AUTH_MODE=token, the token, the dashboard's address, REDIS_URL,
+                                    # $ELASTICLM_HTTP_ENDPOINTS / $ELASTICLM_GRPC_ENDPOINTS (every proxy)
   serve deploy cluster/config.local.yaml && serve status
-  curl -s localhost:8000/embed -H 'content-type: application/json' -d '{{"inputs": ["hi"]}}' -D - | grep -i x-elasticlm-sublm
+  curl -s localhost:{args.http_port}/embed -H 'content-type: application/json' -d '{{"inputs": ["hi"]}}' -D - | grep -i x-elasticlm-sublm
+  .venv/bin/python examples/http_client.py "hi"   # retries a failed connection on the next proxy
   serve shutdown -y && make cluster-stop""")
     return 0
 

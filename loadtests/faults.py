@@ -20,7 +20,12 @@ Scenarios (``loadtests/scenarios.py:SCENARIOS``, where each fault is injected):
     ``--slow-ms`` each way for ``--outage-s`` (a congested network between them);
   * ``replica-kill``: one of the two replica processes SIGKILLed; its share of the global depth
     expires with its heartbeat (TTL 3 s) and Ray Serve starts a replacement;
-  * ``proxy-kill``: Serve's HAProxy (the HTTP and gRPC front) SIGKILLed;
+  * ``proxy-kill``: Serve's HAProxy (the HTTP and gRPC front) SIGKILLed; with this single proxy, what
+    counts is how soon the stack answers again (Serve's controller restarts it);
+  * ``proxy-kill-one-of-two``: a two-node local cluster (``make cluster``'s, ``serve deploy``), a proxy and
+    a replica on each node, clients over both proxies that resend a request whose connection failed
+    (HTTP to the other proxy, gRPC by its retry policy on UNAVAILABLE; half the requests each); the
+    head node's HAProxy SIGKILLed;
   * ``overload-patient`` / ``overload-impatient``: ``--overload-frac`` x capacity for ``--overload-s``,
     from clients that resend a shed request after the server's Retry-After, or at once; before the
     load, the CPU one refusal costs the stack is measured on its own (``refusal_cost``);
@@ -40,6 +45,7 @@ import yaml
 
 from elastic_core.paths import REPO_ROOT
 from loadtests.analysis import read_records, response_ms, timeline
+from loadtests.cluster_stack import ClusterDeployment, proxy_back_s, sample_cluster
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
 from loadtests.scenarios import SCENARIOS, SlowLink
@@ -131,7 +137,10 @@ def check_targets(results: dict) -> list[dict]:
     targets = []
     for name, r in results.items():
         a = r["analysis"]
-        targets.append({"name": f"{name}: 0 lost", "met": a["lost"] == 0, "figure": a["lost"]})
+        # one proxy in front: nothing answers while it restarts (issue 31: that target is answering again
+        # within 5 s; 0 lost is proxy-kill-one-of-two's, with a second proxy and clients that resend)
+        if name != "proxy-kill":
+            targets.append({"name": f"{name}: 0 lost", "met": a["lost"] == 0, "figure": a["lost"]})
         if name == "replica-kill":
             gone = a["share_gone_s"]
             targets.append({"name": f"{name}: dead replica's share gone within the TTL",
@@ -150,6 +159,10 @@ def check_targets(results: dict) -> list[dict]:
                 ratio = round(served / capacity, 3) if served is not None and capacity else None
                 targets.append({"name": f"{name}: served throughput >= 0.9 x capacity (x capacity)",
                                 "met": ratio is not None and ratio >= 0.9, "figure": ratio})
+        elif SCENARIOS[name].two_nodes:
+            back = r.get("killed_proxy_back_s")
+            targets.append({"name": f"{name}: the killed proxy answering again (s after the kill)",
+                            "met": back is not None, "figure": back})
         elif name == "proxy-kill":  # the replicas and Redis never stopped: what counts is answering again
             back = a["answers_back_s"]
             targets.append({"name": f"{name}: answering again within 5 s", "met": back is not None and back <= 5,
@@ -168,7 +181,8 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
     # fixed replicas: a killed replica must come back by Serve's restart, not by an autoscaling decision
     cfg_path = run_dir / f"config.{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_variant(base, "elastic-noauto", sublms), sort_keys=False))
-    deployment = ServeDeployment(cfg_path, target_ms, run_dir / f"{name}.server.log", args.num_cpus)
+    stack = ClusterDeployment if scenario.two_nodes else ServeDeployment
+    deployment = stack(cfg_path, target_ms, run_dir / f"{name}.server.log", args.num_cpus)
     if scenario.slow_link:
         deployment.redis_link = SlowLink(deployment.redis.port)
         deployment.replicas_redis_url = f"redis://127.0.0.1:{deployment.redis_link.port}/0"
@@ -200,11 +214,16 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
         stop.wait()
 
     with started(deployment, name, log):
+        if scenario.connection_retries:  # over every proxy, resending what a dead one dropped: HTTP and gRPC
+            opts.protocol = "mixed"
+            opts.extra += ["--connection-retries", str(scenario.connection_retries),
+                           "--http-endpoints", ",".join(deployment.http_endpoints)]
         if scenario.overload:
             extra["refusal_cost"] = refusal_cost(deployment)
             log(f"[{name}] refusal cost: {extra['refusal_cost']}")
         try:
-            threading.Thread(target=sample_depth_and_cpu, args=(deployment, stop, samples, cpu), daemon=True).start()
+            sampler = sample_cluster if scenario.two_nodes else sample_depth_and_cpu
+            threading.Thread(target=sampler, args=(deployment, stop, samples, cpu), daemon=True).start()
             threading.Thread(target=inject, daemon=True).start()
             log(f"[{name}] {args.load_frac} x {capacity_rps:.1f} req/s for {args.duration_s:.0f} s, "
                 f"fault at {args.fault_at_s:.0f} s ...")
@@ -217,6 +236,9 @@ def run_scenario(name: str, capacity_rps: float, args, base: dict, sublms: list[
     run, requests, _ = read_records(record)
     t0 = run["started_at"]
     analysis = analyze(requests, samples, t0, fault["start"], fault["end"], target_ms, cpu)
+    if scenario.two_nodes:  # the head's proxy is the first; the worker's answered throughout
+        extra["killed_proxy_back_s"] = proxy_back_s(deployment.proxies_up, 0, fault["start"])
+        extra["proxies_up"] = [(round(t - t0, 2), up) for t, up in deployment.proxies_up]
     log(f"[{name}] sent {analysis['requests']}  ok {analysis['ok']}  shed {analysis['shed']}  "
         f"lost {analysis['lost']}  replicas back {analysis['replicas_back_s']} s")
     return {"analysis": analysis, "run_at": time.strftime("%Y-%m-%d %H:%M"), "timeline": timeline(requests, t0),
@@ -245,6 +267,10 @@ def plot(name: str, result: dict, target_ms: float, path: Path) -> None:
     t = [s[0] for s in result["samples"]]
     ax[2].step(t, [s[1] if s[1] is not None else np.nan for s in result["samples"]], where="post", color="C3",
                label="live replicas (Redis)")
+    if result.get("proxies_up"):  # two-node scenarios: each node's proxy answering /-/healthz
+        ax[2].step([u[0] for u in result["proxies_up"]], [sum(u[1]) for u in result["proxies_up"]], where="post",
+                   color="C5", ls="--", label="proxies answering /-/healthz")
+        ax[2].set_ylim(bottom=0)
     twin = ax[2].twinx()
     twin.plot(t, [s[2] if s[2] is not None else np.nan for s in result["samples"]], "C4", alpha=0.6,
               label="global depth")
@@ -299,6 +325,14 @@ def markdown(doc: dict) -> str:
                         f"{served} ({served / r['capacity_rps']:.2f}) | {a['accepted_within_T_during']:.3f} | "
                         f"{a.get('cores_before')} / {a.get('cores_during')} | {cost.get('cpu_ms_per_refusal')} "
                         f"({cost.get('refused')} refused in {cost.get('seconds')} s) |")
+    for name, r in doc["scenarios"].items():
+        if SCENARIOS[name].two_nodes:
+            a = r["analysis"]
+            rows += ["", f"{name}: two nodes, a proxy and a replica on each; clients resend a request whose "
+                     f"connection failed (at most {SCENARIOS[name].connection_retries} times): {a['attempts']} "
+                     f"HTTP sends and gRPC calls for {a['requests']} requests (gRPC's resends happen inside "
+                     "its channel, unseen); the killed proxy answered again "
+                     f"{r.get('killed_proxy_back_s')} s after the kill."]
     targets = "\n".join(f"- {'met' if t['met'] else '**missed**'}: {t['name']} ({t['figure']})" for t in doc["targets"])
     images = "\n".join(f"![{name}](img/faults-{name}.png)" for name in doc["scenarios"])
     kept = doc.get("kept_from_earlier_runs") or []

@@ -15,6 +15,10 @@ Users: ``HttpEmbedUser`` (TEI ``POST /embed``, or with ``--peer-openai`` an Open
 top ``--candidates`` to TEI ``POST /rerank`` and ``Rerank`` instead. Choose with ``--protocol http|grpc|mixed``
 or by naming the classes on the command line; ``mixed`` splits one schedule between them (``--grpc-share``).
 
+``--connection-retries N`` (default 0): a request whose connection was refused, reset or closed unanswered is
+resent at most N times, over HTTP to the next of ``--http-endpoints`` (``deployments/endpoints.py``), over gRPC
+by gRPC's retry policy on UNAVAILABLE across the addresses of ``--grpc-target`` (``ipv4:HOST:PORT,HOST:PORT``).
+
 Shedding: HTTP 503/429 and gRPC RESOURCE_EXHAUSTED are the server's designed answer to overload
 (bounded queues), not errors. Locust counts them as *successes* under their own name
 (``/embed [shed]``, ``grpc Embed [shed]``), so its failure count and exit code mean "broken", and its
@@ -37,6 +41,8 @@ from locust.runners import MasterRunner, WorkerRunner
 import gevent
 import grpc
 import grpc.experimental.gevent
+from geventhttpclient.response import HTTPConnectionClosed
+from geventhttpclient.useragent import EmptyResponse
 
 # Without this, every blocking gRPC call holds the whole process: users would run one at a time.
 grpc.experimental.gevent.init_gevent()
@@ -51,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain file by locust, from any directory
     sys.path.insert(0, str(REPO))
 
+from deployments.endpoints import GRPC_MAX_ATTEMPTS, Failover, endpoints, grpc_channel_options  # noqa: E402
 from deployments.grpc_api import elasticlm_pb2, elasticlm_pb2_grpc  # noqa: E402
 from deployments.wire import (DEADLINE_HEADER, MIN_SUBLM_HEADER, RETRY_AFTER_HEADER, SUBLM_HEADER,  # noqa: E402
                               api_key_header)
@@ -72,6 +79,20 @@ PROTOCOLS = ("http", "grpc")
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser):
     add_locust_arguments(parser)
+    g = parser.add_argument_group("connection failures")
+    g.add_argument("--http-endpoints", default="",
+                   help="comma-separated base URLs of every proxy (default: --host); with --connection-retries "
+                        "a request whose connection failed goes to the next")
+    g.add_argument("--connection-retries", type=int, default=0,
+                   help=f"resend a request whose connection was refused, reset or closed without an answer at most "
+                        f"this many times (0..{GRPC_MAX_ATTEMPTS - 1}; gRPC: its retry policy on UNAVAILABLE)")
+
+
+def _connection_failed(exc) -> bool:
+    """The connection was refused, reset or closed without an answer: safe to resend (every route is
+    idempotent). Not a time-out: the request may still be running, and a resend adds to an overload."""
+    exc = getattr(exc, "original", None) or exc  # geventhttpclient wraps some in RetriesExceeded
+    return isinstance(exc, (ConnectionError, HTTPConnectionClosed, EmptyResponse))
 
 
 # --------------------------------------------------------------------------- the run
@@ -111,6 +132,8 @@ def _plan(environment, **_):
             raise ValueError("--peer-openai is HTTP only: use --protocol http")
         if not 0.0 < options.grpc_share < 1.0 and len(protocols) == 2:
             raise ValueError(f"--grpc-share must be in (0, 1) with --protocol mixed, got {options.grpc_share}")
+        if not 0 <= options.connection_retries < GRPC_MAX_ATTEMPTS:
+            raise ValueError(f"--connection-retries must be 0..{GRPC_MAX_ATTEMPTS - 1}: {options.connection_retries}")
         kw = shape_kwargs(options.shape_kw)
         if options.shape == "replay":
             kw.setdefault("trace", options.trace or None)
@@ -156,7 +179,10 @@ def _start(environment, **_):
         stream.max_lag_ms = 0.0
         stream.pacer.start(PLAN.clock_start)
     if "grpc" in PLAN.streams and not PLAN.grpc_stubs:
-        PLAN.grpc_channels = [grpc.insecure_channel(o.grpc_target) for _ in range(max(1, o.grpc_channels))]
+        # round_robin over every address of the target; retries on UNAVAILABLE when asked for
+        options = grpc_channel_options(1 + o.connection_retries, o.grpc_target)
+        PLAN.grpc_channels = [grpc.insecure_channel(o.grpc_target, options=options)
+                              for _ in range(max(1, o.grpc_channels))]
         PLAN.grpc_stubs = [elasticlm_pb2_grpc.ElasticLMStub(c) for c in PLAN.grpc_channels]
     path = Path(o.record_file or f"runs/loadtest/records-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}.jsonl")
     PLAN.recorder = Recorder(path)
@@ -257,10 +283,16 @@ class _PacedUser:
         """(the last attempt's outcome, attempts, ms from the first attempt to the last one's start)."""
         o = PLAN.options
         first = time.time()
-        attempts = 0
+        attempts = unconnected = 0
         while True:
             outcome = self.send(kind, texts)
             attempts += 1
+            if self.connection_failed:
+                unconnected += 1
+                pause = self.failover_pause_s(unconnected)
+                if pause is not None:
+                    gevent.sleep(pause)
+                    continue
             if outcome.status != "shed" or o.retry_on_shed == "none":
                 break
             pause = outcome.retry_after_s if o.retry_on_shed == "after" else 0.0
@@ -271,6 +303,12 @@ class _PacedUser:
 
     def send(self, kind: str, texts: list[str]) -> Outcome:
         raise NotImplementedError
+
+    connection_failed = False  # the last send's connection failed (gRPC users: their channel retries itself)
+
+    def failover_pause_s(self, failures: int) -> float | None:
+        """The pause before resending a request whose ``failures``-th send failed to connect; None: give up."""
+        return None
 
 
 class HttpEmbedUser(_PacedUser, FastHttpUser):
@@ -284,6 +322,18 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
     @task
     def embed(self):
         self.paced_request()
+
+    def on_start(self):
+        global _user_serial
+        _user_serial += 1
+        o = PLAN.options
+        # users start spread over the proxies; each keeps to the one that answered it last
+        self.failover = Failover(endpoints(o.http_endpoints, self.host), attempts=1 + o.connection_retries,
+                                 current=_user_serial)
+
+    def failover_pause_s(self, failures):
+        self.failover.failed()
+        return self.failover.pause_s(failures) if self.failover.may_retry(failures) else None
 
     @property
     def api(self) -> str:
@@ -304,9 +354,11 @@ class HttpEmbedUser(_PacedUser, FastHttpUser):
             path, body = "/embed", {"inputs": texts, "kind": kind}
             if o.min_sublm:
                 headers[MIN_SUBLM_HEADER] = o.min_sublm
-        with self.client.post(path, json=body, headers=headers, name=path, catch_response=True) as resp:
+        url = self.failover.endpoint + path
+        with self.client.post(url, json=body, headers=headers, name=path, catch_response=True) as resp:
             code = resp.status_code or 0
             meta = resp.request_meta
+            self.connection_failed = not code and _connection_failed(meta.get("exception"))
             status, sublm, error = "failed", None, None
             retry_after = 1.0
             if code in SHED_HTTP:

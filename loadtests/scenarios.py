@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from deployments.ports import free_port
+from loadtests.cluster_stack import ClusterDeployment
 from loadtests.stack import ServeDeployment
 
 
@@ -62,6 +63,16 @@ def kill_proxy(deployment: ServeDeployment, _args) -> None:
     if not proxies:
         raise RuntimeError("no haproxy process found under the deployment")
     for p in proxies:
+        p.send_signal(signal.SIGKILL)
+
+
+def kill_one_of_two_proxies(deployment: ClusterDeployment, _args) -> None:
+    """The head node's HAProxy SIGKILLed; the worker node's goes on, and Serve's controller restarts the
+    head's (``RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S``, ``deployments/local.py:SERVE_ENV``)."""
+    victims = deployment.node_processes("head", "haproxy")
+    if not victims:
+        raise RuntimeError("no haproxy process found on the head node")
+    for p in victims:
         p.send_signal(signal.SIGKILL)
 
 
@@ -137,9 +148,13 @@ class Scenario:
     retry: str = "none"  # the clients' answer to a shed request (locustfile --retry-on-shed)
     overload: bool = False
     slow_link: bool = False
+    two_nodes: bool = False  # a two-node cluster, a proxy and a replica on each (loadtests/cluster_stack.py)
+    connection_retries: int = 0  # clients resend a request whose connection failed, to another proxy
 
 
 SCENARIOS = {"redis-kill": Scenario(kill_redis), "redis-pause": Scenario(pause_redis),
              "redis-slow": Scenario(slow_redis, slow_link=True), "replica-kill": Scenario(kill_replica),
-             "proxy-kill": Scenario(kill_proxy), "overload-patient": Scenario(overload, "after", overload=True),
+             "proxy-kill": Scenario(kill_proxy),
+             "proxy-kill-one-of-two": Scenario(kill_one_of_two_proxies, two_nodes=True, connection_retries=3),
+             "overload-patient": Scenario(overload, "after", overload=True),
              "overload-impatient": Scenario(overload, "at-once", overload=True), "redeploy": Scenario(redeploy)}

@@ -28,7 +28,7 @@ NOT_BELOW = {  # what each floor must never import
 # the serving core and its protocol adapters run without Ray (tests/test_serving_core.py runs them so)
 RAY_FREE = ["deployments.core", "deployments.http.app", "deployments.grpc_adapter", "deployments.tei_grpc_adapter"]
 # what clients, the load generator and the peer server import: nothing beyond the standard library
-STANDARD_LIBRARY_ONLY = ["deployments/wire.py", "deployments/ports.py", "loadtests/report.py"]
+STANDARD_LIBRARY_ONLY = ["deployments/wire.py", "deployments/ports.py", "deployments/endpoints.py", "loadtests/report.py"]
 
 
 def module_name(path: Path) -> str:
