@@ -248,12 +248,31 @@ def drain(timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     import psutil
 
     fronts = haproxy_processes(os.getpid())
-    for p in fronts:
-        p.send_signal(signal.SIGUSR1)
-    gone, alive = psutil.wait_procs(fronts, timeout=timeout_s)
+    # Serve's controller health-checks the proxy every 0.5 s (SERVE_ENV): a draining HAProxy no longer answers
+    # on its admin socket, so within 1.5 s the controller would replace it and reset what is still open. It is
+    # paused until the drain is over (the replicas, other processes, keep answering), then goes on to shut down.
+    controllers = [p for p in psutil.Process(os.getpid()).children(recursive=True) if _is_serve_controller(p)]
+    for p in controllers:
+        p.suspend()
+    try:
+        for p in fronts:
+            p.send_signal(signal.SIGUSR1)
+        gone, alive = psutil.wait_procs(fronts, timeout=timeout_s)
+    finally:
+        for p in controllers:
+            p.resume()
     if alive:
         print(f"drain: {len(alive)} HAProxy process(es) still had open requests after {timeout_s:.0f} s", flush=True)
     return len(gone)
+
+
+def _is_serve_controller(process) -> bool:
+    import psutil
+
+    try:
+        return "ServeController" in " ".join(process.cmdline())  # Ray's process title: ray::ServeController
+    except psutil.Error:
+        return False
 
 
 def _die_with_parent():
