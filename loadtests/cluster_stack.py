@@ -157,19 +157,14 @@ def sample_cluster(deployment: ClusterDeployment, stop: threading.Event, out: li
     ``/-/healthz`` (HAProxy's own answer: 200 while a replica of the app is up behind it)."""
     import httpx
     import psutil
-    import redis
 
-    from deployments.queue_depth import read_depth
+    from loadtests.stack import depth_reader
 
-    client = redis.Redis.from_url(deployment.redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    read = depth_reader(deployment.redis.url)
     procs = cluster_processes(deployment.cluster_dir, deployment.state["sessions"], deployment.state["known"])
     with httpx.Client(timeout=0.2) as http:
         while not stop.wait(every_s):
-            try:
-                reading = read_depth(client)
-                out.append((time.time(), reading.live_replicas, reading.global_depth))
-            except (redis.RedisError, OSError):
-                out.append((time.time(), None, None))
+            out.append(read())
             up = []
             for base in deployment.http_endpoints:
                 try:

@@ -335,15 +335,26 @@ def sample_depth_and_cpu(deployment: ServeDeployment, stop: threading.Event, out
                          every_s: float = 0.25) -> None:
     """(time, live replicas, global depth) as the replicas count them, (time, None, None) while Redis
     does not answer; and (time, the stack's CPU seconds so far)."""
+    read = depth_reader(deployment.redis.url)
+    while not stop.wait(every_s):
+        out.append(read())
+        cpu.append((time.time(), stack_cpu_s(deployment)))
+
+
+def depth_reader(redis_url: str):
+    """A function returning (time, live replicas, global depth) as the replicas count them in Redis, or
+    (time, None, None) while Redis does not answer (short time-outs: a sampler must not stall on a fault)."""
     import redis
 
     from deployments.queue_depth import read_depth
 
-    client = redis.Redis.from_url(deployment.redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    while not stop.wait(every_s):
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+
+    def read() -> tuple:
         try:
             reading = read_depth(client)
-            out.append((time.time(), reading.live_replicas, reading.global_depth))
+            return time.time(), reading.live_replicas, reading.global_depth
         except (redis.RedisError, OSError):
-            out.append((time.time(), None, None))
-        cpu.append((time.time(), stack_cpu_s(deployment)))
+            return time.time(), None, None
+
+    return read
