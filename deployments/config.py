@@ -19,6 +19,7 @@ from deployments.contract import Limits
 from deployments.tasks import SERVED_TASKS, TASKS
 from elastic_core.batching import Chunking
 from elastic_core.engine import ServingEngine
+from elastic_core.limits import AdaptiveLimit
 from elastic_core.model import DTYPES
 from elastic_core.paths import DEFAULT_CHECKPOINT
 from elastic_core.schedule import ElasticSchedule
@@ -53,6 +54,10 @@ class ReplicaConfig:
     admission_factor: float = default_of(ElasticSchedule, "admission_factor")
     calibration_alpha: float = default_of(ElasticSchedule, "calibration_alpha")
     choice_quantile: float = default_of(ElasticSchedule, "choice_quantile")
+    # what HAProxy may send a replica at once (elastic_core/limits.py: AdaptiveLimit): the schedule's capacity,
+    # held to the p95 of the replica's answers (loop lag included) within limit_budget x T
+    limit_budget: float = default_of(AdaptiveLimit, "budget")
+    limit_window_s: float = default_of(AdaptiveLimit, "window_s")
     # batching
     max_batch_texts: int = default_of(ElasticSchedule, "max_batch_texts")
     max_batch_tokens: int = default_of(ServingEngine, "max_batch_tokens")
@@ -77,6 +82,8 @@ class ReplicaConfig:
         values = dataclasses.asdict(self)
         bad = setting_problems(ServingEngine.SETTING_RULES, values) + setting_problems(ElasticSchedule.SETTING_RULES, values)
         bad += setting_problems(Limits.SETTING_RULES, values) + setting_problems(self.SETTING_RULES, values)
+        bad += setting_problems(AdaptiveLimit.SETTING_RULES, {"budget": self.limit_budget, "window_s": self.limit_window_s},
+                                {"budget": "limit_budget", "window_s": "limit_window_s"})
         bad += setting_problems(queue_depth.SETTING_RULES, {"ttl_s": self.depth_ttl_s}, {"ttl_s": "depth_ttl_s"})
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):

@@ -42,6 +42,14 @@ class RequestError(Exception):
         return RequestError, (self.status, self.message, self.error_type, self.retry_after_s)
 
 
+def echo(value, limit: int = 80) -> str:
+    """A client's value quoted in a refusal, at most ``limit`` characters of it: a refusal never grows with what was
+    sent (gRPC carries the message as trailing metadata, which clients cap at 8 KiB: an echoed 3,000-character
+    ``prompt_name`` reached the client as RESOURCE_EXHAUSTED, "metadata size exceeds soft limit")."""
+    quoted = repr(value)
+    return quoted if len(quoted) <= limit else f"{quoted[:limit]}... ({len(str(value)):,} characters)"
+
+
 def overloaded(retry_after_s: int) -> RequestError:
     return RequestError(503, "overloaded: this request cannot be answered within its latency target; retry after "
                              f"{retry_after_s} s", "Overloaded", retry_after_s)
@@ -163,9 +171,9 @@ class Validator:
     # ----------------------------------------------------------------- checks every task shares
     def options(self, min_sublm, deadline_ms) -> dict:
         if min_sublm is not None and min_sublm not in self.sublms:
-            raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {min_sublm!r}")
+            raise RequestError(400, f"min_sublm must be one of {self.sublms}, got {echo(min_sublm)}")
         if deadline_ms is not None and not (deadline_ms > 0 and math.isfinite(deadline_ms)):
-            raise RequestError(400, f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
+            raise RequestError(400, f"the deadline must be a positive number of milliseconds, got {echo(deadline_ms)}")
         return {"min_sublm": min_sublm or None, "deadline_ms": deadline_ms}
 
     @staticmethod
@@ -176,7 +184,7 @@ class Validator:
     def one_floor(in_body: str | None, in_header: str | None, header: str) -> str | None:
         """The quality floor from the message or from its header / metadata: one of them, or both alike."""
         if in_body is not None and in_header is not None and in_body != in_header:
-            raise RequestError(400, f"min_sublm {in_body!r} and the {header} header {in_header!r} disagree: "
+            raise RequestError(400, f"min_sublm {echo(in_body)} and the {header} header {echo(in_header)} disagree: "
                                     "send one of them")
         return in_body if in_body is not None else in_header
 
@@ -231,4 +239,4 @@ def parse_deadline(raw: str | None) -> float | None:
     try:
         return float(raw)
     except ValueError:
-        raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {raw!r}") from None
+        raise RequestError(400, f"{DEADLINE_HEADER} must be a number of milliseconds, got {echo(raw)}") from None

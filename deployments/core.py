@@ -12,6 +12,7 @@ looking them up, so the whole pipeline runs, and is tested, in a plain process.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -27,7 +28,8 @@ from deployments.contract import MAX_BODY_BYTES, Limits, RequestError, TaskReque
 from deployments.tasks import SERVED_TASKS
 from elastic_core.batching import Chunking
 from elastic_core.engine import BatchRecord, DepthSource, Job, LocalDepth, Overloaded, ServingEngine, TaskLane
-from elastic_core.schedule import ElasticSchedule
+from elastic_core.limits import AdaptiveLimit
+from elastic_core.schedule import Capacity, ElasticSchedule
 
 logger = logging.getLogger("ray.serve")  # the replica's log (a plain logger outside Ray)
 
@@ -105,6 +107,9 @@ class ServingCore:
         self._served = collections.deque()  # (time, texts, degraded): the autoscaling signal
         self.engine = ServingEngine(lanes, cfg.target_ms, cfg.max_batch_tokens, cfg.heartbeat_s,
                                     on_batch=self._record)
+        # what a front (HAProxy's maxconn) may send this replica at once, learnt from the times it answers in
+        self.limit = AdaptiveLimit(cfg.limit_budget, cfg.limit_window_s)
+        self._lag_probe: asyncio.Task | None = None
 
     @classmethod
     def build(cls, config: ReplicaConfig | dict | None = None, replica_id: str = "local",
@@ -163,13 +168,33 @@ class ServingCore:
         return core
 
     def start(self) -> "ServingCore":
-        """Warm the model thread up and start the batching loop on the running event loop."""
+        """Warm the model thread up and start the batching loop (and the loop-lag probe) on the running event loop."""
         self.engine.start()
+        self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag(), name="loop-lag-probe")
         return self
 
     async def close(self):
         """Finish what was accepted (at most ``drain_s``), then stop."""
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         await self.engine.close(self.config.drain_s)
+
+    async def _probe_lag(self, every_s: float = 0.05) -> None:
+        """How late the event loop wakes up: a request waits that long in its socket before anyone reads it,
+        time the request's own clock (from ``serve``) never sees."""
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(every_s)
+            self.limit.observe_lag((time.perf_counter() - asked - every_s) * 1000)
+
+    def capacity(self) -> Capacity | None:
+        """What a front may send this replica at once: the schedule's capacity (the model's time alone:
+        ``ServingEngine.capacity``), held to what the replica has been answering within its targets
+        (``AdaptiveLimit``); None with admission off."""
+        model = self.engine.capacity()
+        if model is None:
+            return None
+        return Capacity(self.limit.value(model.requests), model.service_ms, model.budget_ms)
 
     @property
     def accepting(self) -> bool:
@@ -182,6 +207,16 @@ class ServingCore:
         if request.task not in self.engine.lanes:
             raise RequestError(404, f"this deployment does not serve {request.task} (its tasks: "
                                     f"{list(self.engine.lanes)})", "NotFound")
+        started = time.perf_counter()
+        self.limit.enter()
+        try:
+            answer = await self._serve(request)
+        finally:
+            self.limit.leave()
+        self.limit.observe((time.perf_counter() - started) * 1000, self.engine.target(request.task, request.deadline_ms))
+        return answer
+
+    async def _serve(self, request: TaskRequest) -> TaskAnswer:
         examples, tokens = request.examples, self.validator.estimate_tokens(request)
         if request.deadline_ms is not None:  # unmeetable at any load: the client's to change, not to retry
             alone = self.engine.alone_ms(request.task, examples, tokens, request.min_sublm)

@@ -11,10 +11,12 @@ honouring Retry-After) / 1.7 % (retrying at once) of the accepted requests were 
 Three parts, one concept:
 
 * the replica (``ElasticReplica``) keeps a **capacity record** in ``records_dir()`` (``CapacityPublisher``):
-  ``ElasticSchedule.capacity``, admission's own bound counted in requests (one-text requests of the running
-  mean length, all answered within T on the fastest SubLM, calibrated), and the time a request may wait in
-  front of it, T minus the longest it then spends inside. While it runs it also sets its servers'
-  ``maxconn`` on its own node's HAProxy (admin socket) as calibration moves the bound.
+  ``ServingCore.capacity``, admission's own bound counted in requests (``ElasticSchedule.capacity``: one-text
+  requests of the running mean length, all answered within T on the fastest SubLM, calibrated), held to
+  what the replica has been answering within T (``elastic_core.limits.AdaptiveLimit``: the model's time
+  is not all a request spends there), and the time a request may wait in front of it, T minus the longest
+  it then spends inside. While it runs it also sets its servers' ``maxconn`` on its own node's HAProxy
+  (admin socket) as the bound moves (every ``interval_s``).
 * ``elasticlm-haproxy`` (``main``, the console script that variable names) reads Serve's generated config,
   ``admit``s it (below) and ``exec``s the real HAProxy in place: same pid, same arguments, so Serve's checks
   (the pid answering ``show info``, the config path in ``/proc/<pid>/cmdline``) hold. Standard library
@@ -53,6 +55,7 @@ SOCKET_ENV, SOCKET_DEFAULT = "RAY_SERVE_HAPROXY_SOCKET_PATH", "/tmp/haproxy-serv
 REFUSED_BY_HEADER = "x-elasticlm-refused-by"      # on HAProxy's refusals: "haproxy"
 MARK = "# elasticlm admission"                    # the block admit() adds to a backend (and never adds twice)
 RETRY_VAR = "txn.elasticlm_retry_after"
+HOLD_MS = int(os.environ.get("ELASTICLM_HAPROXY_HOLD_MS", "2000"))  # a retry storm's refusals wait this long
 
 logger = logging.getLogger("ray.serve")
 
@@ -106,24 +109,36 @@ def read_records(directory: Path) -> dict[str, CapacityRecord]:
 
 
 # ----------------------------------------------------------------------------- the config
-def refusal_rules(grpc: bool) -> list[str]:
+def refusal_rules(grpc: bool, hold_ms: int) -> list[str]:
     """HAProxy's answer to what it cannot place in time, in the words of the replica's own refusal
-    (``deployments.contract.overloaded``), with the paced Retry-After of ``RETRY_VAR``."""
+    (``deployments.contract.overloaded``), with the paced Retry-After of ``RETRY_VAR``: at once for a request
+    that waited its ``timeout queue`` out; after ``hold_ms`` (a tarpit) for one that arrives while requests
+    already wait and twice as many were refused as passed on lately. Such a crowd is retrying faster than
+    Retry-After says (at once, in the worst case): each refused attempt then costs its client ``hold_ms``
+    instead of a round trip, so a client that retries at once sends one attempt per ``hold_ms``, not hundreds
+    a second; HAProxy holds the connection on a timer, at no CPU, and a client that honours Retry-After waits
+    that much longer (its pause starts when the answer arrives)."""
     from deployments.contract import overloaded
 
     sentinel = 987654321
     refusal = overloaded(sentinel)
     message = refusal.message.replace(str(sentinel), f"%[var({RETRY_VAR})]")
     retry = f'hdr retry-after "%[var({RETRY_VAR})]" hdr {REFUSED_BY_HEADER} haproxy'
+    storm = f"{{ queue() gt 0 }} {{ var({RETRY_VAR}) -m int ge 2 }}"
+    hold = [f"timeout tarpit {hold_ms}ms"] if hold_ms else []
     if grpc:  # trailers-only: HTTP 200, the status and the metadata in the one HEADERS frame
         # (HAProxy gives a reply without a payload no content-type of its own: set after, with the status)
         refused = f"{{ res.hdr({REFUSED_BY_HEADER}) -m found }}"
-        return [f'http-error status 503 hdr grpc-status 8 hdr grpc-message "{message}" {retry}',
+        answer = f'hdr grpc-status 8 hdr grpc-message "{message}" {retry}'
+        tarpit = [f"http-request tarpit deny_status 503 {answer} if {storm}"] if hold_ms else []
+        return [*hold, *tarpit, f"http-error status 503 {answer}",
                 f"http-after-response set-status 200 if {refused}",
                 f"http-after-response set-header content-type application/grpc if {refused}"]
     body = json.dumps({"error": message, "error_type": refusal.error_type}, separators=(",", ":"))
     quoted = body.replace("\\", "\\\\").replace('"', '\\"')
-    return [f'http-error status 503 content-type application/json lf-string "{quoted}" {retry}']
+    answer = f'content-type application/json lf-string "{quoted}" {retry}'
+    tarpit = [f"http-request tarpit deny_status 503 {answer} if {storm}"] if hold_ms else []
+    return [*hold, *tarpit, f"http-error status 503 {answer}"]
 
 
 def admission_block(record: CapacityRecord, grpc: bool) -> list[str]:
@@ -143,7 +158,7 @@ def admission_block(record: CapacityRecord, grpc: bool) -> list[str]:
         f"http-request set-var({RETRY_VAR}) var({refused}),add({passed}),sub(1),div({passed})",
         f"http-request set-var({RETRY_VAR}) int({record.retry_min_s}) if {{ var({RETRY_VAR}) -m int lt {record.retry_min_s} }}",
         f"http-request set-var({RETRY_VAR}) int({record.retry_max_s}) if {{ var({RETRY_VAR}) -m int gt {record.retry_max_s} }}",
-        *refusal_rules(grpc),
+        *refusal_rules(grpc, HOLD_MS),
         f"http-after-response sc-inc-gpc0(0) if {{ res.hdr({REFUSED_BY_HEADER}) -m found }}",
         f"http-after-response sc-inc-gpc1(0) if !{{ res.hdr({REFUSED_BY_HEADER}) -m found }}",
     ]
@@ -253,22 +268,23 @@ class CapacityPublisher:
     ``slim``). Other nodes' HAProxies read the record at their next reload (only on this machine)."""
 
     def __init__(self, server: str, capacity: Callable[[], object | None], target_ms: float, pacing,
-                 socket: Path | None = None, directory: Path | None = None, interval_s: float = 2.0):
+                 socket: Path | None = None, directory: Path | None = None, interval_s: float = 0.5):
         self.server, self.capacity, self.target_ms, self.pacing = server, capacity, target_ms, pacing
         self.socket, self.directory, self.interval_s = socket, directory or records_dir(), interval_s
         self.published: CapacityRecord | None = None
         self._task: asyncio.Task | None = None
 
     @classmethod
-    def for_replica(cls, engine) -> "CapacityPublisher":
-        """The publisher of the Serve replica this runs in (its actor name and node from Ray)."""
+    def for_replica(cls, core) -> "CapacityPublisher":
+        """The publisher of the Serve replica this runs in (its actor name and node from Ray), for its
+        serving core (``deployments.core.ServingCore``: the capacity it answers within)."""
         import ray
         from ray.serve._private.haproxy import HAProxyManager
 
         context = ray.get_runtime_context()
         name = context.get_actor_name()  # None outside an actor: nothing to publish
-        return cls(HAProxyManager.get_safe_name(name) if name else "", engine.capacity, engine.target_ms,
-                   engine.pacing, admin_socket(context.get_node_id()))
+        return cls(HAProxyManager.get_safe_name(name) if name else "", core.capacity, core.engine.target_ms,
+                   core.engine.pacing, admin_socket(context.get_node_id()))
 
     def record(self) -> CapacityRecord | None:
         capacity = self.capacity() if self.server else None
@@ -303,6 +319,7 @@ class CapacityPublisher:
                 record = self.publish()
                 if record is not None and (before is None or record.maxconn != before.maxconn):
                     await self.set_running_maxconn(record.maxconn)
+                    logger.info("HAProxy maxconn of %s: %d", self.server, record.maxconn)
             except Exception:  # noqa: BLE001 - the cap is an optimization: serving goes on without it
                 logger.exception("publishing this replica's HAProxy capacity failed; retrying")
 

@@ -103,7 +103,7 @@ class ElasticReplica(ElasticAndTeiServicer):
         super().__init__(ServingCore.build(cfg, replica_id, shared_depth if redis_url else None,
                                            RayMetrics(uses_redis=bool(redis_url))).start(), api_key)
         # what HAProxy caps this replica at, kept where HAProxy reads it (deployments/haproxy_admission.py)
-        self.haproxy_capacity = CapacityPublisher.for_replica(self.core.engine).start()
+        self.haproxy_capacity = CapacityPublisher.for_replica(self.core).start()
         logger.info("ElasticReplica %s ready: redis %s, API key %s", replica_id, "on" if redis_url else "off",
                     "required" if api_key.required else "off")
 

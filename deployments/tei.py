@@ -14,7 +14,7 @@ import functools
 import itertools
 from importlib import metadata as package_metadata
 
-from deployments.contract import RequestError, Validator
+from deployments.contract import RequestError, Validator, echo
 from deployments.core import ServingCore
 from deployments.tasks import PREDICT, RERANK
 
@@ -36,7 +36,7 @@ def truncate_at_end(truncate: bool, left: bool, left_name: str = "Left", right_n
 
 def no_prompt(prompt_name: str | None):
     if prompt_name is not None:
-        raise RequestError(400, f"prompt_name {prompt_name!r} is not supported: this model declares no prompts "
+        raise RequestError(400, f"prompt_name {echo(prompt_name)} is not supported: this model declares no prompts "
                                 "(it is symmetric; 'kind' names a query or a passage); leave prompt_name unset")
 
 

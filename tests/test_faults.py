@@ -41,3 +41,29 @@ def test_a_service_that_never_recovers_misses_its_targets():
     assert targets["replica-kill: 0 lost"] and targets["replica-kill: dead replica's share gone within the TTL"]
     assert not targets["replica-kill: replacement replica live (s after the kill)"]
     assert not targets["redis-kill: global depth back within 5 s"]
+
+
+def test_a_refusal_costs_what_haproxy_spends_per_request_or_what_a_replica_spends_alone():
+    from loadtests.refusals import refusal_cost_under_load
+
+    before = {"counts": {"handled": 100, "haproxy_5xx": 0, "replica_5xx": 0},
+              "cpu": {"haproxy 7": 1.0, "ServeReplica 8": 10.0}}
+    after = {"counts": {"handled": 10100, "haproxy_5xx": 6000, "replica_5xx": 100},
+             "cpu": {"haproxy 7": 2.0, "ServeReplica 8": 40.0}}
+    out = refusal_cost_under_load(before, after, replica_ms_per_refusal=1.0)
+    assert out["haproxy_cpu_ms_per_request"] == 0.1  # 1 s over 10,000 requests
+    assert (out["refused_by_haproxy"], out["refused_by_replicas"]) == (6000, 100)
+    assert out["cpu_ms_per_refusal"] == round((6000 * 0.1 + 100 * 1.0) / 6100, 4)
+    assert "cpu_ms_per_refusal" not in refusal_cost_under_load(before, before, 1.0)  # nothing refused: no figure
+
+
+def test_overload_targets_are_the_issues():
+    a = {"lost": 0, "accepted_within_T_during": 0.96, "served_rps_during": 180.0}
+    run = {"analysis": a, "capacity_rps": 193.0, "refusals_during": {"cpu_ms_per_refusal": 0.12}}
+    met = {t["name"]: t["met"] for t in check_targets({"overload-impatient": run})}
+    assert met == {"overload-impatient: 0 lost": True,
+                   "overload-impatient: >= 95 % of accepted requests answered within T": True,
+                   "overload-impatient: a refusal costs the stack <= 0.3 ms of CPU during the overload (ms)": True,
+                   "overload-impatient: served throughput >= 0.9 x capacity (x capacity)": True}
+    slow = {**run, "analysis": {**a, "accepted_within_T_during": 0.94, "served_rps_during": 170.0}}
+    assert sum(t["met"] for t in check_targets({"overload-patient": slow})) == 2

@@ -21,7 +21,7 @@ from typing import Callable
 import grpc
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TEXTS
@@ -31,6 +31,9 @@ from deployments.grpc_api import elasticlm_pb2, tei_pb2
 pytestmark = pytest.mark.fast
 
 QUERY = "What does a lack of vitamin D do to bones?"
+# issue 31: >= 5,000 generated HTTP bodies and >= 1,000 gRPC messages in every `make test` (with test_fuzz.py's
+# schemathesis run: 33 HTTP and 21 gRPC fields x 150 here); a deeper profile asks for more
+PER_FIELD = settings(max_examples=max(150, settings.default.max_examples))
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
 WHITESPACE = [chr(c) for c in range(0x110000) if chr(c).isspace()]
 PIECES = {  # what a text is made of, by kind
@@ -233,6 +236,7 @@ def check_http_answer(route: str, body: dict, got):
 
 
 @pytest.mark.parametrize("field", HTTP_TEXT_FIELDS, ids=repr)
+@PER_FIELD
 @given(text=texts, ascii_escapes=st.booleans())
 def test_http_every_text_field_answers_or_refuses_by_name(core_stack, info, field, text, ascii_escapes):
     body = field.body(text)
@@ -262,6 +266,7 @@ HTTP_OPTIONS = [  # string fields that are not texts: a hostile value is refused
 
 
 @pytest.mark.parametrize("option", HTTP_OPTIONS, ids=lambda o: f"{o[0]}:{o[1]}")
+@PER_FIELD
 @given(value=st.one_of(texts, st.sampled_from(["w50", "query", "base64", "Right", "END", "search_query"])),
        ascii_escapes=st.booleans())
 def test_http_other_string_fields_refuse_by_name_or_are_ignored(core_stack, option, value, ascii_escapes):
@@ -386,6 +391,7 @@ def check_grpc_answer(request, response, text: str):
 
 
 @pytest.mark.parametrize("field", GRPC_TEXT_FIELDS, ids=repr)
+@PER_FIELD
 @given(text=texts)
 def test_grpc_every_text_field_answers_or_refuses_by_name(core_stack, info, field, text):
     payload = with_text(field.message, field.field, text)
@@ -402,6 +408,7 @@ def test_grpc_every_text_field_answers_or_refuses_by_name(core_stack, info, fiel
 
 
 @pytest.mark.parametrize("field", GRPC_OPTIONS, ids=repr)
+@PER_FIELD
 @given(value=st.one_of(texts, st.sampled_from(["w50", "query"])))
 def test_grpc_other_string_fields_refuse_by_name_or_are_ignored(core_stack, field, value):
     code, details, _ = grpc_call(core_stack, field, with_text(field.message, field.field, value))

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from deployments.grpc_api import elasticlm_pb2
-from deployments.haproxy_admission import (BINARY_ENV, BINARY_NAME, CONFIG_DEFAULT, MARK, REFUSED_BY_HEADER,
+from deployments.haproxy_admission import (BINARY_ENV, BINARY_NAME, CONFIG_DEFAULT, HOLD_MS, MARK, REFUSED_BY_HEADER,
                                            SOCKET_DEFAULT, CapacityPublisher, CapacityRecord, admit,
                                            read_records, real_haproxy_binary, records_dir, write_record)
 from deployments.ports import free_port
@@ -28,6 +28,7 @@ from elastic_core.batching import Chunking
 from elastic_core.engine import RetryPacing
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import Capacity, ElasticSchedule
+from loadtests.refusals import snapshot
 
 APP = "elasticlm"
 OVERLOADED = "overloaded: this request cannot be answered within its latency target"
@@ -278,6 +279,14 @@ def test_haproxy_refuses_what_does_not_fit_as_the_replica_would(tmp_path):
             # paced: the next ones are told to wait the refusals per request passed on (14 / 6, rounded up)
             later = asyncio.run(http_burst(f"http://127.0.0.1:{http_port}/embed", 20, {"inputs": ["a"]}))
             assert max(int(h["retry-after"]) for s, _, h, _ in later if s == 503) >= 3
+            # a crowd refused twice as often as let in, arriving while others wait: its refusals are held (tarpit),
+            # in the same words, so a client that retries at once sends one attempt per hold
+            held = [a for a in later if a[0] == 503 and a[1] >= 0.9 * HOLD_MS / 1000]
+            assert held and all(json.loads(a[3])["error_type"] == "Overloaded" and a[2][REFUSED_BY_HEADER] == "haproxy"
+                                for a in held)
+            assert sum(a[0] == 200 for a in later) == 6  # the replicas' slots still filled
+            counts = snapshot(proc.pid)["counts"]  # who refused, as the chaos scenarios count it
+            assert counts == {"handled": 40, "haproxy_5xx": 28, "replica_5xx": 0}
 
             calls = grpc_burst(f"127.0.0.1:{grpc_port}", "/elasticlm.v1.ElasticLM/Embed", 16)
             exhausted = [c for c in calls if c[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]

@@ -312,3 +312,20 @@ def test_the_host_sees_what_ran_and_what_was_shed_through_its_metrics_sink(core_
     assert sink.shed_count == sum(r.status_code == 503 for r in flood) > 0
     stats = core.autoscaling_stats()  # the elastic signal: recent texts on a reduced SubLM
     assert 0 < stats["degraded_share"] <= 1
+
+
+def test_the_front_is_sent_what_the_replica_answers_in_time(core_stack):
+    """``ServingCore.capacity`` (HAProxy's maxconn for this replica): the schedule's capacity, held to what the
+    answers' times allow (``AdaptiveLimit``); every answered request is timed, and nothing stays counted inside."""
+    core = core_stack.core
+    model = core.engine.capacity()
+    assert core.capacity().requests == model.requests and core.capacity().queue_ms == model.queue_ms
+    limit, seen = core.limit, len(core.limit._samples)
+    concurrently(core_stack, [("/embed", {"json": {"inputs": TEXTS}})] * 8)
+    assert len(limit._samples) >= seen + 8 and limit.held == 0
+    assert all(0 < s < 1 for s in limit._samples[-8:])  # fractions of T = 1 s: each well within
+    limit._samples += [2.0] * limit.min_samples  # answers at twice T while it held all it was allowed:
+    limit._peak_held = limit.limit                # the next window shrinks the limit
+    limit._window_start -= limit.window_s
+    assert core.capacity().requests < model.requests and limit.last_quantile == 2.0
+    limit.limit, limit._samples = None, []

@@ -5,6 +5,8 @@ names), bodies and messages that are not UTF-8, texts the tokenizer reads as no 
 the character and token limits and one past.
 """
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -69,6 +71,20 @@ def test_grpc_invalid_utf8_in_a_string_field_is_invalid_argument(core_stack, fie
     for bad in (b"a\xffb", b"\xc0\xaf", b"\xed\xa0\x80"):
         code, details, _ = grpc_call(core_stack, field, payload + varint(number << 3 | 2) + varint(len(bad)) + bad)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in details, (code, details)
+
+
+def test_a_refusal_quotes_at_most_a_bounded_piece_of_what_was_sent(core_stack):
+    """A 3,000-character prompt_name once came back whole in the refusal: as gRPC trailing metadata, past the
+    client's 8 KiB cap, it reached the client as RESOURCE_EXHAUSTED ("metadata size exceeds soft limit")."""
+    from test_fuzz_text import GRPC_OPTIONS, with_text
+
+    name = "\u0645\u0631\u062d\u0628\u0627" * 600
+    field = next(f for f in GRPC_OPTIONS if f.field == "prompt_name")
+    code, details, _ = grpc_call(core_stack, field, with_text(field.message, field.field, name))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("prompt_name '")
+    assert "(3,000 characters)" in details and len(details) < 400
+    refusal = post(core_stack, "/embed", json.dumps({"inputs": "fine", "prompt_name": name}).encode()).json()["error"]
+    assert refusal == details
 
 
 # ----------------------------------------------------------------------------- texts that are no tokens

@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from deployments.contract import RequestError, parse_deadline
+from deployments.contract import RequestError, echo, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
 from deployments.http.common import DEADLINE, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
 from deployments.tasks import EMBED, RERANK
@@ -100,7 +100,7 @@ def embedding_types(requested: list[str] | None) -> list[str]:
     types = requested or ["float"]
     for name in types:
         if name in UNSERVED_EMBEDDING_TYPES:
-            raise RequestError(400, f"embedding_types {name!r} is not supported: its scale needs calibration "
+            raise RequestError(400, f"embedding_types {echo(name)} is not supported: its scale needs calibration "
                                     f"ranges this model does not declare; send one of {list(EMBEDDING_TYPES)}")
         one_of("embedding_types", name, EMBEDDING_TYPES)
     return list(dict.fromkeys(types))
@@ -207,7 +207,7 @@ def router(core: ServingCore) -> APIRouter:
                         min_sublm: str | None = MIN_SUBLM):
         n = top_n(body.top_n)
         if body.rank_fields not in (None, ["text"]):
-            raise RequestError(400, f"rank_fields {body.rank_fields} is not supported: documents are ranked by "
+            raise RequestError(400, f"rank_fields {echo(body.rank_fields)} is not supported: documents are ranked by "
                                     "their 'text' field; send ['text'] or leave it unset")
         if body.max_chunks_per_doc is not None:
             raise RequestError(400, "max_chunks_per_doc is not supported: a document over the token limit is cut, "

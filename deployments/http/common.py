@@ -9,7 +9,7 @@ from fastapi import Header
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from deployments.contract import RequestError
+from deployments.contract import RequestError, echo
 from deployments.core import TaskAnswer
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, SUBLM_HEADER
 
@@ -55,7 +55,7 @@ MIN_SUBLM = Header(None, alias=MIN_SUBLM_HEADER, description="quality floor, e.g
 def one_of(name: str, value, accepted) -> None:
     """A wire-only option (a protocol's own enum) with a value the service does not accept: 400 naming them."""
     if value not in accepted:
-        raise RequestError(400, f"{name} must be one of {list(accepted)}, got {value!r}")
+        raise RequestError(400, f"{name} must be one of {list(accepted)}, got {echo(value)}")
 
 
 def float32_base64(row) -> str:

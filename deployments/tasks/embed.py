@@ -7,7 +7,7 @@ for different sizes share a batch."""
 
 from __future__ import annotations
 
-from deployments.contract import RequestError, TaskRequest
+from deployments.contract import RequestError, TaskRequest, echo
 from deployments.tasks.base import ServedTask, shared_denser
 from elastic_core.denser import KINDS
 
@@ -25,7 +25,7 @@ class Embed(ServedTask):
         """``field``: what the client called the texts (refusals name them so)."""
         texts = v.texts(inputs, field)
         if kind is not None and kind not in KINDS:
-            raise RequestError(400, f"kind must be one of {list(KINDS)}, got {kind!r}")
+            raise RequestError(400, f"kind must be one of {list(KINDS)}, got {echo(kind)}")
         denser = v.models.get(self.name)  # None where embeddings are not served: the core answers 404
         if denser is not None and (refusal := denser.dimensions.refusal(dimensions)):
             raise RequestError(400, refusal)

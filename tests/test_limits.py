@@ -1,0 +1,92 @@
+"""AdaptiveLimit: the concurrency a replica's front may send it, learnt from its answers (pure logic, fake clock)."""
+
+import pytest
+
+from deployments.config import ReplicaConfig
+from elastic_core.limits import AdaptiveLimit
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def window(limit: AdaptiveLimit, clock: Clock, times_ms: list[float], held: int, target_ms: float = 100.0):
+    """One window: ``held`` requests inside at its peak, then the answers' times."""
+    for _ in range(held):
+        limit.enter()
+    for _ in range(held):
+        limit.leave()
+    for ms in times_ms:
+        limit.observe(ms, target_ms)
+    clock.now += limit.window_s
+
+
+def test_it_starts_at_the_model_capacity_and_keeps_it_without_answers():
+    clock = Clock()
+    limit = AdaptiveLimit(clock=clock)
+    assert limit.value(40) == 40
+    clock.now += 5
+    assert limit.value(40) == 40
+    assert limit.value(30) == 30  # the model's capacity stays the ceiling as calibration moves it
+
+
+def test_slow_answers_shrink_it_by_littles_law():
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, clock=clock)
+    limit.value(40)
+    window(limit, clock, [100.0] * 50, held=40)   # p95 at T: 0.8 / 1.0 of what it holds
+    assert limit.value(40) == 32
+    window(limit, clock, [400.0] * 50, held=32)   # 5x over: at most quartered per window
+    assert limit.value(40) == 8
+
+
+def test_slow_answers_below_the_limit_are_not_its_doing():
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, clock=clock)
+    limit.value(40)
+    window(limit, clock, [300.0] * 50, held=12)   # a slow dependency at a light load: refusing would not help
+    assert limit.value(40) == 40 and limit.last_quantile == 3.0
+
+
+def test_fast_answers_grow_it_only_when_it_was_full():
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, clock=clock)
+    limit.value(40)
+    window(limit, clock, [100.0] * 50, held=40)
+    assert limit.value(40) == 32
+    window(limit, clock, [10.0] * 50, held=5)     # fast, but it never held 32: nothing learnt
+    assert limit.value(40) == 32
+    window(limit, clock, [40.0] * 50, held=32)    # full and fast: at most +25 %, never past the ceiling
+    assert limit.value(40) == 40
+    small = AdaptiveLimit(budget=0.8, clock=clock)
+    small.value(1)
+    window(small, clock, [10.0] * 50, held=1)
+    assert small.value(3) == 2                    # a limit of 1 still grows (by one)
+
+
+def test_too_few_answers_change_nothing_and_the_loop_lag_counts():
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, min_samples=20, clock=clock)
+    limit.value(40)
+    window(limit, clock, [500.0] * 19, held=40)
+    assert limit.value(40) == 40
+    lagged = AdaptiveLimit(budget=0.8, clock=clock)
+    lagged.value(40)
+    for _ in range(50):
+        lagged.observe_lag(60.0)                  # answers in 40 ms of a 100 ms T, after ~60 ms unseen in the loop
+    window(lagged, clock, [40.0] * 50, held=40)
+    assert lagged.value(40) < 40
+    assert lagged.last_quantile == pytest.approx(1.0, abs=0.01)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="budget"):
+        AdaptiveLimit(budget=0)
+    with pytest.raises(ValueError, match="limit_budget"):
+        ReplicaConfig(limit_budget=1.5)
+    with pytest.raises(ValueError, match="limit_window_s"):
+        ReplicaConfig(limit_window_s=0)
