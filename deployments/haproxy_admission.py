@@ -164,10 +164,38 @@ def admission_block(record: CapacityRecord, grpc: bool) -> list[str]:
     ]
 
 
+NO_ROUTES = "this proxy has no application routes yet (it is starting); retry"
+
+
+def unrouted(lines: list[str], notes: list[str]) -> list[str]:
+    """A proxy with no application routes yet (restarted, before Serve pushes its routes: ~0.6 s measured)
+    answers what a retry cures, HTTP 503 + Retry-After / gRPC UNAVAILABLE, instead of Serve's 404 / NOT_FOUND,
+    which clients rightly never retry: a gRPC channel balancing over two proxies reconnects to a restarted one
+    on its own backoff and would send calls into that window. With routes (any ``use_backend``) the lines are
+    Serve's."""
+    if any(line.strip().startswith("use_backend ") for line in lines):
+        return lines
+    out = []
+    for line in lines:
+        indent, words = line[:len(line) - len(line.lstrip())], line.strip()
+        if words.startswith("http-request return status 404"):  # default_backend: a path no app serves
+            line = f'{indent}http-request return status 503 content-type text/plain hdr retry-after 1 string "{NO_ROUTES}"'
+        elif words.startswith("http-request return status 200 content-type application/grpc hdr grpc-status 5 "):
+            condition = words[words.rindex(" if "):] if " if " in words else ""  # default_grpc_backend: NOT_FOUND
+            line = (f"{indent}http-request return status 200 content-type application/grpc hdr grpc-status 14 "
+                    f'hdr grpc-message "{NO_ROUTES}"{condition}')
+        out.append(line)
+    if out != lines:
+        notes.append("no application routes yet: unrouted requests answered 503 / UNAVAILABLE (retry)")
+    return out
+
+
 def admit(config: str, records: dict[str, CapacityRecord]) -> tuple[str, list[str]]:
-    """Serve's generated config with each backend of recorded replicas capped (module docstring); returns
-    the config and one line per capped backend, for the log. Backends without records stay as they are."""
-    lines, out, notes = config.splitlines(), [], []
+    """Serve's generated config with each backend of recorded replicas capped (module docstring) and, while it
+    has no routes, ``unrouted``; returns the config and one line per change, for the log. Backends without
+    records stay as they are."""
+    notes: list[str] = []
+    lines, out = unrouted(config.splitlines(), notes), []
     i = 0
     while i < len(lines):
         if not lines[i].startswith("backend "):

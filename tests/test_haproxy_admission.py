@@ -40,9 +40,11 @@ def server_name(replica: str) -> str:
     return HAProxyManager.get_safe_name(f"SERVE_REPLICA::{APP}#ElasticReplica#{replica}")
 
 
-def serve_config(directory: Path, http_ports=(18102, 18103), grpc_ports=(18201, 18202), frontend=(18000, 19000)) -> Path:
+def serve_config(directory: Path, http_ports=(18102, 18103), grpc_ports=(18201, 18202), frontend=(18000, 19000),
+                 routed: bool = True) -> Path:
     """Serve 2.60's own config for one app of two replicas, HTTP and gRPC, with its backup proxy, rendered by
-    Serve's own template code (``HAProxyApi``), as its HAProxy manager writes it."""
+    Serve's own template code (``HAProxyApi``), as its HAProxy manager writes it; ``routed=False``: a proxy
+    that has no routes yet (no app)."""
     from ray.serve._private.common import RequestProtocol
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, HAProxyManager, ServerConfig
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -51,7 +53,7 @@ def serve_config(directory: Path, http_ports=(18102, 18103), grpc_ports=(18201, 
                         grpc_options=gRPCOptions(port=frontend[1], grpc_servicer_functions=["a.b"]),
                         socket_path=str(directory / "admin.sock"), server_state_base=str(directory),
                         server_state_file=str(directory / "server-state"), enable_hap_optimization=False,
-                        metrics_enabled=False, has_received_routes=True, has_received_servers=True, is_head=True,
+                        metrics_enabled=False, has_received_routes=routed, has_received_servers=routed, is_head=True,
                         stats_port=free_port(0), metrics_port=free_port(0))
     backends = {}
     for protocol, ports, backup in ((RequestProtocol.HTTP, http_ports, free_port(0)),
@@ -61,7 +63,7 @@ def serve_config(directory: Path, http_ports=(18102, 18103), grpc_ports=(18201, 
             name=name, path_prefix="/", app_name=APP, ingress_deployment_name="ElasticReplica", protocol=protocol,
             servers=[ServerConfig(server_name(r), "127.0.0.1", p) for r, p in zip(("r1", "r2"), ports)],
             fallback_server=ServerConfig("SERVE_PROXY_ACTOR-node", "127.0.0.1", backup))
-    api = HAProxyApi(cfg, backends, config_file_path=str(directory / "haproxy.cfg"))
+    api = HAProxyApi(cfg, backends if routed else {}, config_file_path=str(directory / "haproxy.cfg"))
     api._generate_config_file_internal()
     return directory / "haproxy.cfg"
 
@@ -305,6 +307,31 @@ def test_haproxy_refuses_what_does_not_fit_as_the_replica_would(tmp_path):
             proc.terminate()
             proc.wait(10)
     assert "http-elasticlm: maxconn [3, 3] (2 recorded here), timeout queue 20 ms" in proc.stderr.read()
+
+
+def test_a_proxy_without_routes_answers_what_a_retry_cures(tmp_path):
+    """A restarted proxy before Serve pushes its routes: Serve's config answers 404 / NOT_FOUND (never retried);
+    through ``elasticlm-haproxy`` HTTP gets 503 + Retry-After and gRPC UNAVAILABLE (retried by a retry policy).
+    Once it has routes, an unknown path is Serve's 404 again."""
+    wrapper = Path(sys.executable).parent / BINARY_NAME
+    http_port, grpc_port = free_port(0), free_port(0)
+    config = serve_config(tmp_path, frontend=(http_port, grpc_port), routed=False)
+    assert "status 404" in config.read_text() and "grpc-status 5 " in config.read_text()
+    env = {**os.environ, "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(config)}
+    proc = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        sock = tmp_path / "admin.sock"
+        wait_until(lambda: sock.exists() and f"Pid: {proc.pid}\n" in haproxy_command(sock, "show info"))
+        answer = httpx.post(f"http://127.0.0.1:{http_port}/embed", json={"inputs": ["a"]}, timeout=10)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "no application routes" in answer.text
+        calls = grpc_burst(f"127.0.0.1:{grpc_port}", "/elasticlm.v1.ElasticLM/Embed", 2)
+        assert {c[0] for c in calls} == {grpc.StatusCode.UNAVAILABLE} and "no application routes" in calls[0][1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "no application routes yet" in proc.stderr.read()
+    routed, _ = admit(serve_config(tmp_path / "routed", routed=True).read_text(), {})
+    assert "status 404" in routed and "no application routes" not in routed
 
 
 # ----------------------------------------------------------------------------- the whole stack
