@@ -329,3 +329,17 @@ def test_the_front_is_sent_what_the_replica_answers_in_time(core_stack):
     limit._window_start -= limit.window_s
     assert core.capacity().requests < model.requests and limit.last_quantile == 2.0
     limit.limit, limit._samples = None, []
+
+
+def test_json_types_are_the_schemas_not_pydantics_lax_ones(core_stack):
+    """schemathesis found `"return_text": 0.0` and `"top_n": true` accepted: a boolean is true or false, an
+    integer a number without a fraction (1.0 is one, "1" and true are not)."""
+    rerank = {"query": QUERY, "texts": TEXTS[:2]}
+    refused = core_stack.http.post("/rerank", json={**rerank, "return_text": 0.0})
+    assert refused.status_code == 422 and "return_text" in refused.json()["error"]
+    cohere = {"query": QUERY, "documents": TEXTS[:2]}
+    for bad in (True, "1"):
+        refused = core_stack.http.post("/v1/rerank", json={**cohere, "top_n": bad})
+        assert refused.status_code == 422 and "top_n" in refused.json()["error"], bad
+    assert len(core_stack.http.post("/v1/rerank", json={**cohere, "top_n": 1.0}).json()["results"]) == 1
+    assert core_stack.http.post("/v1/embeddings", json={"input": "a", "dimensions": "128"}).status_code == 422

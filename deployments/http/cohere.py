@@ -17,11 +17,11 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictFloat
 
 from deployments.contract import RequestError, echo, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
-from deployments.http.common import DEADLINE, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
+from deployments.http.common import DEADLINE, JsonInt, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
 from deployments.tasks import EMBED, RERANK
 from deployments.wire import MIN_SUBLM_HEADER
 
@@ -50,11 +50,11 @@ class CohereEmbedV1Request(BaseModel):
 
 
 class CohereEmbedV2Request(CohereEmbedV1Request):
-    output_dimension: int | None = Field(None, description="a size the model declares (GET /info: "
+    output_dimension: JsonInt | None = Field(None, description="a size the model declares (GET /info: "
                                                            "tasks.embed.dimensions); unset: the full size")
-    max_tokens: int | None = Field(None, description="at least the model's token limit (inputs are cut there)")
+    max_tokens: JsonInt | None = Field(None, description="at least the model's token limit (inputs are cut there)")
     inputs: list[dict] | None = Field(None, description="refused: mixed text and image inputs; send texts")
-    priority: int | None = Field(None, description="0 (every request is served at the highest priority)",
+    priority: JsonInt | None = Field(None, description="0 (every request is served at the highest priority)",
                                  json_schema_extra={"enum": [0, None]})
 
 
@@ -63,13 +63,13 @@ class RerankDocumentsRequest(BaseModel):
     query: str = Field(..., description="the text every document is judged against")
     documents: list[str | dict] = Field(..., description="the candidates: texts, or objects with a 'text' field "
                                                          "(echoed whole with return_documents)")
-    top_n: int | None = Field(None, description="answer only the best n (default: all)")
-    return_documents: bool = Field(False, description="echo each document")
+    top_n: JsonInt | None = Field(None, description="answer only the best n (default: all)")
+    return_documents: StrictBool = Field(False, description="echo each document")
     model: str | None = None
     rank_fields: list[str] | None = Field(None, description="only ['text']", json_schema_extra={
         "anyOf": [{"type": "array", "items": {"enum": ["text"]}}, {"type": "null"}]})
-    max_chunks_per_doc: int | None = Field(None, description="refused: a document over the limit is cut, not chunked")
-    first_stage_scores: list[float] | None = Field(
+    max_chunks_per_doc: JsonInt | None = Field(None, description="refused: a document over the limit is cut, not chunked")
+    first_stage_scores: list[StrictFloat] | None = Field(
         None, description="hybrid reranking: the first stage's score of each document (e.g. BM25), in the documents' order; "
                           "the answer is the ranker's order fused with the first stage's (reciprocal-rank fusion)")
 
@@ -77,13 +77,13 @@ class RerankDocumentsRequest(BaseModel):
 class CohereRerankV2Request(BaseModel):
     query: str = Field(..., description="the text every document is judged against")
     documents: list[str] = Field(..., description="the candidates")
-    top_n: int | None = Field(None, description="answer only the best n (default: all)")
+    top_n: JsonInt | None = Field(None, description="answer only the best n (default: all)")
     model: str | None = None
-    max_tokens_per_doc: int | None = Field(None, description="at least the ranker's token limit (a pair is cut there)")
-    priority: int | None = Field(None, description="0 (every request is served at the highest priority)",
+    max_tokens_per_doc: JsonInt | None = Field(None, description="at least the ranker's token limit (a pair is cut there)")
+    priority: JsonInt | None = Field(None, description="0 (every request is served at the highest priority)",
                                  json_schema_extra={"enum": [0, None]})
     relevant_spans: dict | None = Field(None, description="refused unless its mode is 'disabled'")
-    first_stage_scores: list[float] | None = Field(
+    first_stage_scores: list[StrictFloat] | None = Field(
         None, description="hybrid reranking: the first stage's score of each document, in the documents' order")
 
 

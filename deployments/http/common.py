@@ -3,15 +3,28 @@ and the answer that names its SubLM."""
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' real parameter types
 import base64
+from typing import Annotated
 
 import orjson
 from fastapi import Header
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from deployments.contract import RequestError, echo
 from deployments.core import TaskAnswer
 from deployments.wire import DEADLINE_HEADER, MIN_SUBLM_HEADER, SUBLM_HEADER
+
+
+def _json_integer(value):
+    """JSON Schema's integer is a number without a fraction (5 or 5.0); pydantic's lax ``int`` also takes
+    ``true`` and ``"5"``, which the schema refuses (schemathesis: ``"top_n": true`` was accepted)."""
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]  # request fields the schema calls integer
 
 
 class JSON(Response):

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from deployments.contract import parse_deadline
 from deployments.core import ServingCore
-from deployments.http.common import DEADLINE, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
+from deployments.http.common import DEADLINE, JsonInt, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
 from deployments.tasks import EMBED
 
 
@@ -17,7 +17,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: str = Field("float", description="'float' or 'base64' (little-endian float32)",
                                  json_schema_extra={"enum": ["float", "base64"]})
     user: str | None = None
-    dimensions: int | None = Field(None, description="a size the model declares (GET /info: tasks.embed.dimensions); "
+    dimensions: JsonInt | None = Field(None, description="a size the model declares (GET /info: tasks.embed.dimensions); "
                                                      "unset: the full size")
 
 

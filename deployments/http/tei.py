@@ -22,11 +22,11 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, ValidationError
 
 from deployments.contract import RequestError, parse_deadline
 from deployments.core import ServingCore
-from deployments.http.common import DEADLINE, MIN_SUBLM, REFUSALS, JSON, one_of, served
+from deployments.http.common import DEADLINE, JSON, JsonInt, MIN_SUBLM, REFUSALS, one_of, served
 from deployments.tasks import EMBED, PREDICT, RERANK
 from deployments.tei import NOT_SERVED, decode_ids, no_prompt, normalized, simple_tokens, truncate_at_end
 from deployments.wire import MIN_SUBLM_HEADER
@@ -45,12 +45,12 @@ MIN_SUBLM_FIELD = Field(None, description="quality floor, e.g. 'w50'")
 # depend on the replica's settings are written into the schema by `app.openapi_with_limits`.
 class TEIEmbedRequest(BaseModel):
     inputs: str | list[str] = Field(..., description="one text or a list of texts")
-    truncate: bool = Field(True, description="truncate texts over the model's token limit (false: reject with 413)")
+    truncate: StrictBool = Field(True, description="truncate texts over the model's token limit (false: reject with 413)")
     truncation_direction: str = DIRECTION
-    normalize: bool = Field(True, description="embeddings are always L2-normalized; false is rejected",
+    normalize: StrictBool = Field(True, description="embeddings are always L2-normalized; false is rejected",
                             json_schema_extra={"enum": [True]})
     prompt_name: str | None = PROMPT_NAME
-    dimensions: int | None = Field(None, description="a size the model declares (GET /info: tasks.embed.dimensions)")
+    dimensions: JsonInt | None = Field(None, description="a size the model declares (GET /info: tasks.embed.dimensions)")
     min_sublm: str | None = MIN_SUBLM_FIELD
     kind: str | None = Field(None, description="'query' or 'passage'", json_schema_extra={"enum": [*KINDS, None]})
 
@@ -58,14 +58,14 @@ class TEIEmbedRequest(BaseModel):
 class TEIRerankRequest(BaseModel):
     query: str = Field(..., description="the text every candidate is judged against")
     texts: list[str] = Field(..., description="the candidates (e.g. a first stage's top 20-100)")
-    truncate: bool = Field(True, description="cut a pair over the ranker's token limit: the text's tail, the query "
+    truncate: StrictBool = Field(True, description="cut a pair over the ranker's token limit: the text's tail, the query "
                                              "kept whole up to half the limit (false: reject with 413)")
     truncation_direction: str = DIRECTION
-    raw_scores: bool = Field(False, description="the ranker's raw relevance (a cross-encoder's logit, the dense "
+    raw_scores: StrictBool = Field(False, description="the ranker's raw relevance (a cross-encoder's logit, the dense "
                                                 "ranker's cosine) instead of a 0..1 score")
-    return_text: bool = Field(False, description="echo each candidate's text in its rank")
+    return_text: StrictBool = Field(False, description="echo each candidate's text in its rank")
     min_sublm: str | None = MIN_SUBLM_FIELD
-    first_stage_scores: list[float] | None = Field(
+    first_stage_scores: list[StrictFloat] | None = Field(
         None, description="hybrid reranking: the first stage's score of each text (e.g. BM25), in the texts' order; "
                           "the answer is the ranker's order fused with the first stage's (reciprocal-rank fusion)")
 
@@ -74,9 +74,9 @@ class TEIPredictRequest(BaseModel):
     inputs: str | list[str] | list[list[str]] = Field(
         ..., description="one text, a pair [first, second], or a batch [[text], ...] / [[first, second], ...]; "
                          "pairs only for a pair classifier (GET /info: tasks.predict.pairs)")
-    truncate: bool = Field(True, description="truncate inputs over the classifier's token limit (false: reject with 413)")
+    truncate: StrictBool = Field(True, description="truncate inputs over the classifier's token limit (false: reject with 413)")
     truncation_direction: str = DIRECTION
-    raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
+    raw_scores: StrictBool = Field(False, description="logits instead of softmax probabilities")
     min_sublm: str | None = MIN_SUBLM_FIELD
 
 
@@ -86,7 +86,7 @@ class SimilarityInputs(BaseModel):
 
 
 class SimilarityParameters(BaseModel):
-    truncate: bool = True
+    truncate: StrictBool = True
     truncation_direction: str = DIRECTION
     prompt_name: str | None = PROMPT_NAME
 
@@ -98,17 +98,17 @@ class TEISimilarityRequest(BaseModel):
 
 class TEITokenizeRequest(BaseModel):
     inputs: str | list[str] = Field(..., description="one text or a list of texts")
-    add_special_tokens: bool = Field(True, description="the special tokens the model reads ([CLS], [SEP])")
+    add_special_tokens: StrictBool = Field(True, description="the special tokens the model reads ([CLS], [SEP])")
     prompt_name: str | None = PROMPT_NAME
 
 
 class TEIDecodeRequest(BaseModel):
-    ids: list[int] | list[list[int]] = Field(..., description="one sequence of token ids or a list of them")
-    skip_special_tokens: bool = True
+    ids: list[JsonInt] | list[list[JsonInt]] = Field(..., description="one sequence of token ids or a list of them")
+    skip_special_tokens: StrictBool = True
 
 
 class ClassificationParameters(BaseModel):
-    top_k: int | None = Field(None, description="only the k best labels")
+    top_k: JsonInt | None = Field(None, description="only the k best labels")
     function_to_apply: str | None = Field(None, description="softmax (default) or none (logits); sigmoid is refused",
                                           json_schema_extra={"enum": ["softmax", "none", None]})
 
