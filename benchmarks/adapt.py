@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--domains", default="scifact,dl19")
     parser.add_argument("--hours", type=float, default=0.5, help="adaptation budget per domain")
+    parser.add_argument("--dl19-system", default="BM25", help="DL19 lists to rerank (as benchmarks/ladder.py: BM25's "
+                        "top 100, the served rerank's case) or '' for the union of all five first stages")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -46,8 +48,10 @@ def main():
     from elastic_core.eval import eval_dl19_dense, eval_scifact
 
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
-    evaluate = {"scifact": lambda ckpt, base: eval_scifact(ckpt, data_dir, baselines=base),
-                "dl19": lambda ckpt, base: eval_dl19_dense(ckpt, data_dir, baselines=base)}
+    evaluate = {  # the SubLMs, and before adapting the teacher too (not the pruned-only baselines: ladder.py has them)
+        "scifact": lambda ckpt, base: eval_scifact(ckpt, data_dir, baselines=base, pruned_only=False),
+        "dl19": lambda ckpt, base: eval_dl19_dense(ckpt, data_dir, baselines=base, pruned_only=False,
+                                                   system=args.dl19_system or None)}
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result = {"command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "checkpoint": args.checkpoint, "domains": previous.get("domains", {})}
