@@ -63,8 +63,12 @@ class AdaptiveLimit:
         """One probe of the event loop's lag (EWMA: one late wake-up is not the loop's state)."""
         self.lag_ms = 0.8 * self.lag_ms + 0.2 * max(0.0, lag_ms)
 
+    MAX_SAMPLES = 4096  # windows close when a front asks (``value``); with none asking, keep the newest only
+
     def observe(self, elapsed_ms: float, target_ms: float) -> None:
         """One answered request: its time inside, against its own target."""
+        if len(self._samples) >= self.MAX_SAMPLES:
+            del self._samples[:self.MAX_SAMPLES // 2]
         self._samples.append((elapsed_ms + self.lag_ms) / target_ms)
 
     def value(self, model_capacity: int) -> int:

@@ -4,7 +4,6 @@ through the whole stack (Ray Serve's HAProxy, one replica).
 """
 
 import asyncio
-import csv
 import json
 import os
 import socket
@@ -28,7 +27,7 @@ from elastic_core.batching import Chunking
 from elastic_core.engine import RetryPacing
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import Capacity, ElasticSchedule
-from loadtests.refusals import snapshot
+from loadtests.refusals import show_stat, snapshot
 
 APP = "elasticlm"
 OVERLOADED = "overloaded: this request cannot be answered within its latency target"
@@ -208,8 +207,7 @@ def haproxy_command(sock: Path, command: str) -> str:
 
 def server_stats(sock: Path) -> dict[tuple[str, str], dict]:
     """``show stat``, by (backend, server)."""
-    rows = list(csv.DictReader(haproxy_command(sock, "show stat").lstrip("# ").splitlines()))
-    return {(r["pxname"], r["svname"]): r for r in rows if r.get("svname")}
+    return {(r["pxname"], r["svname"]): r for r in show_stat(sock) if r.get("svname")}
 
 
 def wait_until(condition, timeout_s: float = 20.0):
