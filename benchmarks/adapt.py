@@ -39,6 +39,8 @@ def main():
     parser.add_argument("--hours", type=float, default=0.5, help="adaptation budget per domain")
     parser.add_argument("--dl19-system", default="BM25", help="DL19 lists to rerank (as benchmarks/ladder.py: BM25's "
                         "top 100, the served rerank's case) or '' for the union of all five first stages")
+    parser.add_argument("--resume", action="store_true", help="continue each domain's adaptation state (in --work-dir) "
+                        "for another --hours; its 'before' figures and earlier minutes are kept from --out")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -56,18 +58,26 @@ def main():
     result = {"command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "checkpoint": args.checkpoint, "domains": previous.get("domains", {})}
     for domain in filter(None, args.domains.split(",")):
-        before = evaluate[domain](args.checkpoint, True)
+        earlier = result["domains"].get(domain) if args.resume else None
+        if earlier:  # the general checkpoint has not changed: its figures stand
+            b, teacher, minutes = earlier["before"], earlier["teacher_ndcg@10"], earlier["adapt_minutes"]
+            runs = earlier.get("runs", [previous.get("command")])
+        else:
+            before = evaluate[domain](args.checkpoint, True)
+            b = {n: s["ndcg@10"] for n, s in before["sublms"].items()}
+            teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
-        adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / domain, args.checkpoint, hours=args.hours)
-        minutes = (time.perf_counter() - t0) / 60
+        adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / domain, args.checkpoint, hours=args.hours,
+                        resume=bool(earlier))
+        minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
-        names = list(before["sublms"])
+        names = list(b)
         full, small = names[0], names[-1]
-        b = {n: before["sublms"][n]["ndcg@10"] for n in names}
         a = {n: after["sublms"][n]["ndcg@10"] for n in names}
         gap = b[full] - b[small]
         result["domains"][domain] = {
-            "passages": str(DOMAINS[domain]), "adapt_minutes": minutes, "teacher_ndcg@10": before["teacher"]["ndcg@10"],
+            "passages": str(DOMAINS[domain]), "adapt_minutes": minutes, "runs": runs + [result["command"]],
+            "teacher_ndcg@10": teacher,
             "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
             "targets": {f"{small} closes >= half its gap to {full}": gap > 0 and (a[small] - b[small]) / gap >= 0.5,
                         f"{full} loses nothing": a[full] >= b[full] - 0.005}}
@@ -83,11 +93,15 @@ def markdown(r: dict) -> str:
              "(held out); after: adapted to the collection's passages only (unlabeled); the test queries and "
              "judgements are never read.", ""]
     for domain, d in r["domains"].items():
-        lines += [f"**{domain}** ({d['passages']}, {d['adapt_minutes']:.0f} min of adaptation; teacher "
-                  f"{d['teacher_ndcg@10']:.4f})", "", "| SubLM | before | after | change |", "|---|---|---|---|"]
+        runs = " then ".join(f"`{c}`" for c in d.get("runs", [])[:-1])
+        lines += [f"**{domain}** ({d['passages']}, {d['adapt_minutes']:.0f} min of adaptation"
+                  + (f", continuing {runs}" if runs else "") + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
+                  "| SubLM | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
                   for n in d["before"]]
-        lines += [""] + [f"- {k}: {'met' if v else '**missed**'}" for k, v in d["targets"].items()] + [""]
+        lines += ["", f"The smallest SubLM closed {d['gap_closed']:.0%} of its gap to the full one."
+                  + (f" {d['note']}" if d.get("note") else "")]
+        lines += [f"- {k}: {'met' if v else '**missed**'}" for k, v in d["targets"].items()] + [""]
     lines.append("![every SubLM before and after adaptation](img/adapt.png)")
     return "\n".join(lines)
 
