@@ -96,11 +96,6 @@ def variant_checkpoint(source: Path, out: Path, precisions: list[str], of: list[
     return out
 
 
-def fp32_of(cfg, name: str) -> str:
-    """The fp32 SubLM of ``name``'s structure (every variant's is declared: ``ElasticConfig``)."""
-    return next(n for n, entry in cfg.trained_sublms().items() if entry[:3] == cfg.sublms[name][:3])
-
-
 def measure(args, saved: dict) -> dict:
     import torch
 
@@ -125,7 +120,7 @@ def measure(args, saved: dict) -> dict:
 
     candidates = {}
     for name in cfg.sublm_names:
-        s, fp32 = cfg.sublm(name), fp32_of(cfg, name)
+        s, fp32 = cfg.sublm(name), cfg.structure_of(name)
         c = {"structure": fp32, "heads_ffn_layers": [s.heads, s.ffn, s.layers], "precision": s.precision,
              "macs_per_token_s128": sublm_cost(cfg, s)["macs_per_token"]}
         for part in ("dl19", "scifact"):
@@ -302,8 +297,8 @@ def compare_int8_kernels(ckpt: Path, repeats: int) -> dict:
             with torch.inference_mode():
                 for name in names:
                     low = model.embed(batch["input_ids"], batch["attention_mask"], sublm=name, packed=True)
-                    ref = model.embed(batch["input_ids"], batch["attention_mask"], sublm=fp32_of(model.config, name),
-                                      packed=True)
+                    ref = model.embed(batch["input_ids"], batch["attention_mask"],
+                                      sublm=model.config.structure_of(name), packed=True)
                     cos = F.cosine_similarity(low, ref)
                     row[name] = {"min_cosine": cos.min().item(), "mean_cosine": cos.mean().item(),
                                  "ms_b32_s128": time_forward_ms(model, name, 32, 128, repeats=repeats)}

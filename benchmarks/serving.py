@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/serving.py --knobs         # also the Serve transport / layout / logging knobs
 
 Every round measures, each configuration started clean and torn down after:
-  * **raw**: the model alone (``ElasticDenser.forward``, batches of 32 SST-2 sentences), w100 and w25, as
-    one process of 2 torch threads and as 2 processes of 1 thread; the faster is "raw".
+  * **raw**: the model alone (``ElasticDenser.forward``, batches of 32 SST-2 sentences), the checkpoint's
+    best-ranked SubLM (w100-bf16: what a floor of w100 serves where bf16 pays off), w100 and w25, as one
+    process of 2 torch threads and as 2 processes of 1 thread; the faster is "raw". The stack is compared
+    with the raw speed of the SubLM it served.
   * **ours**: ``cluster/config.local.yaml`` with 2 replicas (what ``elasticlm serve`` runs), floor w100 so
     every answer is full quality; and the same with only w25 (``sublms: [w25]``) against raw w25.
   * **infinity-emb** 0.0.78 (``make peer``) serving the teacher, 2 threads, at the replicas' niceness.
@@ -42,7 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import report  # noqa: E402
 from benchmarks.stack import Infinity, Ours, fmt, load_name, median  # noqa: E402
+from elastic_core.model import load_config  # noqa: E402
 from loadtests.experiment import Experiment  # noqa: E402
+
+CHECKPOINT = ROOT / "models" / "elastic-minilm-l6"
+RAW_SUBLMS = list(dict.fromkeys([load_config(CHECKPOINT).sublm_names[0], "w100", "w25"]))  # best-ranked first
 
 LOADS = [(1, 1), (8, 1), (64, 1), (8, 8)]          # (clients, texts per request)
 HEADLINE = [(64, 1), (8, 8)]                        # where the issue's targets are set
@@ -60,7 +66,7 @@ def raw_worker(sublm: str, threads: int, batch: int, seconds: float, packed: boo
     from loadtests.closed_loop import sst2_sentences
 
     torch.set_num_threads(threads)
-    denser = ElasticDenser.from_checkpoint(str(ROOT / "models" / "elastic-minilm-l6"))
+    denser = ElasticDenser.from_checkpoint(str(CHECKPOINT))
     ids = denser.tokenize(sst2_sentences())["input_ids"]
     chunking = Chunking(batch, packed=packed)
     denser.forward(sublm, ids[:batch], None, chunking)  # warm-up
@@ -84,7 +90,7 @@ def measure_raw(seconds: float, log) -> dict:
     """The model alone, as the stack runs it (length-sorted packed batches); the faster layout is "raw".
     Also, for reference, w100 padded to the batch's longest text, as most servers run it."""
     out = {}
-    for sublm in ("w100", "w25"):
+    for sublm in RAW_SUBLMS:
         layouts = {"1 process x 2 threads": raw_throughput(sublm, 1, 2, seconds),
                    "2 processes x 1 thread": raw_throughput(sublm, 2, 1, seconds)}
         out[sublm] = {"layouts": layouts, "best": max(layouts.values())}
@@ -196,6 +202,11 @@ def measure(args, log=print) -> dict:
             "seconds_per_load": args.seconds}
 
 
+def served(m: dict) -> str:
+    """The SubLM that answered most of a load's texts."""
+    return max(m["sublms"], key=m["sublms"].get) if m.get("sublms") else "w100"
+
+
 def describe(m: dict) -> str:
     if "refused_per_s" in m:
         return f"{m['refused_per_s']:.0f} refused/s at {fmt(m['cpu_ms_per_refusal'], '.2f')} ms CPU each"
@@ -248,12 +259,15 @@ def summarize(rounds: list[dict], knobs: dict | None, peer: bool, overhead: dict
             row["rps_ratio"] = per_round(lambda r: r["ours"][name]["rps"] / r["infinity"][name]["rps"])
             row["p99_ratio"] = per_round(lambda r: r["ours"][name]["p99_ms"] / r["infinity"][name]["p99_ms"])
         row["vs_raw_w100"] = per_round(lambda r: r["ours"][name]["texts_per_s"] / r["raw"]["w100"]["best"])
+        row["served"] = served(rounds[0]["ours"][name])
+        row["vs_raw_served"] = per_round(lambda r: r["ours"][name]["texts_per_s"]
+                                         / r["raw"][served(r["ours"][name])]["best"])
         loads[name] = row
     w25 = {name: per_round(lambda r, n=name: r["ours-w25"][n]["texts_per_s"] / r["raw"]["w25"]["best"])
            for name in map(lambda lt: load_name(*lt), HEADLINE)}
     raw = {s: {"best": per_round(lambda r, s=s: r["raw"][s]["best"]),
                "layouts": {k: per_round(lambda r, s=s, k=k: r["raw"][s]["layouts"][k])
-                           for k in rounds[0]["raw"][s]["layouts"]}} for s in ("w100", "w25")}
+                           for k in rounds[0]["raw"][s]["layouts"]}} for s in rounds[0]["raw"]}
     raw["w100"]["padded"] = per_round(lambda r: r["raw"]["w100"]["padded, 1 process x 2 threads"])
     # calibration: every batch run under load (64 x 1, 8 x 8, the mixed load, the w25 deployment), per SubLM
     under_load = [m for r in rounds for key in ("ours", "ours-w25") for name, m in r[key].items()
@@ -266,15 +280,12 @@ def summarize(rounds: list[dict], knobs: dict | None, peer: bool, overhead: dict
     h = {n: loads[n] for n in map(lambda lt: load_name(*lt), HEADLINE)}
     one = ((knobs or {}).get(ONE_REPLICA) or {}).get("64x1", {})
     targets = {
-        "w100 stack >= 0.8 x raw w100 (64 x 1 and 8 x 8)": {"met": min(v["vs_raw_w100"] for v in h.values()) >= 0.8,
-                                                            **{n: v["vs_raw_w100"] for n, v in h.items()}},
+        "stack >= 0.9 x raw of the SubLM it served at 64 x 1 (issue 32)": {
+            "met": h["64x1"]["vs_raw_served"] >= 0.9, "ratio": h["64x1"]["vs_raw_served"],
+            "served": h["64x1"]["served"]},
+        "full-quality stack >= 0.8 x raw (64 x 1 and 8 x 8)": {
+            "met": min(v["vs_raw_served"] for v in h.values()) >= 0.8, **{n: v["vs_raw_served"] for n, v in h.items()}},
         "w25 stack >= 0.6 x raw w25 (64 x 1 and 8 x 8)": {"met": min(w25.values()) >= 0.6, **w25},
-        "mean batch >= 24 texts with 64 1-text requests waiting at a replica (1 replica, --knobs)": {
-            "met": bool(one) and (one.get("mean_batch_texts") or 0) >= 24,
-            "one_replica_mean": one.get("mean_batch_texts"), "one_replica_waiting": one.get("mean_waiting_texts"),
-            "two_replicas_mean": loads["64x1"]["ours"]["mean_batch_texts"],
-            "two_replicas_text_weighted": loads["64x1"]["ours"]["text_weighted_batch_texts"],
-            "two_replicas_waiting": loads["64x1"]["ours"]["mean_waiting_texts"]},
         "CPU outside the model <= 5 ms per request (64 x 1)": {
             "met": (loads["64x1"]["ours"]["outside_model_cpu_ms_per_request"] or 99) <= 5,
             "ms": loads["64x1"]["ours"]["outside_model_cpu_ms_per_request"]},
@@ -282,9 +293,16 @@ def summarize(rounds: list[dict], knobs: dict | None, peer: bool, overhead: dict
         "median |actual/predicted - 1| <= 0.15 per SubLM under load": {
             "met": bool(prediction) and all(v <= 0.15 for v in prediction.values()), **prediction},
     }
+    if one:  # the one-replica knob (--knobs)
+        targets["mean batch >= 24 texts with 64 1-text requests waiting at a replica (1 replica, --knobs)"] = {
+            "met": (one.get("mean_batch_texts") or 0) >= 24,
+            "one_replica_mean": one.get("mean_batch_texts"), "one_replica_waiting": one.get("mean_waiting_texts"),
+            "two_replicas_mean": loads["64x1"]["ours"]["mean_batch_texts"],
+            "two_replicas_text_weighted": loads["64x1"]["ours"]["text_weighted_batch_texts"],
+            "two_replicas_waiting": loads["64x1"]["ours"]["mean_waiting_texts"]}
     if peer:
-        targets["req/s >= 1.2 x infinity-emb at 64 x 1 and 8 x 8"] = {
-            "met": all(v["rps_ratio"] >= 1.2 for v in h.values()), **{n: v["rps_ratio"] for n, v in h.items()}}
+        targets["req/s >= 2 x infinity-emb at full quality, 64 x 1 and 8 x 8 (issue 32)"] = {
+            "met": all(v["rps_ratio"] >= 2 for v in h.values()), **{n: v["rps_ratio"] for n, v in h.items()}}
         targets["p99 <= infinity-emb's at 64 x 1 and 8 x 8"] = {
             "met": all(v["p99_ratio"] <= 1.0 for v in h.values()), **{n: v["p99_ratio"] for n, v in h.items()}}
     command = " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
@@ -301,7 +319,8 @@ def markdown(doc: dict) -> str:
     peer = any("infinity" in row for row in doc["loads"].values())
     head = ("| load (clients x texts) | ours req/s | " + ("infinity-emb req/s | ours / infinity | " if peer else "")
             + "ours p99 ms | " + ("infinity p99 ms | " if peer else "")
-            + "ours texts/s / raw w100 | mean batch (of waiting) | server CPU ms/req | outside the model ms/req |")
+            + "SubLM served | ours texts/s / its raw | / raw w100 fp32 | mean batch (of waiting) | server CPU ms/req | "
+            "outside the model ms/req |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in doc["loads"].items():
         o, i = row["ours"], row.get("infinity", {})
@@ -311,7 +330,7 @@ def markdown(doc: dict) -> str:
         cells += [fmt(o["p99_ms"], ".0f")]
         if peer:
             cells += [fmt(i.get("p99_ms"), ".0f")]
-        cells += [fmt(row["vs_raw_w100"], ".2f"),
+        cells += [row.get("served", "w100"), fmt(row.get("vs_raw_served"), ".2f"), fmt(row["vs_raw_w100"], ".2f"),
                   f"{fmt(o['mean_batch_texts'])} ({fmt(o['mean_waiting_texts'])})",
                   fmt(o["server_cpu_ms_per_request"]), fmt(o["outside_model_cpu_ms_per_request"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -326,7 +345,8 @@ def markdown(doc: dict) -> str:
     parts = [
         f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}); {doc['rounds']} interleaved rounds, "
         f"{doc['seconds_per_load']:.0f} s per load, medians of per-round figures. Closed-loop aiohttp clients, "
-        "one SST-2 dev sentence per text; ours with floor w100 (every answer full quality), 2 replicas x 1 torch "
+        "one SST-2 dev sentence per text; ours with floor w100 (every answer full quality: w100 or a variant ranked "
+        "above it, >= 0.99x its held-out NDCG@10), 2 replicas x 1 torch "
         "thread behind Serve's HAProxy; infinity-emb 0.0.78 with 2 threads at the replicas' niceness. "
         "CPU is every server process's, from /proc, per answered request; \"outside the model\" subtracts the "
         "CPU of the replicas' model threads, which they measure themselves.",
@@ -334,7 +354,8 @@ def markdown(doc: dict) -> str:
         raw_head, "|---|" + "---|" * len(raw["w100"]["layouts"]), "\n".join(raw_lines), "",
         f"For reference, raw w100 padded to each batch's longest text (no packing, as most servers run "
         f"it): {doc['raw']['w100']['padded']:.1f} texts/s. Ours at w25 only (`sublms: [w25]`): " + ", ".join(f"{k} {v:.2f} x raw w25" for k, v in doc["w25_vs_raw"].items())
-        + f". A refused request (admission, before tokenizing): {fmt(doc['refusal_cpu_ms'], '.2f')} ms of server CPU. "
+        + f". A request refused before tokenizing (an impossible deadline: 400, or admission's 503): "
+        f"{fmt(doc['refusal_cpu_ms'], '.2f')} ms of server CPU. "
         "Calibration, median |measured / predicted - 1| per SubLM over the batches of every load under pressure "
         f"(64 x 1, 8 x 8, 64 x 1 with T = {T_MIXED_MS} ms, where the schedule served "
         + ", ".join(f"{s} {n}" for s, n in doc["mixed_load_sublms"].items() if n) + " texts; w25 from the w25 "
@@ -354,6 +375,9 @@ def markdown(doc: dict) -> str:
                               f"{fmt(a.get('outside_model_cpu_ms_per_request'))} | {fmt(b.get('p99_ms'), '.0f')} |")
         parts += ["", "Serving knobs, one changed at a time from the chosen configuration (floor w100):", "",
                   "\n".join(knob_lines)]
+    else:
+        parts += ["", "Serving knobs not measured in this run (`--knobs`); their last table (2026-11-23, fp32 w100, in "
+                  "this file's history) chose 2 replicas x 1 thread behind HAProxy with access logs off."]
     parts += ["", "![serving](img/serving.png)"]
     return "\n".join(parts)
 
@@ -368,11 +392,13 @@ def plot(doc: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     x = range(len(names))
     ours = [doc["loads"][n]["ours"]["texts_per_s"] for n in names]
-    ax[0].bar([i - 0.2 for i in x], ours, 0.4, label="ours (w100)")
+    ax[0].bar([i - 0.2 for i in x], ours, 0.4, label=f"ours ({doc['loads'][names[-1]].get('served', 'w100')})")
     if all("infinity" in doc["loads"][n] for n in names):
         ax[0].bar([i + 0.2 for i in x], [doc["loads"][n]["infinity"]["texts_per_s"] for n in names], 0.4,
                   label="infinity-emb")
-    ax[0].axhline(doc["raw"]["w100"]["best"], color="k", ls="--", label="raw model w100 (packed)")
+    for sublm, style in zip(doc["raw"], ("-.", "--")):
+        if sublm != "w25":
+            ax[0].axhline(doc["raw"][sublm]["best"], color="k", ls=style, label=f"raw model {sublm} (packed)")
     ax[0].axhline(doc["raw"]["w100"]["padded"], color="k", ls=":", label="raw model w100, padded to the longest")
     ax[0].set_xticks(list(x), names)
     ax[0].set_xlabel("clients x texts per request")
@@ -444,3 +470,5 @@ def main():
     print(markdown(ServingBenchmark(args).execute()))
 
 
+if __name__ == "__main__":
+    main()

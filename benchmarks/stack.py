@@ -205,16 +205,18 @@ def summarize_batches(batches: list[dict]) -> dict:
 
 
 def measure_refusals(server: "StackUnderTest", seconds: float) -> dict:
-    """64 clients whose every request carries an impossible deadline: each is refused by admission,
-    before tokenization, with the model idle, so all the CPU the stack spends is the refusals'."""
+    """64 clients whose every request carries an impossible deadline: each is refused before tokenization
+    (400: shorter than the request takes alone, ``ServingCore._serve``; 503 from admission where a replica
+    counts it meetable), with the model idle, so all the CPU the stack spends is the refusals'."""
     before = cpu_by_process(server.roots())
     started = time.time()
     result, _ = run_client(server.url, 64, 1, seconds, 1.0, headers={"x-elasticlm-deadline-ms": "0.001"})
     span = time.time() - started
     cpu = cpu_delta(before, cpu_by_process(server.roots()))
-    refused = result["codes"].get("503", 0) / seconds * span
-    others = {k: v for k, v in result["codes"].items() if k != "503"}
-    return {"refused_per_s": result["codes"].get("503", 0) / seconds, "other_codes": others,
+    refusals = sum(n for code, n in result["codes"].items() if code in ("400", "503"))
+    refused = refusals / seconds * span
+    others = {k: v for k, v in result["codes"].items() if k not in ("400", "503")}
+    return {"refused_per_s": refusals / seconds, "codes": result["codes"], "other_codes": others,
             "cpu_ms_per_refusal": 1000 * sum(cpu.values()) / refused if refused else None,
             "cpu_ms_per_refusal_by_process": {k: 1000 * v / refused for k, v in cpu.items() if v > 0.01 * span}
             if refused else {}}

@@ -146,9 +146,11 @@ class ServingCore:
         # a precision variant that never pays off on this device leaves the ladder (``LatencyProfile.dominated``);
         # a ladder named by hand stays as named, and so do the trained structures (nested: a smaller one is
         # never slower, but a tiny model's timings are noise enough to say otherwise)
-        if cfg.sublms is None and (dominated := [s for s in profile.dominated(sublms) if s in variants]):
+        structures = {v: backbone_config(first).structure_of(v) for v in variants}
+        if cfg.sublms is None and (dominated := [s for s in profile.dominated(sublms, structures) if s in variants]):
             sublms = [s for s in sublms if s not in dominated]
-            logger.info("SubLMs %s dropped: on %s a better-ranked SubLM is as fast at every profiled shape",
+            logger.info("SubLMs %s dropped: on %s a better-ranked SubLM or their own structure is as fast "
+                        "at every profiled shape",
                         dominated, profile.device)
         lanes = {}
         for task, model in models.items():

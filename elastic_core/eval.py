@@ -93,13 +93,15 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
     if baselines and pruned_only:
         scores = load_file(str(Path(checkpoint) / IMPORTANCE_FILE))
         pruned = permute_by_importance(load_bert(), scores["head_scores"], scores["neuron_scores"])
-        pruned.config.sublms = elastic.model.config.sublms
+        pruned.config.sublms = elastic.model.config.trained_sublms()  # structures: the baseline is not lowered
         models.append(("pruned_only", ElasticDenser(pruned, elastic.tokenizer)))
 
     docs_tok = elastic.tokenize(doc_texts)["input_ids"]
     queries_tok = elastic.tokenize(query_texts)["input_ids"]
     # the full SubLM of pruned_only is the teacher itself (permutation invariance): not re-measured
-    jobs = [(group, d, s) for group, d in models for s in sublms if not (group == "pruned_only" and s == sublms[0])]
+    full_structure = elastic.model.config.structure_of(sublms[0])
+    jobs = [(group, d, s) for group, d in models for s in d.sublms
+            if not (group == "pruned_only" and s == full_structure)]
     total = (len(jobs) + baselines) * (len(doc_texts) + len(query_texts))
     bar = tqdm(total=total, desc=desc, unit="text", disable=not progress)
 

@@ -87,6 +87,10 @@ class ElasticConfig:
         """The fp32 SubLMs: what training optimizes. A precision variant runs its structure's trained weights."""
         return {name: entry for name, entry in self.sublms.items() if self.sublm(name).precision == "fp32"}
 
+    def structure_of(self, name: str) -> str:
+        """The fp32 SubLM whose weights ``name`` runs (itself when ``name`` is fp32; every variant's is declared)."""
+        return next(n for n, entry in self.trained_sublms().items() if entry[:3] == self.sublms[name][:3])
+
     def full(self) -> SubLM:
         return SubLM("full", self.num_heads, self.intermediate_size, self.num_layers)
 

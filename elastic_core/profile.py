@@ -144,22 +144,26 @@ class LatencyProfile:
         hi = ms[i + 1][j] + (ms[i + 1][j + 1] - ms[i + 1][j]) * ws if ws else ms[i + 1][j]
         return (lo + (hi - lo) * wb) * scale
 
-    def dominated(self, sublms_best_first: list[str]) -> list[str]:
+    def dominated(self, sublms_best_first: list[str], structures: dict[str, str] | None = None) -> list[str]:
         """The SubLMs of a quality-ordered ladder that never pay off on this device: one ranked above each is
         at least as fast at every measured (batch, seq). A precision variant's speed is the hardware's (bf16
         halves fp32's time at batch 32 on a CPU with AMX and doubles it on one without), so which variants the
         checkpoint's front keeps is decided again on the device that serves it. The schedule would never
         choose one of these over its better, faster rival anyway; dropping them saves their profile rows and
-        makes the ladder a replica reports the one it serves."""
+        makes the ladder a replica reports the one it serves.
+
+        ``structures`` (variant -> its fp32 SubLM) adds the rule for a variant ranked *above* its own structure:
+        it approximates that structure, so its measured edge in quality is the lowering's noise (w100-bf16
+        0.9992 vs w100 0.9991), and where the structure is as fast everywhere the variant only costs time."""
         out = []
         for i, name in enumerate(sublms_best_first):
             bs, ss, ms = self._grid[name]
-            for better in sublms_best_first[:i]:
-                if better in out:
-                    continue
-                if all(self.predict_ms(better, b, q) <= ms[x][y] for x, b in enumerate(bs) for y, q in enumerate(ss)):
-                    out.append(name)
-                    break
+            rivals = [s for s in sublms_best_first[:i] if s not in out]
+            if structures and structures.get(name) in sublms_best_first:
+                rivals.append(structures[name])
+            if any(all(self.predict_ms(rival, b, q) <= ms[x][y] for x, b in enumerate(bs) for y, q in enumerate(ss))
+                   for rival in rivals):
+                out.append(name)
         return out
 
     def to_json(self) -> dict:

@@ -98,11 +98,24 @@ SERVING_ARGS = {"target_ms": TARGET_MS, "max_inputs": MAX_INPUTS, "calibration_a
                 "task_target_ms": {"rerank": RERANK_TARGET_MS}}
 
 
-def synthetic_profile(directory: Path) -> Path:
-    """A latency table of ``MS_PER_TEXT`` per text at any length: which SubLM serves is exact on any machine."""
+def checkpoint_config(checkpoint: Path | None = None):
+    """The ``ElasticConfig`` a checkpoint declares (the committed one: its measured front, variants included)."""
+    from elastic_core.model import load_config
+
+    return load_config(Path(checkpoint or os.environ.get("ELASTICLM_CHECKPOINT", DEFAULT_CHECKPOINT)))
+
+
+def synthetic_profile(directory: Path, checkpoint: Path | None = None) -> Path:
+    """A latency table of ``MS_PER_TEXT`` per text at any length: which SubLM serves is exact on any machine.
+    The checkpoint's precision variants (``w100-bf16``, ...) take twice their structure's time, as on a CPU
+    without bf16 / int8 kernels: every replica drops them (``LatencyProfile.dominated``) and serves the fp32
+    ladder ``MS_PER_TEXT`` names (tests/test_precision.py serves variants on purpose)."""
+    config = checkpoint_config(checkpoint)
+    per_text = {s: MS_PER_TEXT[config.structure_of(s)] * (1 if config.sublm(s).precision == "fp32" else 2)
+                for s in config.sublm_names}
     profile = directory / "profile.json"
     profile.write_text(json.dumps({"device": "synthetic", "entries": [
-        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in MS_PER_TEXT.items()
+        {"sublm": s, "batch": b, "seq": q, "ms": ms * b} for s, ms in per_text.items()
         for b in (1, 64) for q in (8, 512)]}))
     return profile
 

@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from elastic_core.model import load_checkpoint
+from elastic_core.model import load_checkpoint, load_config
 from elastic_core.profile import measure_profile
 
 
@@ -12,7 +12,7 @@ def test_profile_cli_prints_the_documented_shape(checkpoint_dir):
                          capture_output=True, text=True, check=True, timeout=300)
     doc = json.loads(out.stdout)
     assert doc["batch"] == 2 and doc["seq"] == 16 and doc["device"].startswith("cpu")
-    assert list(doc["sublms"]) == ["w100", "w75", "w50", "w25"]
+    assert list(doc["sublms"]) == load_config(checkpoint_dir).sublm_names  # the precision variants too
     assert all(v["ms"] > 0 for v in doc["sublms"].values())
 
 
@@ -23,6 +23,6 @@ def test_profile_table_feeds_the_schedule(checkpoint_dir, tmp_path):
                               progress=False)
     profile.save(tmp_path / "profile.json")
     loaded = LatencyProfile.load(tmp_path / "profile.json")
-    assert loaded.sublms == ["w100", "w75", "w50", "w25"]
-    assert len(loaded.entries) == 4 * 2 * 2
+    declared = load_config(checkpoint_dir).sublm_names
+    assert loaded.sublms == declared and len(loaded.entries) == len(declared) * 2 * 2
     assert loaded.predict_ms("w100", 2, 12) > 0

@@ -6,6 +6,7 @@ import pytest
 
 from elastic_core.data import load_scifact, subsample_corpus
 from elastic_core.eval import dense_run, eval_scifact, mean_measure, ndcg_at_10
+from elastic_core.model import load_config
 
 
 def test_ndcg_on_hand_made_qrels():
@@ -65,8 +66,8 @@ def tiny_beir(tmp_path):
 def test_eval_scifact_end_to_end_shape(checkpoint_dir, tiny_beir):
     result = eval_scifact(checkpoint_dir, tiny_beir, progress=False)
     assert result["teacher"]["ndcg@10"] == pytest.approx(1.0)
-    assert list(result["sublms"]) == ["w100", "w75", "w50", "w25"]
-    assert list(result["pruned_only"]) == ["w75", "w50", "w25"]
+    assert list(result["sublms"]) == load_config(checkpoint_dir).sublm_names  # every served SubLM, variants too
+    assert list(result["pruned_only"]) == ["w75", "w50", "w25"]  # the structures below the full one
     for row in result["sublms"].values():
         assert row["ndcg@10"] == pytest.approx(1.0) and row["ndcg@10_asym"] == pytest.approx(1.0)
 
@@ -111,8 +112,9 @@ def test_dl19_union_and_dense_rerank_end_to_end(checkpoint_dir, tiny_dl19):
     result = eval_dl19_dense(checkpoint_dir, tiny_dl19, progress=False)
     assert result["queries"] == 2 and result["corpus_docs"] == 4
     assert result["teacher"]["ndcg@10"] == pytest.approx(1.0)
-    assert list(result["sublms"]) == ["w100", "w75", "w50", "w25"] and list(result["pruned_only"]) == ["w75", "w50", "w25"]
-    assert result["sublms"]["w100"]["ndcg@10"] == pytest.approx(1.0)
+    assert list(result["sublms"]) == load_config(checkpoint_dir).sublm_names
+    assert list(result["pruned_only"]) == ["w75", "w50", "w25"]
+    assert result["sublms"]["w100"]["ndcg@10"] == result["sublms"]["w100-bf16"]["ndcg@10"] == pytest.approx(1.0)
 
 
 def test_provenance_follows_the_recorded_training_text(tmp_path):

@@ -251,6 +251,19 @@ def test_answers_name_the_variant_that_served(tmp_path, checkpoint_dir):
     shutil.rmtree(ckpt)
 
 
+def test_a_variant_ranked_above_its_structure_leaves_where_the_structure_is_as_fast():
+    """The committed front ranks w100-bf16 above w100 (equal quality within the lowering's noise, faster with
+    AMX). On a CPU without bf16 kernels the variant is slower everywhere: its own structure drops it, though ranked
+    below it; a variant faster anywhere (w50-bf16 in a batch) stays."""
+    per_text = {"w100-bf16": (20.0, 20.0), "w100": (10.0, 10.0), "w50-bf16": (4.0, 1.5), "w50": (3.0, 3.0)}
+    profile = LatencyProfile(device="synthetic", entries=[
+        {"sublm": s, "batch": b, "seq": q, "ms": t[b > 1] * b} for s, t in per_text.items() for b in (1, 64)
+        for q in (8, 512)])
+    ladder = list(per_text)
+    assert profile.dominated(ladder) == []  # by rank alone nothing better is faster
+    assert profile.dominated(ladder, {"w100-bf16": "w100", "w50-bf16": "w50"}) == ["w100-bf16"]
+
+
 def test_a_replica_drops_the_variants_its_device_makes_pointless(tmp_path, checkpoint_dir):
     """A variant slower than a better-ranked SubLM at every profiled shape leaves the replica's ladder; one
     that pays off anywhere stays; a model cast to bf16 as a whole serves the trained structures only."""

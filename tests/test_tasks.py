@@ -14,9 +14,10 @@ from elastic_core.ranker import DenseRanker, ElasticRanker, bm25_run, retrieval_
 from elastic_core.tasks import (TaskConfig, add_adapters, choice_loss, elastic_task_step, load_task, merge_adapters,
                                 new_task_model, save_task)
 
-from conftest import DATA_DIR, SENTENCES
+from conftest import DATA_DIR, SENTENCES, checkpoint_config
 
-SUBLMS = ["w100", "w75", "w50", "w25"]
+SUBLMS = ["w100", "w75", "w50", "w25"]  # the trained structures: what a task step optimizes
+SERVED = checkpoint_config().sublm_names  # and the precision variants beside them: what the heads answer with
 
 
 def _committed(checkpoint_dir, task):
@@ -170,8 +171,8 @@ RANKING_CASES = [
 
 def test_ranker_puts_the_relevant_passage_first_for_every_sublm(rerank_dir):
     ranker = ElasticRanker.from_task_dir(rerank_dir)
-    assert ranker.sublms == SUBLMS
-    for sublm in SUBLMS:
+    assert ranker.sublms == SERVED
+    for sublm in SERVED:
         for query, relevant, irrelevant in RANKING_CASES:
             scores = ranker.score(query, [irrelevant, relevant], sublm=sublm)
             assert scores[1] > scores[0], (sublm, query, scores)
@@ -191,21 +192,24 @@ def test_dense_ranker_puts_the_relevant_passage_first_for_every_sublm(checkpoint
     from elastic_core.denser import ElasticDenser
 
     ranker, denser = DenseRanker.from_checkpoint(checkpoint_dir), ElasticDenser.from_checkpoint(checkpoint_dir)
-    assert ranker.sublms == SUBLMS
-    for sublm in SUBLMS:
+    assert ranker.sublms == SERVED
+    for sublm in SERVED:
         queries = [q for q, _, _ in RANKING_CASES for _ in range(2)]
         passages = [p for _, rel, irr in RANKING_CASES for p in (irr, rel)]
         scores = ranker.score_pairs(queries, passages, sublm).reshape(-1, 2)
         assert (scores[:, 1] > scores[:, 0]).all(), (sublm, scores)
         emb = denser.encode([RANKING_CASES[0][0], RANKING_CASES[0][2]], sublm)
-        assert scores[0, 0] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5)
+        # a precision variant rounds (bf16) or quantizes (int8: per batch) its activations, so a text's
+        # embedding moves a little with its batch mates (int8 measured 6e-3 here); fp32 is exact
+        exact = denser.model.config.sublm(sublm).precision == "fp32"
+        assert scores[0, 0] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-5 if exact else 2e-2)
 
 
 def test_sst2_head_predicts_clear_sentences_for_every_sublm(sst2_dir):
     clf = ElasticClassifier.from_task_dir(sst2_dir)
     texts = ["a wonderful , moving and beautifully acted film", "an utterly boring and pointless mess",
              "one of the best movies of the year", "the worst script i have ever seen"]
-    for sublm in SUBLMS:
+    for sublm in SERVED:
         labels, probs = clf.predict(texts, sublm=sublm)
         assert labels == ["positive", "negative", "positive", "negative"], (sublm, probs)
 
@@ -216,7 +220,7 @@ def test_mrpc_head_tells_a_paraphrase_from_an_unrelated_sentence_for_every_sublm
              "The senator voted against the bill on Tuesday."]
     second = ["Third-quarter profit climbed 10 percent, the company said.",
               "Heavy rain flooded several streets in the city center."]
-    for sublm in SUBLMS:
+    for sublm in SERVED:
         labels, probs = clf.predict(first, second, sublm=sublm)
         assert labels == ["equivalent", "not_equivalent"], (sublm, probs)
 
