@@ -223,7 +223,11 @@ def layout_config(base: dict, kind: str, replicas: int, args: dict, gpu: bool, c
 
     (app,) = base["applications"]
     checkpoint = args.get("checkpoint") or app["args"].get("checkpoint") or DEFAULT_CHECKPOINT
-    cfg = serve_variant(base, kind, load_config(checkpoint).sublm_names, admission, fixed_replicas=replicas)
+    config = load_config(checkpoint)
+    whole = gpu or (args.get("dtype") or app["args"].get("dtype") or "float32") != "float32"
+    # a GPU, or a model cast to half precision as a whole, serves the trained structures (no lowered variants)
+    sublms = list(config.trained_sublms()) if whole else config.sublm_names
+    cfg = serve_variant(base, kind, sublms, admission, fixed_replicas=replicas)
     cfg["applications"][0]["args"].update(args)
     options = _replica_options(cfg).setdefault("ray_actor_options", {})
     options["num_cpus"] = min(float(options.get("num_cpus", 1)), cpus / replicas)

@@ -137,6 +137,14 @@ class ServingCore:
         chunking = Chunking(cfg.chunk_texts, cfg.chunk_tokens)
         if cfg.profile_path:
             profile = LatencyProfile.load(cfg.profile_path)
+            # a table written before the checkpoint declared its precision variants (or by hand) may not time
+            # every SubLM: the schedule cannot predict one it has no t_k for, so those leave the ladder; a
+            # ladder named by hand must be timed whole
+            if untimed := [s for s in sublms if s not in profile.sublms]:
+                if cfg.sublms is not None or len(untimed) == len(sublms):
+                    raise ValueError(f"the profile {cfg.profile_path} has no t_k for SubLMs {untimed}")
+                sublms = [s for s in sublms if s not in untimed]
+                logger.warning("SubLMs %s left out: the profile %s does not time them", untimed, cfg.profile_path)
         else:  # measured on this replica's device (once: cached); beyond the grid, time grows in proportion.
             # Every task runs the same backbone shape (a task's adapter is merged into its weights), so one
             # table serves all; a rerank pair is one sequence of query + passage tokens.

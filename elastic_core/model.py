@@ -87,6 +87,12 @@ class ElasticConfig:
         """The fp32 SubLMs: what training optimizes. A precision variant runs its structure's trained weights."""
         return {name: entry for name, entry in self.sublms.items() if self.sublm(name).precision == "fp32"}
 
+    def full_quality(self) -> list[str]:
+        """The SubLMs that answer at full quality: the best-ranked one's structure and every variant ranked above
+        it (what a quality floor ``min_sublm`` of that structure allows)."""
+        names = self.sublm_names
+        return names[: names.index(self.structure_of(names[0])) + 1] if names else []
+
     def structure_of(self, name: str) -> str:
         """The fp32 SubLM whose weights ``name`` runs (itself when ``name`` is fp32; every variant's is declared)."""
         return next(n for n, entry in self.trained_sublms().items() if entry[:3] == self.sublms[name][:3])

@@ -213,9 +213,11 @@ def starting_model(cfg: TrainConfig, tokenizer, texts: list[str], device):
 
     path = Path(cfg.state_dir) / IMPORTANCE_FILE
     source = Path(cfg.init) / IMPORTANCE_FILE if cfg.init else path
+    declared = None
     if cfg.init:
         model = load_checkpoint(cfg.init, device)
-        cfg.sublms = model.config.trained_sublms()  # precision variants are not trained
+        declared = dict(model.config.sublms)  # the checkpoint's ladder, precision variants included
+        cfg.sublms = model.config.trained_sublms()  # variants are not trained: they run these structures
         scores = load_file(str(source))
     elif path.exists():
         scores = load_file(str(path))
@@ -224,7 +226,7 @@ def starting_model(cfg: TrainConfig, tokenizer, texts: list[str], device):
         model, hs, ns = prepare_elastic_model(tokenizer, texts[:cfg.calibration_texts], cfg.max_length, device)
         scores = {"head_scores": hs, "neuron_scores": ns}
     save_file(scores, str(path))
-    model.config.sublms = dict(cfg.sublms)
+    model.config.sublms = declared or dict(cfg.sublms)  # an adapted checkpoint keeps the ladder it declared
     # a checkpoint may carry another ladder than the recipe's: rotate over the SubLMs it has
     groups = [[n for n in g if n in cfg.sublms] for g in cfg.rotation]
     rotated = {n for g in groups for n in g} | {next(iter(cfg.sublms))}

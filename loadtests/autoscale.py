@@ -38,6 +38,7 @@ from types import SimpleNamespace
 
 import yaml
 
+from elastic_core.model import load_config
 from elastic_core.paths import REPO_ROOT
 from loadtests.autoscale_analysis import (MODES, default_node_cpus, due_s, first_upscale_s, recovery_s,
                                           replica_events, replica_timeline, run_mode, shape_kw_text, surge_shape_kw,
@@ -283,8 +284,9 @@ class Autoscale(Experiment):
         if not self.policies or set(self.policies) - set(POLICIES):
             raise SystemExit(f"--policies: from {list(POLICIES)}")
         self.base = yaml.safe_load(Path(args.config).read_text())
-        self.sublms = BaseConfig.read(args.config).sublms
-        self.quality_sets = sublm_quality()
+        base = BaseConfig.read(args.config)
+        self.sublms, self.full = base.sublms, load_config(base.checkpoint).full_quality()
+        self.quality_sets = sublm_quality(base.checkpoint)
         self.headline = next(iter(self.quality_sets))
         self.opts = LoadOptions.from_args(args)
         self.opts.shape, self.opts.protocol, self.opts.task = "spike", "http", "embed"
@@ -326,7 +328,7 @@ class Autoscale(Experiment):
             t0 = run["started_at"]
             samples = json.loads((self.run_dir / f"{policy}.samples.json").read_text())
             decisions = scaling_decisions(self.run_dir / f"{policy}.controller.log")
-            w = windows(requests, t0, args.window_s, args.target_ms, quality, self.sublms)
+            w = windows(requests, t0, args.window_s, args.target_ms, quality, self.sublms, self.full)
             surge = [r for r in requests if args.surge_start_s <= due_s(r, t0) < args.duration_s - args.tail_s]
             results[policy] = {
                 "windows": w, "replicas": replica_timeline(samples, t0),
@@ -349,6 +351,7 @@ class Autoscale(Experiment):
                 "duration_s": args.duration_s, "surge_start_s": args.surge_start_s, "tail_s": args.tail_s,
                 "base_frac": args.base_frac, "surge_frac": args.surge_frac, "window_s": args.window_s,
                 "full_share": args.full_share, "hold_s": args.hold_s, "sublms": self.sublms,
+                "full_sublms": self.full,
                 "quality_set": self.headline, "quality": quality,
                 "autoscaling": {k: getattr(args, k) for k in ("look_back_s", "upscale_delay_s", "downscale_delay_s",
                                                               "metrics_push_s", "degraded_window_s", "target_ongoing")},

@@ -63,17 +63,17 @@ def due_s(r: dict, t0: float) -> float:
 
 
 def windows(requests: list[dict], t0: float, window_s: float, target_ms: float, quality: dict[str, float],
-            sublms: list[str]) -> dict:
+            sublms: list[str], full: list[str] | None = None) -> dict:
     """Per window of ``window_s`` by due time: ``t`` (its start), offered req/s, effective accuracy, SLO
     attainment, p99 (answered, from the due time), the SubLM mix and ``full_share`` (requests answered within T
-    by the full SubLM, ``sublms[0]`` of the checkpoint's largest-first list, over all sent). A window without
-    requests has None everywhere but ``offered_rps`` 0."""
+    at full quality, by one of ``full``: ``ElasticConfig.full_quality``, default ``sublms[0]`` of the checkpoint's
+    best-first list, over all sent). A window without requests has None everywhere but ``offered_rps`` 0."""
     bins: dict[int, list[dict]] = defaultdict(list)
     for r in requests:
         bins[int(due_s(r, t0) // window_s)].append(r)
     keys = ("effective_accuracy", "slo_attainment", "p99_ms", "full_share")
     out = {"t": [], "offered_rps": [], **{k: [] for k in keys}, "sublm_share": {}}
-    full_sublm = sublms[0]
+    full = set(full or sublms[:1])
     served = {r["sublm"] for r in requests if r["status"] == "ok" and r.get("sublm")}
     sublms = [s for s in sublms if s in served] + sorted(served - set(sublms))
     out["sublm_share"] = {s: [] for s in sublms}
@@ -92,7 +92,7 @@ def windows(requests: list[dict], t0: float, window_s: float, target_ms: float, 
         out["effective_accuracy"].append(s["effective_accuracy"])
         out["slo_attainment"].append(s["slo_attainment"])
         out["p99_ms"].append(s["p99_ms"] if ok else None)
-        out["full_share"].append(sum(r["sublm"] == full_sublm and response_ms(r) <= target_ms for r in ok) / len(rs))
+        out["full_share"].append(sum(r["sublm"] in full and response_ms(r) <= target_ms for r in ok) / len(rs))
         for name in sublms:
             out["sublm_share"][name].append(s["sublm_mix"].get(name, 0.0) if ok else None)
     return out

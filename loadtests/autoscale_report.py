@@ -11,6 +11,11 @@ POLICY_LABELS = {"elastic": "elastic policy", "queue": "queue-length policy (Ser
 POLICY_COLORS = {"elastic": "C0", "queue": "C3"}
 
 
+def full_sublms(doc: dict) -> list[str]:
+    """The SubLMs a run counted as full quality (runs before precision variants recorded only ``sublms``)."""
+    return doc.get("full_sublms") or doc["sublms"][:1]
+
+
 def _nan(values):
     return [float("nan") if v is None else v for v in values]
 
@@ -55,7 +60,7 @@ def plot(doc: dict, path: Path) -> None:
         accuracy.step(*_windowed(w["t"], w["effective_accuracy"], window), where="post", color=color, lw=2,
                       label=f"{name}: effective accuracy")
         accuracy.step(*_windowed(w["t"], w["full_share"], window), where="post", color=color, lw=1, ls=":",
-                      label=f"{name}: share answered within T by {doc['sublms'][0]}")
+                      label=f"{name}: share answered within T by {' / '.join(full_sublms(doc))}")
         latency.step(*_windowed(w["t"], w["p99_ms"], window), where="post", color=color, lw=2, label=f"{name}: p99")
         if p["recovery_s"] is not None:
             for ax in (replicas, accuracy, latency):
@@ -122,7 +127,7 @@ def markdown(doc: dict, image: str) -> str:
             f"settings (`target_ongoing_requests` "
             f"{a['target_ongoing'] or 'as in the config'}). Times are from the surge's start; "
             f"**full quality back**: {doc['full_share']:.0%} of the requests sent answered within T by "
-            f"{doc['sublms'][0]}, {doc['window_s']:.0f} s windows, held for {doc['hold_s']:.0f} s. Effective accuracy: "
+            f"{' / '.join(full_sublms(doc))}, {doc['window_s']:.0f} s windows, held for {doc['hold_s']:.0f} s. Effective accuracy: "
             f"{doc['quality_set']} NDCG@10 of the SubLM that answered within T, over all sent.\n\n"
             "| policy | first scale-up decision | first added replica RUNNING | first added replica served (HAProxy "
             "routed to it) | full quality back | most replicas RUNNING | surge: effective accuracy | surge: within T "

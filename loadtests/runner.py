@@ -1,6 +1,7 @@
 """``elasticlm loadtest``: the online simulation. The same request stream, on the same machine, against
   * ``elastic``           the real deployment: Redis-shared queue depth, the schedule, elastic autoscaling;
   * ``elastic-noauto``    the same at a fixed replica count (the elastic one's initial): compute elasticity alone;
+  * ``elastic-fp32``      the same on the trained structures alone (the ladder before precision variants);
   * ``static-full``       Ray Serve with only the full SubLM and Serve's ordinary autoscaling;
   * ``static-w75``, ``static-w50``: the same at each middle SubLM;
   * ``static-smallest``   the same with only the smallest SubLM;
@@ -29,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from elastic_core.data import DL19_UNRECORDED, dl19_provenance
+from elastic_core.data import DL19_UNRECORDED, dl19_provenance, scifact_provenance
 from elastic_core.paths import REPO_ROOT
 from loadtests.analysis import read_records, summarize, timeline
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
@@ -62,18 +63,43 @@ def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir
 
 
 # --------------------------------------------------------------------------- the experiment
-def sublm_quality(core_results: Path = REPO_ROOT / "benchmarks" / "results" / "core.json",
-                  peer_model: str = "all-MiniLM-L6-v2") -> dict[str, dict[str, float]]:
-    """NDCG@10 of each SubLM (and of the teacher, which the peer serves) from the core eval, per set:
-    ``dl19`` (TREC DL 2019, what the headline figures use) when measured, and ``scifact``
-    (its corpus is in the backbone's training text)."""
-    core = json.loads(core_results.read_text())
-    sets = {"scifact": {s: row["ndcg@10"] for s, row in core["sublms"].items()}}
-    sets["scifact"][peer_model] = core["teacher"]["ndcg@10"]
-    if "dl19" in core:
-        sets["dl19"] = {s: row["dl19_ndcg@10"] for s, row in core["sublms"].items()}
-        sets["dl19"][peer_model] = core["dl19"]["teacher_ndcg@10"]
+def sublm_quality(checkpoint: str | Path | None = None, peer_model: str = "all-MiniLM-L6-v2",
+                  results_dir: Path = REPO_ROOT / "benchmarks" / "results") -> dict[str, dict[str, float]]:
+    """NDCG@10 of each SubLM (and of the teacher, which the peer serves), per set: ``dl19`` (TREC DL 2019,
+    what the headline figures use) first when measured, and ``scifact``. From ``quality_source``: the
+    precision front's measurement (every structure x precision of the checkpoint, ``precision.json``) when
+    it covers every SubLM the checkpoint declares, else the core eval's (``core.json``)."""
+    source = quality_source(checkpoint, results_dir)
+    doc = json.loads(source.read_text())
+    if source.name == "precision.json":
+        rows = doc["candidates"]
+        sets = {"dl19": {s: r["dl19_ndcg@10"] for s, r in rows.items()},
+                "scifact": {s: r["scifact_ndcg@10"] for s, r in rows.items()}}
+        sets["dl19"][peer_model], sets["scifact"][peer_model] = doc["dl19"]["teacher"], doc["scifact"]["teacher"]
+        return sets
+    sets = {"scifact": {s: row["ndcg@10"] for s, row in doc["sublms"].items()}}
+    sets["scifact"][peer_model] = doc["teacher"]["ndcg@10"]
+    if "dl19" in doc:
+        sets["dl19"] = {s: row["dl19_ndcg@10"] for s, row in doc["sublms"].items()}
+        sets["dl19"][peer_model] = doc["dl19"]["teacher_ndcg@10"]
     return {"dl19": sets["dl19"], "scifact": sets["scifact"]} if "dl19" in sets else sets
+
+
+def quality_source(checkpoint: str | Path | None = None,
+                   results_dir: Path = REPO_ROOT / "benchmarks" / "results") -> Path:
+    """Where ``sublm_quality`` reads: ``precision.json`` when it measured this checkpoint and every SubLM it
+    declares (a front with precision variants has no other table), else ``core.json``."""
+    from elastic_core.model import load_config
+    from elastic_core.paths import DEFAULT_CHECKPOINT
+
+    checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
+    precision = results_dir / "precision.json"
+    if precision.exists():
+        doc = json.loads(precision.read_text())
+        same = (REPO_ROOT / doc.get("checkpoint", "")).resolve() == checkpoint.resolve()
+        if same and set(load_config(checkpoint).sublm_names) <= set(doc.get("candidates", {})):
+            return precision
+    return results_dir / "core.json"
 
 
 def rerank_quality(candidates: int, ranker: str = "dense",
@@ -130,6 +156,10 @@ def check_targets(shape: str, configs: dict, quality: dict, capacity: float, pee
         out["elastic_quality_at_least_0.9_full"] = {
             "met": e["mean_served_quality"] >= 0.9 * quality[sublms[0]],
             "ratio": e["mean_served_quality"] / quality[sublms[0]]}
+        if "elastic-fp32" in s:  # issue 32: the precision front against the ladder of trained structures
+            out["elastic_effective_accuracy_above_elastic_fp32"] = {
+                "met": e["effective_accuracy"] > s["elastic-fp32"]["effective_accuracy"],
+                "elastic": e["effective_accuracy"], "elastic-fp32": s["elastic-fp32"]["effective_accuracy"]}
         if target_ms:  # overload is shed at once, never answered arbitrarily late
             out["elastic_answered_p99_within_2T"] = {"met": e["p99_ms"] <= 2 * target_ms, "p99_ms": e["p99_ms"],
                                                      "shed": e["shed"]}
@@ -233,7 +263,9 @@ def markdown(doc: dict, image: str) -> str:
                         for k, v in doc["targets"].items())
     peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
     dl19 = doc.get("dl19_provenance", DL19_UNRECORDED)
-    sets = {"dl19": f"TREC DL 2019 NDCG@10 ({dl19})", "scifact": "SciFact NDCG@10 (corpus in the training text)"}
+    sets = {"dl19": f"TREC DL 2019 NDCG@10 ({dl19})",
+            "scifact": f"SciFact NDCG@10 ({doc.get('scifact_provenance', 'corpus in the training text')})"}
+    source = doc.get("quality_source", "benchmarks/results/core.json")
     if doc.get("task") == "rerank":
         requests = (f"reranks of a TREC DL 2019 query and its BM25 top {doc['candidates']} over {doc['protocol']}; "
                     f"capacity (static-full saturation, all replicas) {doc['capacity_rps']:.1f} req/s. Quality = "
@@ -242,7 +274,7 @@ def markdown(doc: dict, image: str) -> str:
     else:
         requests = (f"{doc['texts_per_request']} text(s) per request over {doc['protocol']}; capacity (static-full "
                     f"saturation, all replicas) {doc['capacity_rps']:.1f} req/s{peer}. Quality = "
-                    f"{sets.get(headline, headline)} of the SubLM that answered (`benchmarks/results/core.json`)"
+                    f"{sets.get(headline, headline)} of the SubLM that answered (`{source}`)"
                     + "".join(f"; beside it, {sets.get(o, o)}" for o in others))
     return (f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}).\n\n"
             f"T = {doc['target_ms']:.0f} ms; shape `{json.dumps(doc['shape'])}`; {requests}.\n\n{head}\n"
@@ -290,7 +322,9 @@ class LoadTest(Experiment):
         self.out = Path(args.out_dir) / f"{self.section}.json"
         self.page = Path(args.docs_dir) / "loadtests.md"
         self.image = Path(args.docs_dir) / "img" / f"{self.section}.png"
-        self.quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality()
+        self.quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality(self.checkpoint)
+        self.quality_source = (None if args.task == "rerank" else
+                               str(quality_source(self.checkpoint).relative_to(REPO_ROOT)))
         self.headline = next(iter(self.quality_sets))  # dl19 when measured
         self.previous = json.loads(self.out.read_text()) if args.reanalyze else None
 
@@ -326,7 +360,9 @@ class LoadTest(Experiment):
                 "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
                 "quality_set": self.headline, "quality_sets": self.quality_sets, "configs": results,
                 "dl19_provenance": previous.get("dl19_provenance", DL19_UNRECORDED) if previous
-                else dl19_provenance(self.checkpoint)}
+                else dl19_provenance(self.checkpoint),
+                **({"quality_source": self.quality_source, "scifact_provenance": scifact_provenance(self.checkpoint)}
+                   if self.quality_source and not previous else {})}
 
     def configuration(self, name: str, record: Path, quality: dict) -> tuple[dict, dict]:
         """One configuration's figures from its record file, replica samples and scaling decisions."""

@@ -32,7 +32,8 @@ from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT
 from loadtests.cpu import tree_cpu_s
 from loadtests.options import LoadOptions
 
-CONFIGS = ("elastic", "elastic-noauto", "static-full", "static-w75", "static-w50", "static-smallest", "infinity")
+CONFIGS = ("elastic", "elastic-noauto", "elastic-fp32", "static-full", "static-w75", "static-w50", "static-smallest",
+           "infinity")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ def serve_variant(base: dict, name: str, sublms: list[str], admission: bool = Tr
     if fixed_replicas:
         replica.pop("autoscaling_config", None)
         replica["num_replicas"] = int(fixed_replicas)
+    if name == "elastic-fp32":  # the trained structures alone: the ladder before precision variants
+        from elastic_core.model import load_config
+
+        app["args"]["sublms"] = list(load_config(app["args"].get("checkpoint") or DEFAULT_CHECKPOINT).trained_sublms())
     if name.startswith("static-"):
         app["args"]["sublms"] = [static_sublm(name, sublms)]
         if "autoscaling_config" in replica:

@@ -31,6 +31,7 @@ def test_checkpoint_declares_the_width_ladder_and_its_precision_front(denser):
     ranked by its held-out quality (w100-bf16 first: as good as w100 and faster on a CPU with bf16 kernels)."""
     assert list(denser.model.config.trained_sublms()) == ["w100", "w75", "w50", "w25"]
     assert denser.sublms[0] == "w100-bf16"
+    assert denser.model.config.full_quality() == ["w100-bf16", "w100"]  # what a floor of w100 allows
     assert {denser.model.config.structure_of(s) for s in denser.sublms} == set(MIN_COSINE)
 
 

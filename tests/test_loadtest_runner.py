@@ -80,6 +80,34 @@ def test_static_configurations_serve_one_sublm_with_ordinary_autoscaling():
         load_serve_config_from_dict(cfg)
 
 
+def test_elastic_fp32_serves_the_trained_structures_and_quality_covers_the_declared_front(tmp_path, checkpoint_dir):
+    """``elastic-fp32`` is the elastic deployment on the ladder before precision variants; the load tests weigh
+    answers by the precision front's measurement when it covers every declared SubLM, else by the core eval's."""
+    from elastic_core.model import load_config
+    from loadtests.runner import quality_source, sublm_quality
+
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    fp32 = serve_variant(base, "elastic-fp32", load_config(checkpoint_dir).sublm_names)
+    assert fp32["applications"][0]["args"]["sublms"] == list(load_config(checkpoint_dir).trained_sublms())
+    load_serve_config_from_dict(fp32)
+    declared = load_config(checkpoint_dir).sublm_names
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "core.json").write_text(json.dumps({
+        "teacher": {"ndcg@10": 0.75}, "sublms": {"w100": {"ndcg@10": 0.74, "dl19_ndcg@10": 0.64}},
+        "dl19": {"teacher_ndcg@10": 0.642}}))
+    assert quality_source(checkpoint_dir, results).name == "core.json"  # no precision table yet
+    rows = {s: {"dl19_ndcg@10": 0.6, "scifact_ndcg@10": 0.7} for s in declared}
+    precision = {"checkpoint": str(checkpoint_dir), "candidates": rows, "dl19": {"teacher": 0.64},
+                 "scifact": {"teacher": 0.76}}
+    (results / "precision.json").write_text(json.dumps(precision))
+    q = sublm_quality(checkpoint_dir, results_dir=results)
+    assert set(q["dl19"]) == set(declared) | {"all-MiniLM-L6-v2"} and q["scifact"]["all-MiniLM-L6-v2"] == 0.76
+    rows.pop(declared[0])  # a table without one declared SubLM cannot weigh its answers
+    (results / "precision.json").write_text(json.dumps(precision))
+    assert quality_source(checkpoint_dir, results).name == "core.json"
+
+
 def test_a_rerank_run_sets_reranking_target_and_weighs_answers_by_rerank_quality(tmp_path):
     from loadtests.runner import rerank_quality
 

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.fast
 LADDER = {"w100": [4, 256, 2], "w50": [2, 128, 2], "w25": [1, 64, 2]}
 
 
+def structures(config: dict) -> dict:
+    """A checkpoint config's trained structures (its declared ladder without precision variants)."""
+    return {name: entry for name, entry in config["sublms"].items() if len(entry) == 3}
+
+
 def tiny_model(sublms=None, seed=0) -> ElasticEncoder:
     variants = precision_variants(precision_variants(LADDER, ["w100", "w50"]), ["w100"], "bf16")
     cfg = ElasticConfig(vocab_size=1200, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
@@ -216,7 +221,7 @@ def test_answers_name_the_variant_that_served(tmp_path, checkpoint_dir):
     ckpt.mkdir()
     (ckpt / "model.safetensors").symlink_to((checkpoint_dir / "model.safetensors").resolve())
     config = json.loads((checkpoint_dir / "elastic_config.json").read_text())
-    config["sublms"] = precision_variants(config["sublms"], ["w50"])
+    config["sublms"] = precision_variants(structures(config), ["w50"])
     (ckpt / "elastic_config.json").write_text(json.dumps(config))
     assert list(config["sublms"]) == ["w100", "w75", "w50", "w50-int8", "w25"]
     ms = {"w100": 10.0, "w75": 6.0, "w50": 3.0, "w50-int8": 2.0, "w25": 1.0}
@@ -274,7 +279,7 @@ def test_a_replica_drops_the_variants_its_device_makes_pointless(tmp_path, check
     ckpt.mkdir()
     (ckpt / "model.safetensors").symlink_to((checkpoint_dir / "model.safetensors").resolve())
     config = json.loads((checkpoint_dir / "elastic_config.json").read_text())
-    config["sublms"] = precision_variants(precision_variants(config["sublms"], ["w50"]), ["w75"], "bf16")
+    config["sublms"] = precision_variants(precision_variants(structures(config), ["w50"]), ["w75"], "bf16")
     (ckpt / "elastic_config.json").write_text(json.dumps(config))
     assert list(config["sublms"]) == ["w100", "w75", "w75-bf16", "w50", "w50-int8", "w25"]
     # per text at batch 1 and 64: w75-bf16 is slower than w75 alone but faster in a batch; w50-int8 never beats w50
@@ -290,6 +295,15 @@ def test_a_replica_drops_the_variants_its_device_makes_pointless(tmp_path, check
     assert ServingCore.build(ReplicaConfig(**args, sublms=named)).describe()["sublms"] == named
     whole = ServingCore.build(ReplicaConfig(**args, dtype="bfloat16"))
     assert whole.describe()["sublms"] == ["w100", "w75", "w50", "w25"]
+    # a table that does not time a declared SubLM (written before the variants were): it leaves the ladder;
+    # a ladder named by hand must be timed whole
+    old = tmp_path / "old-profile.json"
+    old.write_text(json.dumps({"device": "synthetic", "entries": [
+        e for e in json.loads(profile.read_text())["entries"] if e["sublm"] != "w75-bf16"]}))
+    untimed = dict(args, profile_path=str(old))
+    assert ServingCore.build(ReplicaConfig(**untimed)).describe()["sublms"] == ["w100", "w75", "w50", "w25"]
+    with pytest.raises(ValueError, match=r"no t_k for SubLMs \['w75-bf16'\]"):
+        ServingCore.build(ReplicaConfig(**untimed, sublms=["w100", "w75-bf16"]))
     with pytest.raises(ValueError, match=r"variants \['w50-int8'\] lower their own matrices"):
         ServingCore.build(ReplicaConfig(**args, sublms=named, dtype="bfloat16"))
     shutil.rmtree(ckpt)
