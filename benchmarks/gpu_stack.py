@@ -217,16 +217,17 @@ def layout_config(base: dict, kind: str, replicas: int, args: dict, gpu: bool, c
     """The Serve config of configuration ``kind`` (``loadtests.stack.serve_variant``: ``static-full``,
     ``elastic-noauto``; ``admission=False`` queues everything, for saturation) at ``replicas`` fixed
     replicas, with ``args`` added, each replica given 1/N of the GPU and at most its share of the CPUs."""
-    from elastic_core.model import load_config
+    from elastic_core.model import load_config, resolve_dtype
     from elastic_core.paths import DEFAULT_CHECKPOINT
+    from elastic_core.precision import runs_lowered
     from loadtests.stack import _replica_options, serve_variant
 
     (app,) = base["applications"]
     checkpoint = args.get("checkpoint") or app["args"].get("checkpoint") or DEFAULT_CHECKPOINT
     config = load_config(checkpoint)
-    whole = gpu or (args.get("dtype") or app["args"].get("dtype") or "float32") != "float32"
-    # a GPU, or a model cast to half precision as a whole, serves the trained structures (no lowered variants)
-    sublms = list(config.trained_sublms()) if whole else config.sublm_names
+    dtype = resolve_dtype(args.get("dtype") or app["args"].get("dtype") or "float32")
+    lowered = runs_lowered("cuda" if gpu else "cpu", dtype)
+    sublms = config.sublm_names if lowered else list(config.trained_sublms())
     cfg = serve_variant(base, kind, sublms, admission, fixed_replicas=replicas)
     cfg["applications"][0]["args"].update(args)
     options = _replica_options(cfg).setdefault("ray_actor_options", {})

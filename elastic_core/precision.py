@@ -102,6 +102,12 @@ class Bf16Linear:
 LOWERINGS = {"int8": Int8Linear, "bf16": Bf16Linear}
 
 
+def runs_lowered(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether precision variants can serve: their lowered matrices are CPU kernels on fp32 activations, so a
+    GPU, or a model cast to fp16 / bf16 as a whole, serves (and is timed on) the trained structures instead."""
+    return device_type == "cpu" and dtype == torch.float32
+
+
 def check_precision(precision: str, where: str = "") -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{where}unknown precision {precision!r}; the precisions are {list(PRECISIONS)}")
