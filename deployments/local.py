@@ -12,6 +12,7 @@ the load tests and faults through ``elasticlm serve`` in a process of its own (`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -266,6 +267,23 @@ def drain(timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     return len(gone)
 
 
+def stop_processes(processes: list, timeout_s: float = 5.0) -> list:
+    """SIGTERM to those of ``processes`` (psutil) still running, SIGKILL to any left after ``timeout_s``;
+    returns those that had to be stopped. psutil checks each process's start time, so a reused pid is never hit."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in stubborn:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(stubborn, timeout=timeout_s)
+    return alive
+
+
 def _is_serve_controller(process) -> bool:
     import psutil
 
@@ -338,6 +356,9 @@ class LocalStack:
         if ray.is_initialized():
             from ray import serve
 
+            # HAProxy is a child of one of Serve's actors: where Serve cannot stop it (a deploy that failed
+            # midway), ray.shutdown() kills that actor and HAProxy lives on, holding the stack's ports
+            fronts = haproxy_processes(os.getpid())
             try:
                 if drain_first:
                     print("draining: no new connections; finishing the open ones ...", flush=True)
@@ -345,6 +366,8 @@ class LocalStack:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+                if left := stop_processes(fronts):
+                    print(f"stopped {len(left)} HAProxy process(es) that outlived Serve", flush=True)
         if self.redis_server is not None:
             self.redis_server.stop()
 

@@ -102,3 +102,35 @@ def test_serve_refuses_a_busy_port_at_once(tmp_path):
                                "--grpc-port", str(free_port(0))], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and f"port {port}" in proc.stderr
     assert time.monotonic() - started < 10
+
+
+def test_fronts_that_outlive_serve_are_stopped_even_when_they_ignore_sigterm(tmp_path):
+    """``LocalStack.stop`` hands the HAProxy processes it found before Serve stopped to ``stop_processes``:
+    where a deploy failed midway, Ray kills HAProxy's parent actor and HAProxy would live on, holding the
+    stack's ports. Two stand-ins named haproxy (a copy of this Python): one that exits on SIGTERM, one
+    that ignores it and needs SIGKILL."""
+    import shutil
+
+    from deployments.local import haproxy_processes, stop_processes
+
+    fake = tmp_path / "haproxy"
+    shutil.copy(os.path.realpath(sys.executable), fake)
+    polite = subprocess.Popen([str(fake), "-c", "import time; time.sleep(300)"])
+    stubborn = subprocess.Popen([str(fake), "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                                  "signal.SIG_IGN); print('ready', flush=True); time.sleep(300)"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # its handler is in place
+        fronts = haproxy_processes(os.getpid())
+        assert sorted(p.pid for p in fronts) == sorted([polite.pid, stubborn.pid])
+        started = time.monotonic()
+        stopped = stop_processes(fronts, timeout_s=2)
+        assert sorted(p.pid for p in stopped) == sorted([polite.pid, stubborn.pid])
+        # psutil reaps its children (so Popen.wait sees no status): how each ended is on the psutil process
+        assert {p.pid: p.returncode for p in stopped} == {polite.pid: -signal.SIGTERM, stubborn.pid: -signal.SIGKILL}
+        assert time.monotonic() - started < 10
+        assert stop_processes(fronts) == []  # already gone: nothing is signalled again
+    finally:
+        for p in (polite, stubborn):
+            if p.poll() is None:
+                p.kill()
