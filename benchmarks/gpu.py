@@ -118,17 +118,15 @@ def measure_raw(checkpoint: str, device, dtypes: list[str], grid: dict, run_dir:
     import torch
 
     from elastic_core.model import load_checkpoint, resolve_dtype
-    from elastic_core.precision import runs_lowered
     from elastic_core.profile import measure_profile
 
     out = {}
     for name in dtypes:
         model = load_checkpoint(checkpoint, device).to(resolve_dtype(name))
         started = time.monotonic()
-        lowered = runs_lowered(device.type, resolve_dtype(name))
         profile = measure_profile(model, grid["batches"], grid["seqs"], repeats=grid["repeats"], progress=False,
                                   warmup=grid.get("warmup", 2),
-                                  sublms=None if lowered else list(model.config.trained_sublms()))
+                                  sublms=model.config.served_sublms(device.type, resolve_dtype(name)))
         path = run_dir / f"profile-{name}.json"
         profile.save(path)
         out[name] = {"profile": str(path), "seconds": round(time.monotonic() - started, 1),

@@ -219,15 +219,12 @@ def layout_config(base: dict, kind: str, replicas: int, args: dict, gpu: bool, c
     replicas, with ``args`` added, each replica given 1/N of the GPU and at most its share of the CPUs."""
     from elastic_core.model import load_config, resolve_dtype
     from elastic_core.paths import DEFAULT_CHECKPOINT
-    from elastic_core.precision import runs_lowered
     from loadtests.stack import _replica_options, serve_variant
 
     (app,) = base["applications"]
     checkpoint = args.get("checkpoint") or app["args"].get("checkpoint") or DEFAULT_CHECKPOINT
-    config = load_config(checkpoint)
     dtype = resolve_dtype(args.get("dtype") or app["args"].get("dtype") or "float32")
-    lowered = runs_lowered("cuda" if gpu else "cpu", dtype)
-    sublms = config.sublm_names if lowered else list(config.trained_sublms())
+    sublms = load_config(checkpoint).served_sublms("cuda" if gpu else "cpu", dtype)
     cfg = serve_variant(base, kind, sublms, admission, fixed_replicas=replicas)
     cfg["applications"][0]["args"].update(args)
     options = _replica_options(cfg).setdefault("ray_actor_options", {})

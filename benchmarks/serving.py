@@ -55,6 +55,7 @@ LOADS = [(1, 1), (8, 1), (64, 1), (8, 8)]          # (clients, texts per request
 HEADLINE = [(64, 1), (8, 8)]                        # where the targets are set
 RAW_BATCH = 32
 RAW_CORES = 2                                       # the raw model gets the cores the stack's two replicas use
+RAW_PADDED = f"padded, 1 process x {RAW_CORES} threads"   # w100 padded to each batch's longest, for reference
 T_MIXED_MS = 300                                    # a latency target under which 64 x 1 mixes SubLMs
 
 
@@ -97,7 +98,7 @@ def measure_raw(seconds: float, log) -> dict:
                    f"{RAW_CORES} processes x 1 thread": raw_throughput(sublm, RAW_CORES, 1, seconds)}
         out[sublm] = {"layouts": layouts, "best": max(layouts.values())}
         if sublm == "w100":
-            out[sublm]["padded, 1 process x 2 threads"] = raw_throughput(sublm, 1, 2, seconds, packed=False)
+            out[sublm][RAW_PADDED] = raw_throughput(sublm, 1, RAW_CORES, seconds, packed=False)
         log(f"  raw {sublm}: " + ", ".join(f"{k} {v:.1f} texts/s" for k, v in layouts.items()))
     return out
 
@@ -282,7 +283,7 @@ def summarize(rounds: list[dict], knobs: dict | None, peer: bool, overhead: dict
     raw = {s: {"best": per_round(lambda r, s=s: r["raw"][s]["best"]),
                "layouts": {k: per_round(lambda r, s=s, k=k: r["raw"][s]["layouts"][k])
                            for k in rounds[0]["raw"][s]["layouts"]}} for s in rounds[0]["raw"]}
-    raw["w100"]["padded"] = per_round(lambda r: r["raw"]["w100"]["padded, 1 process x 2 threads"])
+    raw["w100"]["padded"] = per_round(lambda r: r["raw"]["w100"][RAW_PADDED])
     # calibration: every batch run under load (64 x 1, 8 x 8, the mixed load, the w25 deployment), per SubLM
     under_load = [m for r in rounds for key in ("ours", "ours-w25") for name, m in r[key].items()
                   if name in ("64x1", "8x8", "mixed")]

@@ -117,7 +117,6 @@ class ServingCore:
         """Loads the task models and the latency profile and builds the engine's lanes. ``depth(task)``: the
         task's global queue depth (the host's Redis); None: this replica's own queue only."""
         from elastic_core.model import resolve_device, resolve_dtype
-        from elastic_core.precision import runs_lowered
         from elastic_core.profile import LatencyProfile, cached_profile
 
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
@@ -131,8 +130,9 @@ class ServingCore:
         if not sublms or (cfg.sublms and len(sublms) != len(set(cfg.sublms))):
             raise ValueError(f"sublms {cfg.sublms} must be a subset of the checkpoint's {ranking}")
         variants = {s for s in sublms if backbone_config(first).sublm(s).precision != "fp32"}
-        if cfg.sublms is None and variants and not runs_lowered(device.type, resolve_dtype(cfg.dtype)):
-            sublms = [s for s in sublms if s not in variants]
+        if cfg.sublms is None:  # a GPU, or a model cast to half precision, serves the trained structures alone
+            servable = backbone_config(first).served_sublms(device.type, resolve_dtype(cfg.dtype))
+            sublms = [s for s in sublms if s in servable]
         chunking = Chunking(cfg.chunk_texts, cfg.chunk_tokens)
         if cfg.profile_path:
             profile = LatencyProfile.load(cfg.profile_path)

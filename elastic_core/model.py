@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import LoweredCache, check_precision
+from .precision import LoweredCache, check_precision, runs_lowered
 
 
 # --------------------------------------------------------------------------- 1. config
@@ -86,6 +86,11 @@ class ElasticConfig:
     def trained_sublms(self) -> dict[str, list]:
         """The fp32 SubLMs: what training optimizes. A precision variant runs its structure's trained weights."""
         return {name: entry for name, entry in self.sublms.items() if self.sublm(name).precision == "fp32"}
+
+    def served_sublms(self, device_type: str, dtype: torch.dtype = torch.float32) -> list[str]:
+        """The declared SubLMs a device can serve, best first: all of them where precision variants run lowered
+        (``precision.runs_lowered``: a CPU at fp32), else the trained structures, in the device's own precision."""
+        return self.sublm_names if runs_lowered(device_type, dtype) else list(self.trained_sublms())
 
     def full_quality(self) -> list[str]:
         """The SubLMs that answer at full quality: the best-ranked one's structure and every variant ranked above

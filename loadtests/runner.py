@@ -64,12 +64,13 @@ def run_configuration(kind: str, opts: LoadOptions, capacity_rps: float, run_dir
 
 # --------------------------------------------------------------------------- the experiment
 def sublm_quality(checkpoint: str | Path | None = None, peer_model: str = "all-MiniLM-L6-v2",
-                  results_dir: Path = REPO_ROOT / "benchmarks" / "results") -> dict[str, dict[str, float]]:
+                  results_dir: Path = REPO_ROOT / "benchmarks" / "results",
+                  source: Path | None = None) -> dict[str, dict[str, float]]:
     """NDCG@10 of each SubLM (and of the teacher, which the peer serves), per set: ``dl19`` (TREC DL 2019,
-    what the headline figures use) first when measured, and ``scifact``. From ``quality_source``: the
-    precision front's measurement (every structure x precision of the checkpoint, ``precision.json``) when
-    it covers every SubLM the checkpoint declares, else the core eval's (``core.json``)."""
-    source = quality_source(checkpoint, results_dir)
+    what the headline figures use) first when measured, and ``scifact``. From ``source``, by default
+    ``quality_source``'s: the precision front's measurement (every structure x precision of the checkpoint,
+    ``precision.json``) when it covers every SubLM the checkpoint declares, else the core eval's (``core.json``)."""
+    source = source or quality_source(checkpoint, results_dir)
     doc = json.loads(source.read_text())
     if source.name == "precision.json":
         rows = doc["candidates"]
@@ -322,9 +323,9 @@ class LoadTest(Experiment):
         self.out = Path(args.out_dir) / f"{self.section}.json"
         self.page = Path(args.docs_dir) / "loadtests.md"
         self.image = Path(args.docs_dir) / "img" / f"{self.section}.png"
-        self.quality_sets = rerank_quality(args.candidates) if args.task == "rerank" else sublm_quality(self.checkpoint)
-        self.quality_source = (None if args.task == "rerank" else
-                               str(quality_source(self.checkpoint).relative_to(REPO_ROOT)))
+        source = None if args.task == "rerank" else quality_source(self.checkpoint)
+        self.quality_sets = rerank_quality(args.candidates) if source is None else sublm_quality(source=source)
+        self.quality_source = None if source is None else str(source.relative_to(REPO_ROOT))
         self.headline = next(iter(self.quality_sets))  # dl19 when measured
         self.previous = json.loads(self.out.read_text()) if args.reanalyze else None
 
