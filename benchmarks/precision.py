@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.ladder import keep, pareto_front  # noqa: E402
 from benchmarks.report import LATENCY_AXIS, label_quality_axes, save_figure, write_section  # noqa: E402
-from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
+from elastic_core.paths import DEFAULT_CHECKPOINT, weights_id  # noqa: E402
 
 PARTS = ("dl19", "scifact", "sst2", "latency", "kernels")
 QUIET_SHARE = 0.05  # share of the CPUs other processes used while timing above which a figure is provisional
@@ -61,8 +61,8 @@ def main():
     args = parser.parse_args()
 
     saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    if saved and Path(saved["checkpoint"]).resolve() != Path(args.checkpoint).resolve():
-        saved = {}  # another checkpoint's figures are never mixed in
+    if saved and saved.get("weights") != weights_id(args.checkpoint):
+        saved = {}  # other weights' figures are never mixed in, whatever directory held them
     result = saved if args.reuse else measure(args, saved)
     measured = {n: c for n, c in result["candidates"].items() if "quality" in c and "latency_ms_b32_s128" in c}
     result["front"] = pareto_front(measured) if measured else []
@@ -141,7 +141,7 @@ def measure(args, saved: dict) -> dict:
         candidates[name] = old.get(name, {}) | c
     return {"command": "python benchmarks/precision.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": device_name(torch.device("cpu")), "machine": platform.platform(), "torch": torch.__version__,
-            "checkpoint": str(args.checkpoint), "ladder": cfg.sublm_names,
+            "checkpoint": str(args.checkpoint), "weights": weights_id(args.checkpoint), "ladder": cfg.sublm_names,
             "provenance": {"dl19": dl19_provenance(ckpt), "scifact": scifact_provenance(ckpt)},
             **quality, "latency": latency, "kernels": kernels, "candidates": candidates}
 

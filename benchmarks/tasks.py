@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.paths import DEFAULT_CHECKPOINT  # noqa: E402
+from elastic_core.paths import DEFAULT_CHECKPOINT, weights_id  # noqa: E402
 
 GLUE = ("sst2", "mrpc", "rte")
 
@@ -56,7 +56,7 @@ def main():
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     # a skipped part keeps its previous figures, and the command and date that produced them
     command = {"command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-               "machine": f"{platform.machine()} x{os.cpu_count()} CPUs"}
+               "machine": f"{platform.machine()} x{os.cpu_count()} CPUs", "weights": weights_id(args.checkpoint)}
     result = {"runs": {part: run for part, run in previous.get("runs", {}).items() if part != "rerank"},
               "glue": previous.get("glue", {}), "rerank": previous.get("rerank", {})}
     if "glue" not in skip:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .paths import WEIGHTS_FILE
 from .precision import LoweredCache, check_precision, runs_lowered
 
 
@@ -397,7 +398,6 @@ def load_bert(model_dir: str | Path | None = None, sublms: dict[str, list[int]] 
 
 
 CONFIG_FILE = "elastic_config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def save_checkpoint(model: ElasticEncoder, out_dir: str | Path, dtype=torch.float16, extra_tensors=None):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance, scifact_provenance
-from elastic_core.paths import REPO_ROOT
+from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT, weights_id
 from loadtests.analysis import read_records, summarize, timeline
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
 from loadtests.options import LoadOptions, add_load_arguments
@@ -88,26 +88,33 @@ def sublm_quality(checkpoint: str | Path | None = None, peer_model: str = "all-M
 
 def quality_source(checkpoint: str | Path | None = None,
                    results_dir: Path = REPO_ROOT / "benchmarks" / "results") -> Path:
-    """Where ``sublm_quality`` reads: ``precision.json`` when it measured this checkpoint and every SubLM it
-    declares (a front with precision variants has no other table), else ``core.json``."""
+    """Where ``sublm_quality`` reads: ``precision.json`` when it measured this checkpoint's weights and every
+    SubLM it declares (a front with precision variants has no other table), else ``core.json``."""
     from elastic_core.model import load_config
-    from elastic_core.paths import DEFAULT_CHECKPOINT
 
     checkpoint = Path(checkpoint or DEFAULT_CHECKPOINT)
     precision = results_dir / "precision.json"
     if precision.exists():
         doc = json.loads(precision.read_text())
-        same = (REPO_ROOT / doc.get("checkpoint", "")).resolve() == checkpoint.resolve()
+        same = doc.get("weights") == weights_id(checkpoint)  # the path alone outlives the weights it held
         if same and set(load_config(checkpoint).sublm_names) <= set(doc.get("candidates", {})):
             return precision
     return results_dir / "core.json"
 
 
 def rerank_quality(candidates: int, ranker: str = "dense",
-                   task_results: Path = REPO_ROOT / "benchmarks" / "results" / "tasks.json") -> dict[str, dict[str, float]]:
+                   task_results: Path = REPO_ROOT / "benchmarks" / "results" / "tasks.json",
+                   checkpoint: str | Path | None = None) -> dict[str, dict[str, float]]:
     """NDCG@10 of each SubLM reranking TREC DL 2019's BM25 top ``candidates`` (what a rerank load test's
-    requests are), from ``benchmarks/tasks.py``; BM25's own order beside it as ``bm25``."""
-    dl19 = json.loads(task_results.read_text())["rerank"][ranker]["dl19"]
+    requests are), from ``benchmarks/tasks.py``; BM25's own order beside it as ``bm25``. With ``checkpoint``,
+    only rows that ``tasks.py`` measured on that checkpoint's weights are read."""
+    doc = json.loads(task_results.read_text())
+    run = doc.get("runs", {}).get(f"rerank {ranker}", {})
+    if checkpoint is not None and run.get("weights") != weights_id(checkpoint):
+        raise ValueError(f"benchmarks/tasks.py's {ranker} rerank rows were not measured on {checkpoint}'s weights "
+                         f"(`{run.get('command', 'no command recorded')}`, {run.get('date', 'undated')}): rerun "
+                         f"`python benchmarks/tasks.py --rankers {ranker} --skip glue` on it")
+    dl19 = doc["rerank"][ranker]["dl19"]
     if candidates == dl19["depth"]:
         table = {s: m["ndcg@10"] for s, m in dl19["sublms"].items()} | {"bm25": dl19["first_stage"]["ndcg@10"]}
     elif str(candidates) in dl19.get("ndcg@10_at_depth", {}):
@@ -324,7 +331,8 @@ class LoadTest(Experiment):
         self.page = Path(args.docs_dir) / "loadtests.md"
         self.image = Path(args.docs_dir) / "img" / f"{self.section}.png"
         source = None if args.task == "rerank" else quality_source(self.checkpoint)
-        self.quality_sets = rerank_quality(args.candidates) if source is None else sublm_quality(source=source)
+        self.quality_sets = (rerank_quality(args.candidates, checkpoint=self.checkpoint) if source is None
+                             else sublm_quality(source=source))
         self.quality_source = None if source is None else str(source.relative_to(REPO_ROOT))
         self.headline = next(iter(self.quality_sets))  # dl19 when measured
         self.previous = json.loads(self.out.read_text()) if args.reanalyze else None

@@ -84,6 +84,7 @@ def test_elastic_fp32_serves_the_trained_structures_and_quality_covers_the_decla
     """``elastic-fp32`` is the elastic deployment on the ladder before precision variants; the load tests weigh
     answers by the precision front's measurement when it covers every declared SubLM, else by the core eval's."""
     from elastic_core.model import load_config
+    from elastic_core.paths import weights_id
     from loadtests.runner import quality_source, sublm_quality
 
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -98,8 +99,11 @@ def test_elastic_fp32_serves_the_trained_structures_and_quality_covers_the_decla
         "dl19": {"teacher_ndcg@10": 0.642}}))
     assert quality_source(checkpoint_dir, results).name == "core.json"  # no precision table yet
     rows = {s: {"dl19_ndcg@10": 0.6, "scifact_ndcg@10": 0.7} for s in declared}
-    precision = {"checkpoint": str(checkpoint_dir), "candidates": rows, "dl19": {"teacher": 0.64},
-                 "scifact": {"teacher": 0.76}}
+    precision = {"checkpoint": str(checkpoint_dir), "weights": "0123456789abcdef", "candidates": rows,
+                 "dl19": {"teacher": 0.64}, "scifact": {"teacher": 0.76}}
+    (results / "precision.json").write_text(json.dumps(precision))
+    assert quality_source(checkpoint_dir, results).name == "core.json"  # the same directory, other weights
+    precision["weights"] = weights_id(checkpoint_dir)
     (results / "precision.json").write_text(json.dumps(precision))
     q = sublm_quality(checkpoint_dir, results_dir=results)
     assert set(q["dl19"]) == set(declared) | {"all-MiniLM-L6-v2"} and q["scifact"]["all-MiniLM-L6-v2"] == 0.76
@@ -108,7 +112,8 @@ def test_elastic_fp32_serves_the_trained_structures_and_quality_covers_the_decla
     assert quality_source(checkpoint_dir, results).name == "core.json"
 
 
-def test_a_rerank_run_sets_reranking_target_and_weighs_answers_by_rerank_quality(tmp_path):
+def test_a_rerank_run_sets_reranking_target_and_weighs_answers_by_rerank_quality(tmp_path, checkpoint_dir):
+    from elastic_core.paths import weights_id
     from loadtests.runner import rerank_quality
 
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -124,6 +129,14 @@ def test_a_rerank_run_sets_reranking_target_and_weighs_answers_by_rerank_quality
     assert rerank_quality(100, task_results=results) == {"dl19": {"bm25": 0.5, "w100": 0.7}}
     with pytest.raises(ValueError, match="not 30"):
         rerank_quality(30, task_results=results)
+    # rows measured on other weights never weigh this checkpoint's answers, whatever directory held them
+    runs = {"rerank dense": {"command": "python benchmarks/tasks.py", "date": "2026-11-23", "weights": "00ff"}}
+    results.write_text(json.dumps({"runs": runs, "rerank": {"dense": {"dl19": dl19}}}))
+    with pytest.raises(ValueError, match="not measured on .* weights .*2026-11-23"):
+        rerank_quality(20, task_results=results, checkpoint=checkpoint_dir)
+    runs["rerank dense"]["weights"] = weights_id(checkpoint_dir)
+    results.write_text(json.dumps({"runs": runs, "rerank": {"dense": {"dl19": dl19}}}))
+    assert rerank_quality(20, task_results=results, checkpoint=checkpoint_dir)["dl19"]["w100"] == 0.6
 
 
 def load_serve_config_from_dict(cfg):
