@@ -41,6 +41,11 @@ from elastic_core.paths import DEFAULT_CHECKPOINT, weights_id  # noqa: E402
 
 PARTS = ("dl19", "scifact", "sst2", "latency", "kernels")
 QUIET_SHARE = 0.05  # share of the CPUs other processes used while timing above which a figure is provisional
+# A lowered variant runs its structure's trained weights: a quality difference between the two smaller than this
+# (mean of the DL19 and SciFact ratios to the teacher, 343 queries) is rounding noise, not a ranking. Counted as a
+# tie, the faster of the two takes the front; ranked by the noise, an fp32 w100 0.002 "better" than w100-bf16 would
+# head the ladder and answer every full-quality request at 1.7x the time.
+QUALITY_TIE = 0.005
 TITLE = "Precision as a second elastic axis: int8 / bf16 SubLMs on the front (issue 32): `benchmarks/precision.py`"
 
 
@@ -65,6 +70,7 @@ def main():
         saved = {}  # other weights' figures are never mixed in, whatever directory held them
     result = saved if args.reuse else measure(args, saved)
     measured = {n: c for n, c in result["candidates"].items() if "quality" in c and "latency_ms_b32_s128" in c}
+    tie_lowered_with_structure(measured)
     result["front"] = pareto_front(measured) if measured else []
     result["kept"] = keep(result["front"], result["candidates"], args.keep) if result["front"] else []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,23 @@ def main():
     if args.write:
         write_ladder(Path(args.write), Path(args.checkpoint), result)
     print(markdown(result))
+
+
+def tie_lowered_with_structure(candidates: dict) -> None:
+    """Each variant's ``quality`` becomes its structure's where the two differ by less than ``QUALITY_TIE``
+    (the measured value stays as ``quality_measured``), so that the front ranks such a pair by speed alone."""
+    for c in candidates.values():
+        c["quality_measured"] = c.get("quality_measured", c["quality"])
+    for c in candidates.values():
+        structure = candidates.get(c["structure"])
+        if c["precision"] != "fp32" and structure is not None:
+            close = abs(c["quality_measured"] - structure["quality_measured"]) < QUALITY_TIE
+            c["quality"] = structure["quality_measured"] if close else c["quality_measured"]
+
+
+def best_first(candidate: dict) -> tuple:
+    """The declared order: quality (ties as ``tie_lowered_with_structure`` counts them), then speed."""
+    return -candidate["quality"], candidate.get("latency_ms_b32_s128", float("inf"))
 
 
 # --------------------------------------------------------------------------- the checkpoint with its variants
@@ -130,7 +153,7 @@ def measure(args, saved: dict) -> dict:
                 c[f"{part}_vs_teacher"] = q["sublms"][name] / q["teacher"]
                 c[f"{part}_vs_fp32"] = q["sublms"][name] / q["sublms"][fp32]
         if all(f"{p}_vs_teacher" in c for p in ("dl19", "scifact")):
-            c["quality"] = (c["dl19_vs_teacher"] + c["scifact_vs_teacher"]) / 2
+            c["quality"] = c["quality_measured"] = (c["dl19_vs_teacher"] + c["scifact_vs_teacher"]) / 2
         if quality["sst2"] and name in quality["sst2"]["sublms"]:
             c["sst2_accuracy"] = quality["sst2"]["sublms"][name]["accuracy"]
         if latency and name in latency["ms"]:
@@ -327,7 +350,7 @@ def write_ladder(target: Path, source: Path, result: dict):
     c = result["candidates"]
     names = set(result["kept"]) | {c[n]["structure"] for n in result["kept"]}
     config["sublms"] = {n: c[n]["heads_ffn_layers"] + ([c[n]["precision"]] if c[n]["precision"] != "fp32" else [])
-                        for n in sorted(names, key=lambda n: -c[n]["quality"])}
+                        for n in sorted(names, key=lambda n: best_first(c[n]))}
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -345,7 +368,8 @@ def markdown(r: dict) -> str:
     lines = [f"Measured {r['date']}: `{r['command']}` on {r['device']}, torch {r['torch']}. Checkpoint "
              f"`{r['checkpoint']}`; DL19 {r['provenance']['dl19']}, SciFact {r['provenance']['scifact']}. "
              f"DL19: {(r.get('dl19') or {}).get('dataset', 'not measured')}; SciFact: "
-             f"{(r.get('scifact') or {}).get('dataset', 'not measured')}; quality = mean of the two ratios to the teacher. "
+             f"{(r.get('scifact') or {}).get('dataset', 'not measured')}; quality = mean of the two ratios to the teacher; "
+             f"a variant within {QUALITY_TIE} of its structure's quality ties with it (the faster takes the front). "
              f"Latency: {timing}.", "",
              "| SubLM | structure | precision | latency ms (32x128) | vs fp32 | 1x16 ms | DL19 | vs fp32 | SciFact | "
              "vs fp32 | quality | SST-2 acc | lowered MB | front | kept |",
@@ -358,7 +382,7 @@ def markdown(r: dict) -> str:
                      f"{fmt(c.get('latency_ms_b32_s128'), '.1f')} | {fmt(c.get('latency_vs_fp32'), '.2f')} | "
                      f"{fmt(c.get('latency_ms_b1_s16'), '.2f')} | {fmt(c.get('dl19_ndcg@10'))} | "
                      f"{fmt(c.get('dl19_vs_fp32'), '.3f')} | {fmt(c.get('scifact_ndcg@10'))} | "
-                     f"{fmt(c.get('scifact_vs_fp32'), '.3f')} | {fmt(c.get('quality'), '.3f')} | "
+                     f"{fmt(c.get('scifact_vs_fp32'), '.3f')} | {fmt(c.get('quality_measured', c.get('quality')), '.3f')} | "
                      f"{fmt(c.get('sst2_accuracy'), '.3f')} | {fmt(c.get('lowered_mb'), '.1f')} | "
                      f"{'yes' if n in r['front'] else ''} | {'**yes**' if n in r['kept'] else ''} |")
     if r.get("dl19") and r.get("scifact"):
@@ -378,7 +402,7 @@ def markdown(r: dict) -> str:
             lines += [f"| {kernel} | {n} | {v['min_cosine']:.4f} | {v['mean_cosine']:.4f} | {v['ms_b32_s128']:.1f} |"
                       for n, v in rows.items()]
     if r["kept"]:
-        lines += ["", f"Kept ladder, best first: {', '.join(sorted(r['kept'], key=lambda n: -r['candidates'][n]['quality']))}.",
+        lines += ["", f"Kept ladder, best first: {', '.join(sorted(r['kept'], key=lambda n: best_first(r['candidates'][n])))}.",
                   "", "![quality vs latency over structure x precision](img/precision_pareto.png)"]
     return "\n".join(lines)
 

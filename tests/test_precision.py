@@ -343,3 +343,31 @@ def test_the_benchmark_keeps_the_front_and_declares_it_best_first(tmp_path):
                        "latency": {"threads": 2, "others_cpu_share": 0.4, "provisional": True,
                                    "resident_mb": {"fp32_weights": 400.0, "with_variants": 420.0}}})
     assert "provisional: measured under contention" in report and "best first: w100, w100-int8, w50-int8" in report
+
+
+def test_a_variant_within_the_noise_of_its_structure_ties_with_it_and_the_faster_ranks_first(tmp_path):
+    """A lowered variant runs its structure's weights: 0.002 of quality between them is rounding noise. Counted as
+    a tie, the faster variant takes the front and heads the declared ladder; a variant that really loses quality
+    keeps its own figure and its place below the structure."""
+    from benchmarks.ladder import pareto_front
+    from benchmarks.precision import QUALITY_TIE, best_first, tie_lowered_with_structure, write_ladder
+
+    # (latency ms, measured quality)
+    measured = {"w100": (600, 0.999), "w100-bf16": (380, 0.997), "w50": (290, 0.964),
+                "w50-int8": (160, 0.964 - 2 * QUALITY_TIE), "w25": (170, 0.915)}
+    candidates = {n: {"latency_ms_b32_s128": ms, "quality": q, "structure": n.split("-")[0],
+                      "precision": n.split("-")[1] if "-" in n else "fp32", "heads_ffn_layers": LADDER[n.split("-")[0]]}
+                  for n, (ms, q) in measured.items()}
+    assert pareto_front(candidates)[0] == "w100"  # by the noise alone, the 1.6x slower fp32 w100 leads
+    tie_lowered_with_structure(candidates)
+    assert candidates["w100-bf16"]["quality"] == 0.999 and candidates["w100-bf16"]["quality_measured"] == 0.997
+    assert candidates["w50-int8"]["quality"] == candidates["w50-int8"]["quality_measured"] < 0.964
+    front = pareto_front(candidates)
+    assert front == ["w100-bf16", "w50", "w50-int8"]
+    tie_lowered_with_structure(candidates)  # applied again (a --reuse of saved figures): the same ties
+    assert candidates["w100-bf16"]["quality"] == 0.999 and pareto_front(candidates) == front
+    source = tmp_path / "source"
+    save_checkpoint(tiny_model(LADDER), source)
+    write_ladder(tmp_path / "kept", source, {"candidates": candidates, "kept": front})
+    assert load_config(tmp_path / "kept").sublm_names == ["w100-bf16", "w100", "w50", "w50-int8"]
+    assert sorted(candidates, key=lambda n: best_first(candidates[n]))[:2] == ["w100-bf16", "w100"]
