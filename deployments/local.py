@@ -173,6 +173,19 @@ def serve_environment() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(0))}
 
 
+# What ``export_serve_environment`` put into this process's environment, which Ray's processes inherit.
+_EXPORTED: dict[str, str] = {}
+
+
+def export_serve_environment() -> None:
+    """``serve_environment()`` into ``os.environ`` for the Ray instance about to start; what the user set
+    wins. A later stack in this process (the test suite starts dozens) gets HAProxy ports picked afresh:
+    the first stack's may have been bound by something else since, or still be held by its exiting HAProxy."""
+    for name, value in serve_environment().items():
+        if os.environ.get(name) in (None, _EXPORTED.get(name)):
+            os.environ[name] = _EXPORTED[name] = value
+
+
 def start_ray(num_cpus: int | None = None, redis_url: str | None = None):
     """A local Ray instance whose processes all see ``serve_environment()`` (what the environment
     already sets wins: e.g. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs Serve's Python proxy instead) and
@@ -184,8 +197,7 @@ def start_ray(num_cpus: int | None = None, redis_url: str | None = None):
     if redis_url:
         os.environ["REDIS_URL"] = redis_url
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for name, value in serve_environment().items():
-        os.environ.setdefault(name, value)
+    export_serve_environment()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
