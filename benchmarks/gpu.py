@@ -89,6 +89,14 @@ class Plan:
         seconds = round(min(30.0, max(3.0, (budget_s - fixed_s) / (loads + 2 * 4))), 1)  # a spike: 4 loads' time
         return cls(seconds=seconds, warmup_s=warmup_s, spike_s=round(4 * seconds, 1))
 
+    def covering(self, batch_ms: float) -> "Plan":
+        """Long enough for the heaviest batch the loads send (``batch_ms``, from (a)): its warm-up holds one, each
+        load three. A CPU without native bf16 emulates it (an AVX2-only EPYC: seconds per 64 texts), where the
+        smoke's 1.5 s would close before one batch came back and read 0 texts/s."""
+        seconds = max(self.seconds, round(3 * batch_ms / 1000, 1))
+        return Plan(seconds=seconds, warmup_s=max(self.warmup_s, round(batch_ms / 1000, 1)),
+                    spike_s=max(self.spike_s, round(4 * seconds, 1)))
+
 
 def device_info(device) -> dict:
     import torch
@@ -136,6 +144,14 @@ def measure_raw(checkpoint: str, device, dtypes: list[str], grid: dict, run_dir:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def heaviest_batch_ms(entries: list[dict], sublm: str = "w100") -> float:
+    """(a)'s slowest time per text of ``sublm`` at its largest profiled batch, times the most texts a load
+    sends at once (64 clients x 1): what the replicas' first batch of a load takes, about."""
+    largest = max(e["batch"] for e in entries if e["sublm"] == sublm)
+    per_text = max(e["ms"] / e["batch"] for e in entries if e["sublm"] == sublm and e["batch"] == largest)
+    return per_text * max(clients * texts for clients, texts in LOADS)
 
 
 # ----------------------------------------------------------------------------- (b) and (c) on the stack
@@ -236,6 +252,9 @@ def measure(args, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"device {info['name']} ({info['type']}), torch {info['torch']}; serving dtype {serving_dtype}; plan {plan}")
     raw = measure_raw(args.checkpoint, device, dtypes, grid, run_dir, log)
+    if (covering := plan.covering(heaviest_batch_ms(raw[serving_dtype]["entries"]))) != plan:
+        plan = covering
+        log(f"plan {plan}: loads lengthened to hold the heaviest batch (a) timed")
     # embeddings only (no other task's model to load); the profile is (a)'s, measured in the serving dtype
     serving_args = {"dtype": serving_dtype, "device": device.type, "profile_path": raw[serving_dtype]["profile"],
                     "tasks": ["embed"], "task_target_ms": None, "checkpoint": args.checkpoint}
