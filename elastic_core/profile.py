@@ -19,10 +19,28 @@ import torch
 from .model import ElasticEncoder
 
 
+# What a precision variant costs, and for int8 what it computes (``precision.int8_engine``), turns on these: a
+# timing or a quality figure names them beside the CPU's model, so a table says which kind of host it holds.
+CPU_KERNEL_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def device_name(device: torch.device) -> str:
+    """``NVIDIA H100 ...``, or ``cpu:<model> [<int8/bf16 flags>] x<threads> threads``."""
+    from .precision import cpu_flags
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    flags = [f for f in CPU_KERNEL_FLAGS if f in cpu_flags()] or ["no VNNI, AMX or bf16"]
+    model = cpu_model() or platform.processor() or platform.machine()
+    return f"cpu:{model} [{' '.join(flags)}] x{torch.get_num_threads()} threads"
 
 
 @torch.inference_mode()

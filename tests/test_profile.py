@@ -52,3 +52,14 @@ def test_a_variant_slower_than_a_better_one_at_every_shape_is_dominated():
     # ranked last, what was a rival is dominated too: w100 is faster than w100-bf16 only at batch 1
     assert profile.dominated(["w100", "w50", "w100-bf16"]) == []
     assert profile.dominated(["w50", "w100"]) == ["w100"]
+
+
+def test_a_cpu_timing_names_the_cpu_and_its_int8_bf16_kernels(monkeypatch):
+    from elastic_core import precision, profile
+
+    monkeypatch.setattr(profile, "cpu_model", lambda: "Intel Xeon Platinum 8480+")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"}))
+    name = profile.device_name(torch.device("cpu"))
+    assert name.startswith("cpu:Intel Xeon Platinum 8480+ [avx512_vnni amx_int8 amx_bf16] x")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert "[no VNNI, AMX or bf16]" in profile.device_name(torch.device("cpu"))  # an AVX2-only EPYC
