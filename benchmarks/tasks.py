@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,11 +42,18 @@ def main():
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: rerank, glue")
     parser.add_argument("--rankers", default="dense,cross",
                         help="rankers to evaluate; the others keep their previous figures")
+    parser.add_argument("--sublms", default="",
+                        help="rerank only these SubLMs (comma-separated, e.g. w100-int8,w50-int8), without the "
+                             "baselines; every other row keeps its previous figures (a kernel fix remeasures "
+                             "only the rows it changes)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.json"))
     args = parser.parse_args()
 
+    import torch
+
     from elastic_core.classify import eval_glue
     from elastic_core.data import DEFAULT_DATA_DIR
+    from elastic_core.profile import device_name
     from elastic_core.ranker import eval_rerank_dl19, eval_rerank_scifact, load_ranker, teacher_ranker
 
     data_dir = args.data_dir or DEFAULT_DATA_DIR
@@ -55,8 +61,10 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     # a skipped part keeps its previous figures, and the command and date that produced them
+    # the CPU's model and int8 / bf16 kernels: the int8 and bf16 rows' figures depend on which kernel ran them
     command = {"command": "python benchmarks/tasks.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-               "machine": f"{platform.machine()} x{os.cpu_count()} CPUs", "weights": weights_id(args.checkpoint)}
+               "machine": f"{device_name(torch.device('cpu'))}, {os.cpu_count()} CPUs",
+               "weights": weights_id(args.checkpoint)}
     result = {"runs": {part: run for part, run in previous.get("runs", {}).items() if part != "rerank"},
               "glue": previous.get("glue", {}), "rerank": previous.get("rerank", {})}
     if "glue" not in skip:
@@ -67,16 +75,26 @@ def main():
                 static = {s: Path(args.static_dir) / f"{task}-static-{s}" for s in ("w100", "w75", "w50", "w25")}
                 result["glue"][task] = eval_glue(task, tasks / task, data_dir, static)
     if "rerank" not in skip:
-        baselines = {"teacher": teacher_ranker()}
+        only = list(filter(None, args.sublms.split(",")))
+        baselines = {} if only else {"teacher": teacher_ranker()}
         for kind in filter(None, args.rankers.split(",")):
             if kind == "cross" and not (tasks / "rerank" / "adapter.safetensors").exists():
                 continue
             ranker = load_ranker(kind, args.checkpoint)
-            result["rerank"][kind] = {
+            ladder = list(ranker.sublms)
+            if only:
+                unknown = set(only) - set(ladder)
+                if unknown:
+                    raise SystemExit(f"{kind} ranker has no SubLM {sorted(unknown)}; it has {ladder}")
+                ranker.sublms = [s for s in ladder if s in only]
+            fresh = {
                 "scifact": eval_rerank_scifact(ranker, args.checkpoint, data_dir, ("bm25",), args.rerank_depth,
                                                args.rerank_max_queries, baselines=baselines)["bm25"],
                 "dl19": eval_rerank_dl19(ranker, data_dir, args.rerank_depth, baselines=baselines)}
-            result["runs"][f"rerank {kind}"] = command
+            if only:
+                fresh = {name: merge_rows(result["rerank"][kind][name], res, ladder) for name, res in fresh.items()}
+            result["rerank"][kind] = fresh
+            result["runs"][f"rerank {kind}" + (f" ({','.join(ranker.sublms)})" if only else "")] = command
     result["targets"] = targets(result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
@@ -85,6 +103,22 @@ def main():
     if card.exists():
         write_section("tasks", table, doc=card)
     print(table)
+
+
+def merge_rows(previous: dict, fresh: dict, ladder: list[str]) -> dict:
+    """``previous``'s rerank result with ``fresh``'s SubLM rows in place of its own, rows in ladder order.
+    Only a run on the same queries and depth may be merged: the first stage must match."""
+    for key in ("dataset", "depth", "queries", "first_stage"):
+        if previous.get(key) != fresh.get(key):
+            raise SystemExit(f"--sublms: {key} differs from the previous run's ({previous.get(key)} vs "
+                             f"{fresh.get(key)}): rerun every SubLM")
+    merged = dict(previous)
+    for part in ("sublms", "hybrid"):
+        rows = {**previous[part], **fresh[part]}
+        merged[part] = {s: rows[s] for s in ladder if s in rows} | {s: m for s, m in rows.items() if s not in ladder}
+    merged["ndcg@10_at_depth"] = {d: {**rows, **fresh["ndcg@10_at_depth"].get(d, {})}
+                                  for d, rows in previous["ndcg@10_at_depth"].items()}
+    return merged
 
 
 def targets(r: dict) -> dict:

@@ -242,3 +242,29 @@ def test_a_replica_serves_the_dense_ranker_on_the_embedding_weights_or_the_cross
     assert models["rerank"].kind == "dense" and models["rerank"].model is models["embed"].model  # one copy
     cross = load_task_models(ReplicaConfig(checkpoint=str(checkpoint_dir), tasks=("rerank",), ranker="cross"), "cpu")
     assert isinstance(cross["rerank"], ElasticRanker) and cross["rerank"].max_length == 160
+
+
+def test_remeasured_rows_replace_only_their_own_and_keep_the_ladder_order():
+    """benchmarks/tasks.py --sublms: a kernel fix remeasures the rows it changes; the others, the baselines and
+    the first stage stay, and a run over other queries cannot be merged."""
+    from benchmarks.tasks import merge_rows
+
+    def result(rows: dict, queries=43):
+        return {"dataset": "dl19", "depth": 100, "queries": queries, "first_stage": {"ndcg@10": 0.5},
+                "sublms": {s: {"ndcg@10": v} for s, v in rows.items()},
+                "baselines": {"teacher": {"ndcg@10": 0.64}} if "w100" in rows else {},
+                "hybrid": {s: {"ndcg@10": v + 0.01} for s, v in rows.items()} | ({"teacher": {"ndcg@10": 0.65}}
+                                                                                if "w100" in rows else {}),
+                "ndcg@10_at_depth": {"20": {"first_stage": 0.5, **rows}}}
+
+    ladder = ["w100-int8", "w100", "w50-int8", "w50"]
+    previous = result({"w100-int8": 0.60, "w100": 0.64, "w50-int8": 0.58, "w50": 0.62})
+    merged = merge_rows(previous, result({"w50-int8": 0.61, "w100-int8": 0.63}), ladder)
+    assert list(merged["sublms"]) == ladder
+    assert {s: m["ndcg@10"] for s, m in merged["sublms"].items()} == {"w100-int8": 0.63, "w100": 0.64,
+                                                                     "w50-int8": 0.61, "w50": 0.62}
+    assert merged["hybrid"]["w50-int8"]["ndcg@10"] == pytest.approx(0.62) and "teacher" in merged["hybrid"]
+    assert merged["baselines"] == previous["baselines"]
+    assert merged["ndcg@10_at_depth"]["20"]["w100-int8"] == 0.63 and merged["ndcg@10_at_depth"]["20"]["w100"] == 0.64
+    with pytest.raises(SystemExit, match="queries"):
+        merge_rows(previous, result({"w50-int8": 0.61}, queries=20), ladder)
