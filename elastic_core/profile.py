@@ -32,15 +32,19 @@ def cpu_model() -> str:
         return ""
 
 
-def device_name(device: torch.device) -> str:
-    """``NVIDIA H100 ...``, or ``cpu:<model> [<int8/bf16 flags>] x<threads> threads``."""
+def cpu_name() -> str:
+    """``<model> [<int8/bf16 flags>]``: which kind of CPU a timing or an int8 figure came from."""
     from .precision import cpu_flags
 
+    flags = [f for f in CPU_KERNEL_FLAGS if f in cpu_flags()] or ["no VNNI, AMX or bf16"]
+    return f"{cpu_model() or platform.processor() or platform.machine()} [{' '.join(flags)}]"
+
+
+def device_name(device: torch.device) -> str:
+    """``NVIDIA H100 ...``, or ``cpu:<model> [<int8/bf16 flags>] x<threads> threads``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    flags = [f for f in CPU_KERNEL_FLAGS if f in cpu_flags()] or ["no VNNI, AMX or bf16"]
-    model = cpu_model() or platform.processor() or platform.machine()
-    return f"cpu:{model} [{' '.join(flags)}] x{torch.get_num_threads()} threads"
+    return f"cpu:{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 @torch.inference_mode()

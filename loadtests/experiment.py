@@ -71,8 +71,11 @@ class Experiment:
 
 
 def machine(with_platform: bool = True) -> str:
-    """The machine a result was measured on, as the result documents name it."""
-    cores = f"{platform.machine()} x{os.cpu_count()} CPUs"
+    """The machine a result was measured on, as the result documents name it: the CPU's model and its int8 /
+    bf16 kernels (an int8 replica's speed turns on them), and its cores."""
+    from elastic_core.profile import cpu_name  # imports torch: only when a result is written
+
+    cores = f"{cpu_name()} x{os.cpu_count()} CPUs"
     return f"{cores}, {platform.platform()}" if with_platform else cores
 
 

@@ -63,3 +63,6 @@ def test_a_cpu_timing_names_the_cpu_and_its_int8_bf16_kernels(monkeypatch):
     assert name.startswith("cpu:Intel Xeon Platinum 8480+ [avx512_vnni amx_int8 amx_bf16] x")
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     assert "[no VNNI, AMX or bf16]" in profile.device_name(torch.device("cpu"))  # an AVX2-only EPYC
+    from loadtests.experiment import machine  # the load tests' results name the same
+
+    assert machine(with_platform=False).startswith("Intel Xeon Platinum 8480+ [no VNNI, AMX or bf16] x")
