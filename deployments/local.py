@@ -73,6 +73,11 @@ SERVE_ENV = {
     # (milliseconds) cannot fail 3 checks 0.5 s apart.
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "0.5",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "20",
+    # a *starting* proxy is checked by its `ready` call instead, replaced after 3 in a row that fail or time
+    # out (default 5 s each): on a starved machine (a measurement sharing the 2 cores) HAProxy's proxy took
+    # longer than 15 s to answer and was killed and restarted in a loop. A failing `ready` still answers
+    # False at once; only a silent one waits, now 3 x 20 s, as long as a running proxy's checks
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "20",
 }
 
 
