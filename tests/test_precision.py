@@ -374,3 +374,23 @@ def test_a_variant_within_the_noise_of_its_structure_ties_with_it_and_the_faster
     write_ladder(tmp_path / "kept", source, {"candidates": candidates, "kept": front})
     assert load_config(tmp_path / "kept").sublm_names == ["w100-bf16", "w100", "w50", "w50-int8"]
     assert sorted(candidates, key=lambda n: best_first(candidates[n]))[:2] == ["w100-bf16", "w100"]
+
+
+def test_the_quality_table_divides_by_the_fp32_structure_not_a_variant_ranked_above_it():
+    """benchmarks/core.py: with w100-int8 first in the ladder, "/ w100" and the latency ratio are still against
+    fp32 w100, and only the full structure's pruned-only twin is the teacher."""
+    from benchmarks.core import markdown, with_ratios
+
+    def row(ndcg, ms, pruned=None):
+        return {"ndcg@10": ndcg, "ndcg@10_asym": ndcg, "pruned_only_ndcg@10": pruned, "latency_ms_b32_s128": ms}
+
+    r = with_ratios({"reference": "w100", "teacher": {"ndcg@10": 0.64, "latency_ms_b32_s128": 700.0},
+                     "command": "python benchmarks/core.py", "corpus_docs": 10, "queries": 2, "device": "cpu",
+                     "sublms": {"w100-int8": row(0.62, 400.0), "w100": row(0.64, 800.0), "w50": row(0.62, 400.0, 0.4),
+                                "w25": row(0.56, 200.0, 0.1)}})
+    assert r["sublms"]["w50"]["asym_vs_full"] == pytest.approx(0.62 / 0.64)
+    assert r["sublms"]["w25"]["latency_vs_w100"] == pytest.approx(0.25) and r["targets"]["latency w25 / w100 <= 0.35"]
+    assert r["sublms"]["w100-int8"]["beats_pruned_only"] is None and r["targets"]["every SubLM beats pruned-only"]
+    table = markdown(r)
+    assert "| w100 | 0.6400 | 1.000 | 0.6400 | 1.000 | = teacher |" in table
+    assert "| w100-int8 | 0.6200 | 0.969 | 0.6200 | 0.969 |  |" in table
