@@ -82,19 +82,18 @@ def main():
                 continue
             ranker = load_ranker(kind, args.checkpoint)
             ladder = list(ranker.sublms)
-            if only:
-                unknown = set(only) - set(ladder)
-                if unknown:
-                    raise SystemExit(f"{kind} ranker has no SubLM {sorted(unknown)}; it has {ladder}")
-                ranker.sublms = [s for s in ladder if s in only]
+            unknown = set(only) - set(ladder)
+            if unknown:
+                raise SystemExit(f"{kind} ranker has no SubLM {sorted(unknown)}; it has {ladder}")
+            picked = [s for s in ladder if s in only] or ladder
             fresh = {
                 "scifact": eval_rerank_scifact(ranker, args.checkpoint, data_dir, ("bm25",), args.rerank_depth,
-                                               args.rerank_max_queries, baselines=baselines)["bm25"],
-                "dl19": eval_rerank_dl19(ranker, data_dir, args.rerank_depth, baselines=baselines)}
+                                               args.rerank_max_queries, baselines=baselines, sublms=picked)["bm25"],
+                "dl19": eval_rerank_dl19(ranker, data_dir, args.rerank_depth, baselines=baselines, sublms=picked)}
             if only:
                 fresh = {name: merge_rows(result["rerank"][kind][name], res, ladder) for name, res in fresh.items()}
             result["rerank"][kind] = fresh
-            result["runs"][f"rerank {kind}" + (f" ({','.join(ranker.sublms)})" if only else "")] = command
+            result["runs"][f"rerank {kind}" + (f" ({','.join(picked)})" if only else "")] = command
     result["targets"] = targets(result)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

@@ -293,16 +293,16 @@ def retrieval_metrics(qrels, run: Run, relevance_level: int = 1) -> dict[str, fl
 
 def rerank_eval(ranker, queries: dict[str, str], passages: dict[str, str], first_stage: Run, qrels,
                 depth: int = 100, relevance_level: int = 1, progress: bool = True, cache: dict | None = None,
-                baselines: dict | None = None) -> dict:
-    """Rerank each query's top ``depth`` with every SubLM of ``ranker`` and every ``baselines`` ranker
-    (name -> a one-SubLM ranker, e.g. ``teacher_ranker()``); the first stage alone beside them.
+                baselines: dict | None = None, sublms: list[str] | None = None) -> dict:
+    """Rerank each query's top ``depth`` with every SubLM of ``ranker`` (or only ``sublms``) and every
+    ``baselines`` ranker (name -> a one-SubLM ranker, e.g. ``teacher_ranker()``); the first stage alone beside them.
     ``cache`` ((name, qid, pid) -> score) lets a second first stage reuse pairs already scored."""
     from tqdm.auto import tqdm
 
     cache = {} if cache is None else cache
     candidates = top(first_stage, depth)
     pairs = [(q, p) for q, docs in candidates.items() for p in docs]
-    scorers = [(s, ranker, s) for s in ranker.sublms] + [(name, b, b.sublms[0]) for name, b in (baselines or {}).items()]
+    scorers = [(s, ranker, s) for s in (sublms or ranker.sublms)] + [(name, b, b.sublms[0]) for name, b in (baselines or {}).items()]
     todo = {name: [(q, p) for q, p in pairs if (name, q, p) not in cache] for name, _, _ in scorers}
     bar = tqdm(total=sum(map(len, todo.values())), desc="rerank", unit="pair", disable=not progress)
     for name, model, sublm in scorers:
@@ -334,7 +334,7 @@ def rerank_eval(ranker, queries: dict[str, str], passages: dict[str, str], first
 
 def eval_rerank_scifact(ranker, checkpoint: str | Path, data_dir=DEFAULT_DATA_DIR, first_stages=("bm25",),
                         depth: int = 100, max_queries: int | None = None, progress: bool = True, seed: int = 0,
-                        baselines: dict | None = None) -> dict[str, dict]:
+                        baselines: dict | None = None, sublms: list[str] | None = None) -> dict[str, dict]:
     """SciFact test: {first stage name: result}. ``max_queries``: a seeded sample of the test queries."""
     ds = load_scifact(data_dir, "test")
     queries = ds.queries
@@ -348,15 +348,17 @@ def eval_rerank_scifact(ranker, checkpoint: str | Path, data_dir=DEFAULT_DATA_DI
         run = bm25_run(ds.corpus, queries, depth) if name == "bm25" else \
             dense_first_stage(ds.corpus, queries, checkpoint, depth, progress)
         out[name] = {"dataset": "beir/scifact test", "first_stage_name": name if name == "bm25" else "elasticdenser-w100",
-                     **rerank_eval(ranker, queries, ds.corpus, run, qrels, depth, 1, progress, cache, baselines)}
+                     **rerank_eval(ranker, queries, ds.corpus, run, qrels, depth, 1, progress, cache, baselines,
+                                   sublms)}
     return out
 
 
 def eval_rerank_dl19(ranker, data_dir=DEFAULT_DATA_DIR, depth: int = 100, progress: bool = True,
-                     baselines: dict | None = None) -> dict:
+                     baselines: dict | None = None, sublms: list[str] | None = None) -> dict:
     """TREC DL 2019 (a test set: never trained on): rerank the BM25 top-``depth``; graded NDCG@10,
     MRR@10 and recall@10 with relevance >= 2 (the track's binarization)."""
     queries, passages, run, qrels = load_dl19(data_dir)
     qrels = {q: qrels[q] for q in queries}
     return {"dataset": "trec-dl-2019 passage", "first_stage_name": "bm25 (candidates.tsv)",
-            **rerank_eval(ranker, queries, passages, run, qrels, depth, 2, progress, baselines=baselines)}
+            **rerank_eval(ranker, queries, passages, run, qrels, depth, 2, progress, baselines=baselines,
+                          sublms=sublms)}

@@ -116,6 +116,32 @@ def test_retrieval_metrics_on_hand_made_runs():
     assert list(top({"q": {"a": 1.0, "b": 3.0, "c": 2.0}}, 2)["q"]) == ["b", "c"]
 
 
+def test_rerank_eval_scores_only_the_named_sublms_and_each_baseline():
+    """The rerank evaluation's scorers: ``sublms`` picks rows of the ranker (a remeasurement of a few), the
+    baselines always; a SubLM that ranks the relevant passage first gets NDCG@10 1."""
+    from elastic_core.ranker import rerank_eval
+
+    class Ranker:  # a fake of pure logic: scores by a fixed preference per SubLM
+        kind, sublms, max_length = "fake", ["good", "bad"], 64
+
+        def __init__(self, prefers):
+            self.prefers, self.scored = prefers, []
+
+        def score_pairs(self, queries, passages, sublm, progress=None):
+            self.scored.append(sublm)
+            return [1.0 if p == self.prefers[sublm] else 0.0 for p in passages]
+
+    ranker, teacher = Ranker({"good": "relevant", "bad": "other"}), Ranker({"teacher": "relevant"})
+    teacher.sublms = ["teacher"]
+    first_stage = {"q": {"a": 2.0, "b": 1.0}}
+    result = rerank_eval(ranker, {"q": "query"}, {"a": "other", "b": "relevant"}, first_stage, {"q": {"b": 1}},
+                         progress=False, baselines={"teacher": teacher}, sublms=["good"])
+    assert ranker.scored == ["good"] and list(result["sublms"]) == ["good"]
+    assert result["sublms"]["good"]["ndcg@10"] == pytest.approx(1.0)
+    assert result["baselines"]["teacher"]["ndcg@10"] == pytest.approx(1.0)
+    assert result["first_stage"]["ndcg@10"] < 1.0
+
+
 def test_glue_metrics_on_hand_made_labels():
     assert glue_metrics("sst2", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
     m = glue_metrics("mrpc", [1, 0, 1, 1], [1, 1, 0, 1])  # tp 2, fp 1, fn 1
