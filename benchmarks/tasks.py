@@ -112,11 +112,13 @@ def merge_rows(previous: dict, fresh: dict, ladder: list[str]) -> dict:
             raise SystemExit(f"--sublms: {key} differs from the previous run's ({previous.get(key)} vs "
                              f"{fresh.get(key)}): rerun every SubLM")
     merged = dict(previous)
+    # a part the previous run did not write yet (an older result) holds the fresh rows alone
     for part in ("sublms", "hybrid"):
-        rows = {**previous[part], **fresh[part]}
+        rows = {**previous.get(part, {}), **fresh.get(part, {})}
         merged[part] = {s: rows[s] for s in ladder if s in rows} | {s: m for s, m in rows.items() if s not in ladder}
-    merged["ndcg@10_at_depth"] = {d: {**rows, **fresh["ndcg@10_at_depth"].get(d, {})}
-                                  for d, rows in previous["ndcg@10_at_depth"].items()}
+    depths = {**previous.get("ndcg@10_at_depth", {}), **fresh.get("ndcg@10_at_depth", {})}
+    merged["ndcg@10_at_depth"] = {d: {**previous.get("ndcg@10_at_depth", {}).get(d, {}),
+                                      **fresh.get("ndcg@10_at_depth", {}).get(d, {})} for d in depths}
     return merged
 
 

@@ -294,3 +294,6 @@ def test_remeasured_rows_replace_only_their_own_and_keep_the_ladder_order():
     assert merged["ndcg@10_at_depth"]["20"]["w100-int8"] == 0.63 and merged["ndcg@10_at_depth"]["20"]["w100"] == 0.64
     with pytest.raises(SystemExit, match="queries"):
         merge_rows(previous, result({"w50-int8": 0.61}, queries=20), ladder)
+    older = {k: v for k, v in previous.items() if k not in ("hybrid", "ndcg@10_at_depth")}  # written before them
+    merged = merge_rows(older, result({"w50-int8": 0.61}), ladder)
+    assert list(merged["hybrid"]) == ["w50-int8"] and merged["ndcg@10_at_depth"]["20"]["w50-int8"] == 0.61
