@@ -145,7 +145,7 @@ def with_ratios(r: dict) -> dict:
     """Fill in each row's ratios and the targets, from the measured figures. The reference ("w100") is the fp32
     structure of the best-ranked SubLM: a precision variant ranked above it (w100-int8) is compared with it,
     never made the yardstick the others are divided by. The full structure's pruned-only model is the teacher."""
-    rows, ref = r["sublms"], r.get("reference", next(iter(r["sublms"])))
+    rows, ref = r["sublms"], r.setdefault("reference", next(iter(r["sublms"])))
     teacher, full, dl_teacher = r["teacher"]["ndcg@10"], rows[ref]["ndcg@10"], r.get("dl19", {}).get("teacher_ndcg@10")
     for row in rows.values():
         pruned, d_pruned = row["pruned_only_ndcg@10"], row.get("dl19_pruned_only_ndcg@10")
@@ -179,12 +179,12 @@ def markdown(r: dict) -> str:
              + (f" and TREC DL 2019 ({dl19_label(dl)}; {dl['queries']} judged queries, {dl['passages']} candidate "
                 "passages, dense rerank, graded NDCG@10)" if dl else "")
              + f"; latency at batch 32 × seq 128 on {r['device']} (median of 3 interleaved rounds). "
-             f"/ w100: against {r.get('reference', 'the first row')} (fp32); asym: queries by the SubLM, documents by "
+             f"/ w100: against {r['reference']} (fp32); asym: queries by the SubLM, documents by "
              f"{r.get('asym_documents_by', 'the first row')}.", "",
              "| model | SciFact NDCG@10 | / teacher | asym | asym / w100 | pruned-only | "
              + ("DL19 NDCG@10 | / teacher | / w100 | asym | pruned-only | " if dl else "") + "latency ms | / w100 |",
              "|---|---|---|---|---|---|" + ("---|---|---|---|---|" if dl else "") + "---|---|"]
-    ref = r.get("reference", next(iter(r["sublms"])))
+    ref = r["reference"]  # with_ratios names it
 
     def pruned_cell(name, value):  # a precision variant has no pruned-only twin
         return "= teacher" if name == ref else "" if value is None else f"{value:.4f}"

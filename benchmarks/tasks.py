@@ -85,6 +85,8 @@ def main():
             unknown = set(only) - set(ladder)
             if unknown:
                 raise SystemExit(f"{kind} ranker has no SubLM {sorted(unknown)}; it has {ladder}")
+            if only and kind not in result["rerank"]:  # said before the run, not after it
+                raise SystemExit(f"--sublms: no previous {kind} ranker figures in {args.out} to merge into")
             picked = [s for s in ladder if s in only] or ladder
             fresh = {
                 "scifact": eval_rerank_scifact(ranker, args.checkpoint, data_dir, ("bm25",), args.rerank_depth,
