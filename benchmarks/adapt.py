@@ -35,7 +35,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "models" / "elastic-minilm-l6"))
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--domains", default="scifact,dl19")
+    parser.add_argument("--domains", default="scifact,dl19", help="'' rewrites the section and plot from --out")
     parser.add_argument("--hours", type=float, default=0.5, help="adaptation budget per domain")
     parser.add_argument("--dl19-system", default="BM25", help="DL19 lists to rerank (as benchmarks/ladder.py: BM25's "
                         "top 100, the served rerank's case) or '' for the union of all five first stages")
@@ -48,27 +48,44 @@ def main():
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR
     from elastic_core.eval import eval_dl19_dense, eval_scifact
+    from elastic_core.model import load_config
+    from elastic_core.paths import weights_id
 
     data_dir = Path(args.data_dir or DEFAULT_DATA_DIR)
-    evaluate = {  # the SubLMs, and before adapting the teacher too (not the pruned-only baselines: ladder.py has them)
-        "scifact": lambda ckpt, base: eval_scifact(ckpt, data_dir, baselines=base, pruned_only=False),
+    # the trained structures, w100 first: adaptation changes the weights, and the precision variants are lowered
+    # from them at load; what it buys the small SubLMs is read on the structures (precision.py has the variants)
+    structures = load_config(args.checkpoint).trained_sublms()
+    evaluate = {  # and before adapting the teacher too (not the pruned-only baselines: ladder.py has them)
+        "scifact": lambda ckpt, base: eval_scifact(ckpt, data_dir, baselines=base, pruned_only=False,
+                                                   sublms=structures),
         "dl19": lambda ckpt, base: eval_dl19_dense(ckpt, data_dir, baselines=base, pruned_only=False,
-                                                   system=args.dl19_system or None)}
+                                                   system=args.dl19_system or None, sublms=structures)}
+    weights = weights_id(args.checkpoint)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result = {"command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "checkpoint": args.checkpoint, "domains": previous.get("domains", {})}
     for domain in filter(None, args.domains.split(",")):
         earlier = result["domains"].get(domain) if args.resume else None
+        if earlier and earlier.get("weights") != weights:
+            raise SystemExit(f"--resume: {domain}'s figures are of weights {earlier.get('weights')}, "
+                             f"{args.checkpoint} holds {weights}: run it afresh")
         if earlier:  # the general checkpoint has not changed: its figures stand
             b, teacher, minutes = earlier["before"], earlier["teacher_ndcg@10"], earlier["adapt_minutes"]
             runs = earlier.get("runs", [previous.get("command")])
-        else:
-            before = evaluate[domain](args.checkpoint, True)
+        else:  # measured once per weights (and DL19 lists), kept in --work-dir: an interrupted run keeps them
+            lists = f"-{args.dl19_system or 'union'}" if domain == "dl19" else ""
+            kept = Path(args.work_dir) / f"{domain}{lists}-before-{weights}.json"
+            if kept.exists():
+                before = json.loads(kept.read_text())
+            else:
+                before = evaluate[domain](args.checkpoint, True)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(json.dumps(before))
             b = {n: s["ndcg@10"] for n, s in before["sublms"].items()}
             teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / domain, args.checkpoint, hours=args.hours,
-                        resume=bool(earlier))
+                        general_dir=ROOT / "runs" / "corpus", resume=bool(earlier))
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
@@ -76,7 +93,8 @@ def main():
         a = {n: after["sublms"][n]["ndcg@10"] for n in names}
         gap = b[full] - b[small]
         result["domains"][domain] = {
-            "passages": str(DOMAINS[domain]), "adapt_minutes": minutes, "runs": runs + [result["command"]],
+            "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
+            "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
             "targets": {f"{small} closes >= half its gap to {full}": gap > 0 and (a[small] - b[small]) / gap >= 0.5,
@@ -89,13 +107,15 @@ def main():
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Measured {r['date']}: `{r['command']}`, from `{r['checkpoint']}`. Before: the general checkpoint "
-             "(held out); after: adapted to the collection's passages only (unlabeled); the test queries and "
-             "judgements are never read.", ""]
+    lines = [f"From `{r['checkpoint']}`. Before: the general checkpoint (held out); after: adapted to the "
+             "collection's passages only (unlabeled); the test queries and judgements are never read. Each "
+             "collection names the command, date and weights (`paths.weights_id`) it was measured with.", ""]
     for domain, d in r["domains"].items():
-        runs = " then ".join(f"`{c}`" for c in d.get("runs", [])[:-1])
-        lines += [f"**{domain}** ({d['passages']}, {d['adapt_minutes']:.0f} min of adaptation"
-                  + (f", continuing {runs}" if runs else "") + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
+        runs = d.get("runs") or [r["command"]]
+        lines += [f"**{domain}** ({d['passages']}; `{runs[-1]}`"
+                  + (f", continuing {' then '.join(f'`{c}`' for c in runs[:-1])}" if runs[:-1] else "")
+                  + f"; measured {d.get('date') or r['date']} on weights {d.get('weights') or 'not recorded'}; "
+                  f"{d['adapt_minutes']:.0f} min of adaptation; teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
                   for n in d["before"]]

@@ -159,11 +159,12 @@ class ServingCore:
             logger.info("SubLMs %s dropped: on %s a better-ranked SubLM or their own structure is as fast "
                         "at every profiled shape",
                         dominated, profile.device)
+        ties = backbone_config(first).tied_variants()  # per batch the faster of each tied pair is tried first
         lanes = {}
         for task, model in models.items():
             # each task its own schedule (own calibration) and its own global depth, so each degrades
             # and scales on its own signal; they share the queue, the batching loop and the model thread
-            schedule = ElasticSchedule(profile, sublms, ranking=ranking, max_batch_texts=cfg.max_batch_texts,
+            schedule = ElasticSchedule(profile, sublms, ranking=ranking, ties=ties, max_batch_texts=cfg.max_batch_texts,
                                        chunking=chunking, admission_factor=cfg.admission_factor,
                                        calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
             lanes[task] = TaskLane(model, schedule, depth(task) if depth else LocalDepth(),

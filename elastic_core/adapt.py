@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 from .corpus import SUMMARY_FILE, TEXTS_FILE, cropped_spans, read_corpus
@@ -50,7 +51,11 @@ def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | No
     records = [(t, "user_passages") for t in passages]
     for _ in range(crops_per_passage):
         records += [(t, "user_crops") for t in cropped_spans(passages, rng)]
-    if general_dir is not None and (general_dir / TEXTS_FILE).exists():
+    if general_dir is not None and not (general_dir / TEXTS_FILE).exists():
+        warnings.warn(f"no general corpus at {general_dir} (`elasticlm corpus --data-dir DIR --out {general_dir}` "
+                      "builds it): adapting without replay, so the full SubLM may lose quality outside your passages",
+                      stacklevel=2)
+    elif general_dir is not None:
         general, sources = read_corpus(general_dir)
         picks = rng.sample(range(len(general)), min(len(general), int(replay * len(records))))
         records += [(general[i], f"replay_{sources[i]}") for i in picks]
@@ -69,7 +74,7 @@ def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | No
 
 
 def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: float = 1.0, text_field: str = "text",
-          passes: int = 8, lr: float = 5e-5, general_dir: str | Path = "runs/corpus", resume: bool = False,
+          passes: int = 8, lr: float = 5e-5, general_dir: str | Path | None = "runs/corpus", resume: bool = False,
           seed: int = 0, progress: bool = True) -> Path:
     """Adapt ``checkpoint`` to the passages in ``corpus``; the result is a checkpoint at ``out`` (its
     ``train_config.json`` names the corpus it adapted to). Up to ``passes`` over the adaptation texts,

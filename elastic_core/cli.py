@@ -49,7 +49,7 @@ def _cmd_adapt(args):
     from .adapt import adapt
 
     print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
-                resume=args.resume))
+                general_dir=args.general_dir or None, resume=args.resume))
 
 
 def _given(args, *names) -> dict:
@@ -212,6 +212,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the elastic checkpoint to start from")
     p.add_argument("--field", default="text", help="the JSON field holding the text")
     p.add_argument("--hours", type=float, default=1.0, help="wall-clock budget")
+    p.add_argument("--general-dir", default="runs/corpus", help="the general corpus (`elasticlm corpus`) replayed "
+                                                              "beside your passages so the model keeps what it knew; "
+                                                              "'' adapts without it")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

@@ -74,10 +74,12 @@ def candidate_run(candidates: dict[str, dict[str, float]]):
 
 
 def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, str], qrels, rank,
-               baselines: bool = True, progress: bool = True, desc: str = "eval", pruned_only: bool = True) -> dict:
-    """NDCG@10 (graded) of every SubLM of ``checkpoint`` ranking ``docs`` for ``queries`` with
-    ``rank(query_ids, query_emb, doc_ids, doc_emb) -> run``; with the teacher (HF, as shipped) and the
-    pruned-only model in the same run. ``ndcg@10_asym``: queries by the SubLM, documents by w100."""
+               baselines: bool = True, progress: bool = True, desc: str = "eval", pruned_only: bool = True,
+               sublms: list[str] | None = None) -> dict:
+    """NDCG@10 (graded) of every SubLM of ``checkpoint`` (or those named in ``sublms``, in ladder order) ranking
+    ``docs`` for ``queries`` with ``rank(query_ids, query_emb, doc_ids, doc_emb) -> run``; with the teacher
+    (HF, as shipped) and the pruned-only model in the same run. ``ndcg@10_asym``: queries by the SubLM,
+    documents by the first SubLM measured."""
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -88,7 +90,9 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
     doc_ids, doc_texts = list(docs), list(docs.values())
     query_ids, query_texts = list(queries), list(queries.values())
     elastic = ElasticDenser.from_checkpoint(checkpoint)
-    sublms = elastic.sublms
+    if sublms is not None and (unknown := [s for s in sublms if s not in elastic.sublms]):
+        raise ValueError(f"{checkpoint} has no SubLMs {unknown}; it has {elastic.sublms}")
+    sublms = [s for s in elastic.sublms if sublms is None or s in sublms]
     models = [("sublms", elastic)]
     if baselines and pruned_only:
         scores = load_file(str(Path(checkpoint) / IMPORTANCE_FILE))
@@ -100,7 +104,7 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
     queries_tok = elastic.tokenize(query_texts)["input_ids"]
     # the full SubLM of pruned_only is the teacher itself (permutation invariance): not re-measured
     full_structure = elastic.model.config.structure_of(sublms[0])
-    jobs = [(group, d, s) for group, d in models for s in d.sublms
+    jobs = [(group, d, s) for group, d in models for s in (sublms if group == "sublms" else d.sublms)
             if not (group == "pruned_only" and s == full_structure)]
     total = (len(jobs) + baselines) * (len(doc_texts) + len(query_texts))
     bar = tqdm(total=total, desc=desc, unit="text", disable=not progress)
@@ -127,17 +131,19 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
 
 
 def eval_scifact(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, max_docs: int | None = None,
-                 baselines: bool = True, progress: bool = True, seed: int = 0, pruned_only: bool = True) -> dict:
+                 baselines: bool = True, progress: bool = True, seed: int = 0, pruned_only: bool = True,
+                 sublms: list[str] | None = None) -> dict:
     """BEIR SciFact test: retrieve the top 100 of the whole corpus by cosine. Its corpus is in the
     backbone's training text: report TREC DL 2019 (``eval_dl19_dense``) beside it."""
     ds: BeirDataset = subsample_corpus(load_scifact(data_dir, "test"), max_docs, seed)
     return {"dataset": "beir/scifact test", "corpus_docs": len(ds.corpus), "queries": len(ds.queries),
             **eval_dense(checkpoint, ds.queries, ds.corpus, ds.qrels, dense_run, baselines, progress, "scifact eval",
-                       pruned_only)}
+                       pruned_only, sublms)}
 
 
 def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, baselines: bool = True,
-                    progress: bool = True, pruned_only: bool = True, system: str | None = None) -> dict:
+                    progress: bool = True, pruned_only: bool = True, system: str | None = None,
+                    sublms: list[str] | None = None) -> dict:
     """TREC DL 2019 passage, dense reranking: each judged query's candidates (the union of the five
     first stages in candidates.tsv, or ``system``'s list, e.g. ``BM25``) ordered by cosine; graded NDCG@10. Evaluation only: no part of
     TREC DL is ever used for training."""
@@ -147,4 +153,4 @@ def eval_dl19_dense(checkpoint: str | Path, data_dir: str | Path = DEFAULT_DATA_
     return {"dataset": f"trec-dl-2019 passage, dense rerank of {lists}", "corpus_docs": len(docs),
             "queries": len(queries),
             **eval_dense(checkpoint, queries, docs, {q: qrels[q] for q in queries}, candidate_run(candidates),
-                         baselines, progress, "dl19 eval", pruned_only)}
+                         baselines, progress, "dl19 eval", pruned_only, sublms)}

@@ -99,6 +99,13 @@ class ElasticConfig:
         names = self.sublm_names
         return names[: names.index(self.structure_of(names[0])) + 1] if names else []
 
+    def tied_variants(self) -> dict[str, str]:
+        """Each precision variant ranked above its own structure, with that structure. Lowering only approximates
+        the structure's weights, so such a variant's measured edge in quality is noise (the ranking puts it first
+        for its speed, ``benchmarks/precision.py``): the two tie, and which is faster can depend on the batch."""
+        names = self.sublm_names
+        return {v: s for v in names if (s := self.structure_of(v)) != v and names.index(v) < names.index(s)}
+
     def structure_of(self, name: str) -> str:
         """The fp32 SubLM whose weights ``name`` runs (itself when ``name`` is fp32; every variant's is declared)."""
         return next(n for n, entry in self.trained_sublms().items() if entry[:3] == self.sublms[name][:3])

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .batching import pad
 from .model import (ElasticEncoder, load_bert, load_checkpoint, load_tokenizer, mean_pool_normalize,
                     permute_by_importance, resolve_device, save_checkpoint, score_importance)
+from .precision import native_bf16
 
 IMPORTANCE_FILE = "importance.safetensors"
 
@@ -93,7 +94,9 @@ class TrainConfig:
     # each step takes the next SubLM of every group: w25, furthest from the teacher, every step; w50 and w75
     # every 2nd
     rotation: list[list[str]] = field(default_factory=lambda: [["w25"], ["w50", "w75"]])
-    bf16_min_length: int = 48     # autocast pays for itself only on longer batches (measured: slower at 16 tokens)
+    # autocast pays for itself only on longer batches (measured: slower at 16 tokens), and only where the device
+    # multiplies bf16 natively (``precision.native_bf16``: a GPU, AMX, AVX512-BF16)
+    bf16_min_length: int = 48
     calibration_texts: int = 512
     save_every: int = 200
     seed: int = 0
@@ -147,7 +150,7 @@ def elastic_step(model: ElasticEncoder, batch: dict, targets: Targets, optimizer
     """One optimization step: forward + backward of each SubLM (gradients accumulate in the shared
     weights), then a single update."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    bf16 = ids.shape[1] >= cfg.bf16_min_length
+    bf16 = ids.shape[1] >= cfg.bf16_min_length and native_bf16(ids.device.type)
     optimizer.zero_grad(set_to_none=True)
     losses = {}
     for name in sublms:
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
             emb = teacher_emb[idx]
             targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
             if cfg.teacher_on_full and full in names:
-                long = batch["input_ids"].shape[1] >= cfg.bf16_min_length
+                long = batch["input_ids"].shape[1] >= cfg.bf16_min_length and native_bf16(device.type)
                 targets.states = teacher_targets(teacher, batch, bf16=long).states
         else:
             targets = teacher_targets(teacher, batch)

@@ -18,7 +18,9 @@ and that one model serves these decisions:
 * **choice** (per batch): SubLM k is feasible when
   ``waited + t_k(this batch) + drain_k(texts queued behind it) <= T``, where the texts behind it are
   this replica's share of the *global* queue depth (Redis: all live replicas, this batch excluded).
-  With every batch of one text and nothing waited this is exactly ``(q + 1) * t_k <= T``.
+  With every batch of one text and nothing waited this is exactly ``(q + 1) * t_k <= T``. A precision
+  variant that ties with its structure in quality is tried before or after it by which is faster for this
+  batch's shape (``by_speed_within_ties``), not by the batch-32 speed that ranked it.
 * **admission** (per request, before it is tokenized): a request is refused at once when even the
   fastest SubLM it allows could not finish it in time: the running batch's remaining time plus
   draining the local queue with the request in it exceeds ``admission_factor x T``. An optimistic
@@ -107,6 +109,8 @@ class ElasticSchedule:
     profile: LatencyProfile
     sublms: list[str]                 # what this replica may serve, best first
     ranking: list[str] | None = None  # every SubLM of the checkpoint, best first (floors name these)
+    ties: dict[str, str] = field(default_factory=dict)  # variant -> its structure, equal in quality
+                                      # (``ElasticConfig.tied_variants``): per batch the faster of the two goes first
     max_batch_texts: int = 64
     chunking: Chunking = Chunking()
     admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
@@ -138,6 +142,8 @@ class ElasticSchedule:
         self.ranking = list(self.ranking or self.sublms)
         if any(s not in self.ranking for s in self.sublms):
             raise ValueError(f"SubLMs {self.sublms} are not all in the ranking {self.ranking}")
+        if untied := {v: s for v, s in self.ties.items() if v not in self.ranking or s not in self.ranking}:
+            raise ValueError(f"ties {untied} name SubLMs outside the ranking {self.ranking}")
 
     # ----------------------------------------------------------------- the queue-wait model
     def factor(self, sublm: str) -> float:
@@ -181,12 +187,28 @@ class ElasticSchedule:
 
     # ----------------------------------------------------------------- decisions
     def allowed(self, min_sublm: str | None) -> list[str]:
-        """The SubLMs a quality floor allows, by rank (not name or size); a floor above everything this replica
-        serves leaves its best."""
+        """The SubLMs a quality floor allows, by rank (not name or size), and the structure a tied variant among
+        them ties with (ranked below it for speed, not quality); a floor above everything this replica serves
+        leaves its best."""
         if min_sublm is None:
             return self.sublms
         rank = self.ranking.index(min_sublm)
-        return [s for s in self.sublms if self.ranking.index(s) <= rank] or self.sublms[:1]
+        tied = {self.ties[s] for s in self.ranking[:rank + 1] if s in self.ties}
+        return [s for s in self.sublms if self.ranking.index(s) <= rank or s in tied] or self.sublms[:1]
+
+    def by_speed_within_ties(self, names: list[str], lengths: Sequence[int]) -> list[str]:
+        """``names`` with each tied pair in the order of its predicted time for *this* batch, in the pair's two
+        places. The ranking puts a tied variant first because it was faster at batch 32; at one short text its
+        per-batch quantization of activations can make it the slower (w50-int8 6.7 ms against w50's 5.4 at 1 x 16
+        on an AMX CPU), and the schedule should then try the structure first: same quality, less time."""
+        out = list(names)
+        for variant, structure in self.ties.items():
+            if variant in out and structure in out:
+                places = sorted((out.index(variant), out.index(structure)))
+                faster = sorted((variant, structure), key=lambda k: self.batch_ms(k, lengths))
+                for place, name in zip(places, faster):
+                    out[place] = name
+        return out
 
     def strictest(self, floors: Sequence[str | None]) -> str | None:
         """A batch runs on one SubLM, so of its requests' floors the best-ranked SubLM named wins."""
@@ -202,7 +224,7 @@ class ElasticSchedule:
             profiled = self.profiled_ms(k, lengths)
             return waited_ms + self.headroom(k, profiled) * (profiled * self.factor(k) + self.drain_ms(k, behind))
 
-        sublm = choose_sublm(self.allowed(min_sublm), completion_ms, target_ms)
+        sublm = choose_sublm(self.by_speed_within_ties(self.allowed(min_sublm), lengths), completion_ms, target_ms)
         profiled = self.profiled_ms(sublm, lengths)
         return Choice(sublm, profiled * self.factor(sublm), profiled)
 

@@ -109,3 +109,18 @@ def test_adapt_distils_a_checkpoint_on_a_users_passages(tmp_path, checkpoint_dir
     record = json.loads((out / "train_config.json").read_text())
     assert record["adapted_to"] == str(corpus) and set(record["training_text"]) == {"user_passages", "user_crops"}
     assert provenance(out, "scifact_corpus").startswith("adapted")
+
+
+def test_adaptation_corpus_says_when_it_cannot_replay_the_general_text(tmp_path):
+    from elastic_core.adapt import adaptation_corpus
+
+    passages = [f"Passage {i} on the migration of arctic terns between the poles." for i in range(10)]
+    with pytest.warns(UserWarning, match="without replay"):
+        summary = adaptation_corpus(passages, tmp_path / "a", tmp_path / "no-general-corpus")
+    assert set(summary["sources"]) == {"user_passages", "user_crops"}
+    general = tmp_path / "general"
+    general.mkdir()
+    (general / "texts.jsonl").write_text("".join(json.dumps({"text": f"general text {i}", "source": "general_queries"})
+                                                 + "\n" for i in range(100)))
+    summary = adaptation_corpus(passages, tmp_path / "b", general)
+    assert summary["sources"]["general_replay"] == len(passages) * 3 // 2  # replay 0.5 x (passages + 2 crops each)

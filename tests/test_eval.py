@@ -72,6 +72,15 @@ def test_eval_scifact_end_to_end_shape(checkpoint_dir, tiny_beir):
         assert row["ndcg@10"] == pytest.approx(1.0) and row["ndcg@10_asym"] == pytest.approx(1.0)
 
 
+def test_eval_measures_only_the_named_sublms_in_ladder_order(checkpoint_dir, tiny_beir):
+    names = load_config(checkpoint_dir).sublm_names
+    picked = [names[-1], names[0]]  # named out of order: measured in the ladder's order
+    result = eval_scifact(checkpoint_dir, tiny_beir, baselines=False, progress=False, sublms=picked)
+    assert list(result["sublms"]) == [names[0], names[-1]]
+    with pytest.raises(ValueError, match="no SubLMs"):
+        eval_scifact(checkpoint_dir, tiny_beir, baselines=False, progress=False, sublms=["w33"])
+
+
 def test_candidate_run_reorders_each_querys_own_candidates():
     from elastic_core.eval import candidate_run
 

@@ -210,6 +210,32 @@ def test_the_choice_walks_the_ranking_and_falls_back_to_the_fastest():
     assert s.alone_ms(10, 320) == pytest.approx(10.0)
 
 
+def test_a_tied_variant_yields_to_its_structure_at_the_shapes_where_it_is_slower():
+    """w50-int8 ties with w50 (ranked above it for its batch-32 speed); at one short text its quantization of the
+    activations makes it the slower, and there the schedule tries w50 first: same quality, less time."""
+    ranking = ["w100", "w50-int8", "w50", "w25"]
+    ms = {("w100", 1): 8.0, ("w100", 32): 160.0, ("w50-int8", 1): 6.7, ("w50-int8", 32): 40.0,
+          ("w50", 1): 5.4, ("w50", 32): 70.0, ("w25", 1): 3.0, ("w25", 32): 30.0}
+    entries = [{"sublm": k, "batch": b, "seq": q, "ms": t} for (k, b), t in ms.items() for q in (8, 512)]
+    s = ElasticSchedule(LatencyProfile("test", entries), ranking, ranking=ranking, ties={"w50-int8": "w50"},
+                        choice_quantile=0, calibration_alpha=0)
+    idle = DepthReading(0, 1, True)
+    assert s.by_speed_within_ties(ranking, [16]) == ["w100", "w50", "w50-int8", "w25"]
+    assert s.by_speed_within_ties(ranking, [16] * 32) == ranking
+    assert s.choose([16], idle, target_ms=7).sublm == "w50"               # both fit: the faster of the tie
+    assert s.choose([16] * 32, idle, target_ms=100).sublm == "w50-int8"   # at batch 32 the variant is the faster
+    assert s.choose([16], idle, target_ms=7, min_sublm="w50-int8").sublm == "w50"  # a floor keeps its tie
+    with pytest.raises(ValueError, match="ties"):
+        ElasticSchedule(LatencyProfile("test", entries), ranking, ranking=ranking, ties={"w75-int8": "w75"})
+
+
+def test_the_checkpoint_declares_a_variant_ranked_above_its_structure_a_tie():
+    config = ElasticConfig(sublms={"w100-int8": [12, 1536, 6, "int8"], "w100": [12, 1536, 6], "w50": [6, 768, 6],
+                                   "w50-int8": [6, 768, 6, "int8"], "w25-bf16": [3, 384, 6, "bf16"],
+                                   "w25": [3, 384, 6]})
+    assert config.tied_variants() == {"w100-int8": "w100", "w25-bf16": "w25"}  # w50-int8 ranks below w50: no tie
+
+
 # ----------------------------------------------------------------------------- serving
 def test_answers_name_the_variant_that_served(tmp_path, checkpoint_dir):
     """The committed checkpoint with w50-int8 declared: under a queue w50 cannot drain in T, w50-int8 can, and

@@ -66,3 +66,14 @@ def test_a_cpu_timing_names_the_cpu_and_its_int8_bf16_kernels(monkeypatch):
     from loadtests.experiment import machine  # the load tests' results name the same
 
     assert machine(with_platform=False).startswith("Intel Xeon Platinum 8480+ [no VNNI, AMX or bf16] x")
+
+
+def test_bf16_autocast_only_where_the_device_multiplies_bf16(monkeypatch):
+    """The teacher cache and long training batches autocast to bf16 on AMX / AVX512-BF16 / a GPU; an AVX2-only CPU
+    emulates bf16, several times slower than fp32, and stays in fp32."""
+    from elastic_core import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert precision.native_bf16("cpu") and precision.native_bf16("cuda")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert not precision.native_bf16("cpu") and precision.native_bf16("cuda")
