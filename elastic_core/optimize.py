@@ -137,6 +137,11 @@ def distillation_loss(states, attention_mask, targets: Targets, tau: float, rela
     return {"loss": total, **parts}
 
 
+def autocasts(ids: torch.Tensor, cfg: TrainConfig) -> bool:
+    """Whether a batch runs in bf16 autocast: long enough to pay for it, on a device that multiplies bf16."""
+    return ids.shape[1] >= cfg.bf16_min_length and native_bf16(ids.device.type)
+
+
 def teacher_targets(teacher: ElasticEncoder, batch: dict, bf16: bool = False) -> Targets:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -150,7 +155,7 @@ def elastic_step(model: ElasticEncoder, batch: dict, targets: Targets, optimizer
     """One optimization step: forward + backward of each SubLM (gradients accumulate in the shared
     weights), then a single update."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    bf16 = ids.shape[1] >= cfg.bf16_min_length and native_bf16(ids.device.type)
+    bf16 = autocasts(ids, cfg)
     optimizer.zero_grad(set_to_none=True)
     losses = {}
     for name in sublms:
@@ -302,8 +307,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
             emb = teacher_emb[idx]
             targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
             if cfg.teacher_on_full and full in names:
-                long = batch["input_ids"].shape[1] >= cfg.bf16_min_length and native_bf16(device.type)
-                targets.states = teacher_targets(teacher, batch, bf16=long).states
+                targets.states = teacher_targets(teacher, batch, bf16=autocasts(batch["input_ids"], cfg)).states
         else:
             targets = teacher_targets(teacher, batch)
         losses = elastic_step(model, batch, targets, optimizer, cfg, names)
