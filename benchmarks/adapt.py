@@ -6,6 +6,8 @@ passages (no labels, no queries), then search that collection with its own test 
 Per domain: every SubLM's NDCG@10 before (the general checkpoint: held out) and after (adapted to the
 passages: the queries and judgements stay unseen), with the teacher beside them. Writes
 benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmarks.md.
+`--distil-from checkpoint` distils from the general checkpoint's own w100 instead of the shipped teacher
+(kept beside the teacher's figures as '<domain>-own-w100').
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
+from elastic_core.adapt import DISTIL_FROM  # noqa: E402
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -41,6 +44,8 @@ def main():
                         "top 100, the served rerank's case) or '' for the union of all five first stages")
     parser.add_argument("--resume", action="store_true", help="continue each domain's adaptation state (in --work-dir) "
                         "for another --hours; its 'before' figures and earlier minutes are kept from --out")
+    parser.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
+                        help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -63,11 +68,13 @@ def main():
     weights = weights_id(args.checkpoint)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result = {"command": "python benchmarks/adapt.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "checkpoint": args.checkpoint, "domains": previous.get("domains", {})}
+              "checkpoint": shown(args.checkpoint), "domains": previous.get("domains", {})}
     for domain in filter(None, args.domains.split(",")):
-        earlier = result["domains"].get(domain) if args.resume else None
+        # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
+        entry = domain if args.distil_from == "teacher" else f"{domain}-own-w100"
+        earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
-            raise SystemExit(f"--resume: {domain}'s figures are of weights {earlier.get('weights')}, "
+            raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
                              f"{args.checkpoint} holds {weights}: run it afresh")
         if earlier:  # the general checkpoint has not changed: its figures stand
             b, teacher, minutes = earlier["before"], earlier["teacher_ndcg@10"], earlier["adapt_minutes"]
@@ -84,16 +91,17 @@ def main():
             b = {n: s["ndcg@10"] for n, s in before["sublms"].items()}
             teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
-        adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / domain, args.checkpoint, hours=args.hours,
-                        general_dir=ROOT / "runs" / "corpus", resume=bool(earlier))
+        adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
+                        general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from)
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
         full, small = names[0], names[-1]
         a = {n: after["sublms"][n]["ndcg@10"] for n in names}
         gap = b[full] - b[small]
-        result["domains"][domain] = {
+        result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
+            "distil_from": args.distil_from,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
@@ -106,6 +114,12 @@ def main():
     print(markdown(result))
 
 
+def shown(path: str) -> str:
+    """A path as the results show it: relative to the repository where it lies in it (no machine's layout)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def markdown(r: dict) -> str:
     lines = [f"From `{r['checkpoint']}`. Before: the general checkpoint (held out); after: adapted to the "
              "collection's passages only (unlabeled); the test queries and judgements are never read. Each "
@@ -115,7 +129,9 @@ def markdown(r: dict) -> str:
         lines += [f"**{domain}** ({d['passages']}; `{runs[-1]}`"
                   + (f", continuing {' then '.join(f'`{c}`' for c in runs[:-1])}" if runs[:-1] else "")
                   + f"; measured {d.get('date') or r['date']} on weights {d.get('weights') or 'not recorded'}; "
-                  f"{d['adapt_minutes']:.0f} min of adaptation; teacher {d['teacher_ndcg@10']:.4f})", "",
+                  f"{d['adapt_minutes']:.0f} min of adaptation, distilled from "
+                  f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}; "
+                  f"teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
                   for n in d["before"]]

@@ -6,6 +6,10 @@ No labels: the user's passages plus query-length spans cropped from them (pseudo
 box sends) are embedded by the teacher once, and the SubLMs are distilled towards it with the default
 recipe (``optimize.train``), starting from the general checkpoint. A share of the general corpus is
 replayed beside them so that the model keeps what it knew: the full SubLM must lose nothing.
+
+The teacher (``distil_from``): all-MiniLM-L6-v2 as shipped, or the general checkpoint's own full SubLM (a
+frozen copy). The second holds w100 where it was by construction, where the shipped teacher pulls it towards
+the teacher's own quality on that text, and gives the small SubLMs the target the gap is measured against.
 Where the small SubLMs lose most is text they never read; after this they have read the user's.
 """
 
@@ -18,6 +22,10 @@ import warnings
 from pathlib import Path
 
 from .corpus import SUMMARY_FILE, TEXTS_FILE, cropped_spans, read_corpus
+
+# what the SubLMs are distilled towards while adapting
+DISTIL_FROM = {"teacher": "all-MiniLM-L6-v2 as shipped",
+               "checkpoint": "the full SubLM of the checkpoint being adapted (a frozen copy): w100 keeps its place"}
 
 
 def read_user_corpus(path: str | Path, text_field: str = "text") -> list[str]:
@@ -75,13 +83,18 @@ def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | No
 
 def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: float = 1.0, text_field: str = "text",
           passes: int = 8, lr: float = 5e-5, general_dir: str | Path | None = "runs/corpus", resume: bool = False,
-          seed: int = 0, progress: bool = True) -> Path:
+          seed: int = 0, progress: bool = True, distil_from: str = "teacher") -> Path:
     """Adapt ``checkpoint`` to the passages in ``corpus``; the result is a checkpoint at ``out`` (its
     ``train_config.json`` names the corpus it adapted to). Up to ``passes`` over the adaptation texts,
-    within ``hours``. State lives in ``<out>.state`` (``resume`` continues it)."""
+    within ``hours``. State lives in ``<out>.state`` (``resume`` continues it). ``distil_from``: one of
+    ``DISTIL_FROM``."""
     from .optimize import TrainConfig, train
 
+    if distil_from not in DISTIL_FROM:
+        raise ValueError(f"distil_from={distil_from!r}: one of {list(DISTIL_FROM)}")
     out = Path(out)
+    if distil_from == "checkpoint" and out.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out} is the checkpoint it distils from: adapt into another directory")
     state = out.parent / f"{out.name}.state"
     corpus_dir = state / "corpus"
     if not resume and state.exists():
@@ -91,7 +104,8 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
         adaptation_corpus(passages, corpus_dir, Path(general_dir) if general_dir else None, seed)
     texts = json.loads((corpus_dir / SUMMARY_FILE).read_text())["texts"]
     cfg = TrainConfig(out=str(out), state_dir=str(state), corpus_dir=str(corpus_dir), init=str(checkpoint),
-                      texts=passes * texts, hours=hours, lr=lr, seed=seed, full_every=2)
+                      texts=passes * texts, hours=hours, lr=lr, seed=seed, full_every=2,
+                      teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())
     record["adapted_to"] = str(corpus)

@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from .adapt import DISTIL_FROM  # noqa: E402
 from .data import DEFAULT_DATA_DIR  # noqa: E402
 from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -49,7 +50,7 @@ def _cmd_adapt(args):
     from .adapt import adapt
 
     print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
-                general_dir=args.general_dir or None, resume=args.resume))
+                general_dir=args.general_dir or None, resume=args.resume, distil_from=args.distil_from))
 
 
 def _given(args, *names) -> dict:
@@ -215,6 +216,8 @@ def main(argv=None):
     p.add_argument("--general-dir", default="runs/corpus", help="the general corpus (`elasticlm corpus`) replayed "
                                                               "beside your passages so the model keeps what it knew; "
                                                               "'' adapts without it")
+    p.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
+                   help="; ".join(f"{k}: {v}" for k, v in DISTIL_FROM.items()))
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

@@ -181,8 +181,11 @@ class TeacherCache:
 
     BLOCK = 8192
 
-    def __init__(self, corpus_dir: str | Path, max_length: int):
-        self.dir = Path(corpus_dir) / f"teacher-len{max_length}"
+    def __init__(self, corpus_dir: str | Path, max_length: int, teacher_id: str | None = None):
+        """``teacher_id``: another teacher than the shipped one (an elastic checkpoint's weights id, as
+        ``adapt --distil-from checkpoint`` uses) keeps its outputs apart from the shipped teacher's."""
+        self.dir = Path(corpus_dir) / (f"teacher-{teacher_id}-len{max_length}" if teacher_id
+                                       else f"teacher-len{max_length}")
         self.max_length = max_length
 
     @property

@@ -111,6 +111,32 @@ def test_adapt_distils_a_checkpoint_on_a_users_passages(tmp_path, checkpoint_dir
     assert provenance(out, "scifact_corpus").startswith("adapted")
 
 
+def test_adapt_can_distil_from_the_checkpoints_own_full_sublm(tmp_path, checkpoint_dir):
+    from elastic_core.adapt import adapt
+    from elastic_core.corpus import read_corpus
+    from elastic_core.model import load_bert, load_checkpoint, load_tokenizer
+    from elastic_core.paths import weights_id
+
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("".join(f"Passage {i} on tidal energy and the lunar cycle, measured at site {i}.\n"
+                              for i in range(24)))
+    with pytest.raises(ValueError, match="distil_from"):
+        adapt(corpus, tmp_path / "x", checkpoint_dir, distil_from="the moon", general_dir=None, progress=False)
+    with pytest.raises(ValueError, match="distils from"):
+        adapt(corpus, checkpoint_dir, checkpoint_dir, distil_from="checkpoint", general_dir=None, progress=False)
+    out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None,
+                distil_from="checkpoint", progress=False)
+    assert json.loads((out / "train_config.json").read_text())["teacher"] == str(checkpoint_dir)
+    # the targets are the checkpoint's own full SubLM's embeddings, cached apart from the shipped teacher's
+    state = tmp_path / "adapted.state" / "corpus"
+    assert not (state / "teacher-len128").exists()
+    cached = np.load(state / f"teacher-{weights_id(checkpoint_dir)}-len128" / "embeddings.npy")[:2].astype(np.float32)
+    batch = load_tokenizer()(read_corpus(state)[0][:2], padding=True, return_tensors="pt", return_token_type_ids=False)
+    own = load_checkpoint(checkpoint_dir).embed(batch["input_ids"], batch["attention_mask"]).detach().numpy()
+    shipped = load_bert().embed(batch["input_ids"], batch["attention_mask"]).detach().numpy()
+    assert np.allclose(cached, own, atol=2e-3) and not np.allclose(cached, shipped, atol=2e-2)
+
+
 def test_adaptation_corpus_says_when_it_cannot_replay_the_general_text(tmp_path):
     from elastic_core.adapt import adaptation_corpus
 
