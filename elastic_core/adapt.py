@@ -6,11 +6,11 @@ No labels: the user's passages plus query-length spans cropped from them (pseudo
 box sends) are embedded by the teacher once, and the SubLMs are distilled towards it with the default
 recipe (``optimize.train``), starting from the general checkpoint. A share of the general corpus is
 replayed beside them so that the model keeps what it knew: the full SubLM must lose nothing.
+Where the small SubLMs lose most is text they never read; after this they have read the user's.
 
 The teacher (``distil_from``): all-MiniLM-L6-v2 as shipped, or the general checkpoint's own full SubLM (a
 frozen copy). The second holds w100 where it was by construction, where the shipped teacher pulls it towards
 the teacher's own quality on that text, and gives the small SubLMs the target the gap is measured against.
-Where the small SubLMs lose most is text they never read; after this they have read the user's.
 """
 
 from __future__ import annotations
