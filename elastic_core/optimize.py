@@ -94,7 +94,8 @@ class TrainConfig:
     # what the SubLMs are distilled towards: None, all-MiniLM-L6-v2 as shipped; or an elastic checkpoint, whose
     # full SubLM (a frozen copy) is the teacher. Adaptation uses the checkpoint it adapts: where that checkpoint's
     # w100 beats the shipped teacher (SciFact: 0.655 vs 0.645), two hours distilled from the teacher pulled w100
-    # back to the teacher's 0.644; its own outputs keep w100 where it was and are what the small SubLMs chase
+    # back to the teacher's 0.644; its own outputs held w100 better (-0.0055 in an hour against -0.008) but not
+    # within 0.005, and the small SubLMs closed no more: the shared weights drift under their gradients
     teacher: str | None = None
     sublms: dict[str, list[int]] = field(default_factory=width_ladder)
     # each step takes the next SubLM of every group: w25, furthest from the teacher, every step; w50 and w75
