@@ -7,7 +7,8 @@ Per domain: every SubLM's NDCG@10 before (the general checkpoint: held out) and 
 passages: the queries and judgements stay unseen), with the teacher beside them. Writes
 benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmarks.md.
 `--distil-from checkpoint` distils from the general checkpoint's own w100 instead of the shipped teacher
-(kept beside the teacher's figures as '<domain>-own-w100').
+(kept beside the teacher's figures as '<domain>-own-w100'); `--hold-full` adapts the smaller SubLMs on their
+own copy of the layers and leaves w100's weights as they were ('<domain>-held-w100').
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.adapt import DISTIL_FROM  # noqa: E402
+from elastic_core.adapt import ADAPT_LR, DISTIL_FROM  # noqa: E402
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -46,6 +47,10 @@ def main():
                         "for another --hours; its 'before' figures and earlier minutes are kept from --out")
     parser.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                         help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
+    parser.add_argument("--hold-full", action="store_true",
+                        help="as `elasticlm adapt --hold-full`; its figures are kept as '<domain>-held-w100'")
+    parser.add_argument("--lr", type=float, default=None, help="as `elasticlm adapt --lr`; a set rate is kept as "
+                        "'<domain>-lr<rate>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -71,7 +76,8 @@ def main():
               "checkpoint": shown(args.checkpoint), "domains": previous.get("domains", {})}
     for domain in filter(None, args.domains.split(",")):
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
-        entry = domain if args.distil_from == "teacher" else f"{domain}-own-w100"
+        entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
+                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
@@ -92,7 +98,8 @@ def main():
             teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
-                        general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from)
+                        general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from,
+                        hold_full=args.hold_full, **({"lr": args.lr} if args.lr else {}))
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
@@ -101,7 +108,7 @@ def main():
         gap = b[full] - b[small]
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
-            "distil_from": args.distil_from,
+            "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr or ADAPT_LR,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
@@ -130,8 +137,10 @@ def markdown(r: dict) -> str:
                   + (f", continuing {' then '.join(f'`{c}`' for c in runs[:-1])}" if runs[:-1] else "")
                   + f"; measured {d.get('date') or r['date']} on weights {d.get('weights') or 'not recorded'}; "
                   f"{d['adapt_minutes']:.0f} min of adaptation, distilled from "
-                  f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}; "
-                  f"teacher {d['teacher_ndcg@10']:.4f})", "",
+                  f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}"
+                  + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
+                  + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != ADAPT_LR else "")
+                  + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
                   for n in d["before"]]
@@ -149,17 +158,26 @@ def plot(r: dict, path: Path):
     import matplotlib.pyplot as plt
 
     domains = list(r["domains"])
-    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
+    cols = min(3, len(domains))
+    rows = -(-len(domains) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, domain in zip(axes.flat, domains):
         d = r["domains"][domain]
         names = list(d["before"])
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [d["before"][n] for n in names], 0.4, label="general checkpoint")
         ax.bar([i + 0.2 for i in x], [d["after"][n] for n in names], 0.4, label="adapted")
         ax.axhline(d["teacher_ndcg@10"], color="k", ls="--", lw=1, label="teacher")
+        # the differences are hundredths of NDCG: an axis from 0 would flatten them
+        values = [*d["before"].values(), *d["after"].values(), d["teacher_ndcg@10"]]
+        margin = 0.15 * (max(values) - min(values)) + 0.005
+        ax.set_ylim(min(values) - margin, max(values) + margin)
         ax.set_xticks(list(x), names)
-        ax.set_ylabel(f"{domain} NDCG@10")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title(domain, fontsize=10)
+        ax.set_ylabel("NDCG@10")
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(domains):]:
+        ax.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,6 +12,10 @@ The teacher (``distil_from``): all-MiniLM-L6-v2 as shipped, or the general check
 frozen copy). The second gives the small SubLMs the target their gap is measured against, and w100 its own
 outputs; measured, it gained on neither SciFact nor DL19 (w100 still drifts: the small SubLMs' gradients move
 the weights it is made of), so the shipped teacher is the default.
+
+``hold_full``: the SubLMs below the full one adapt on their own copy of the layers and the full SubLM keeps the
+general weights, so it cannot lose anything, and no step goes to holding it. The adapted checkpoint holds one
+more set of layers (``ElasticConfig.adapted_below_full``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import warnings
 from pathlib import Path
 
 from .corpus import SUMMARY_FILE, TEXTS_FILE, cropped_spans, read_corpus
+
+# a third of the general recipe's 1.5e-4: this fine-tunes a trained checkpoint, whose full SubLM (unless held)
+# is made of the weights the small SubLMs move
+ADAPT_LR = 5e-5
 
 # what the SubLMs are distilled towards while adapting
 DISTIL_FROM = {"teacher": "all-MiniLM-L6-v2 as shipped",
@@ -83,12 +91,12 @@ def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | No
 
 
 def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: float = 1.0, text_field: str = "text",
-          passes: int = 8, lr: float = 5e-5, general_dir: str | Path | None = "runs/corpus", resume: bool = False,
-          seed: int = 0, progress: bool = True, distil_from: str = "teacher") -> Path:
+          passes: int = 8, lr: float = ADAPT_LR, general_dir: str | Path | None = "runs/corpus", resume: bool = False,
+          seed: int = 0, progress: bool = True, distil_from: str = "teacher", hold_full: bool = False) -> Path:
     """Adapt ``checkpoint`` to the passages in ``corpus``; the result is a checkpoint at ``out`` (its
     ``train_config.json`` names the corpus it adapted to). Up to ``passes`` over the adaptation texts,
     within ``hours``. State lives in ``<out>.state`` (``resume`` continues it). ``distil_from``: one of
-    ``DISTIL_FROM``."""
+    ``DISTIL_FROM``; ``hold_full``: see the module's docstring."""
     from .optimize import TrainConfig, train
 
     if distil_from not in DISTIL_FROM:
@@ -105,7 +113,8 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
         adaptation_corpus(passages, corpus_dir, Path(general_dir) if general_dir else None, seed)
     texts = json.loads((corpus_dir / SUMMARY_FILE).read_text())["texts"]
     cfg = TrainConfig(out=str(out), state_dir=str(state), corpus_dir=str(corpus_dir), init=str(checkpoint),
-                      texts=passes * texts, hours=hours, lr=lr, seed=seed, full_every=2,
+                      texts=passes * texts, hours=hours, lr=lr, seed=seed, full_every=0 if hold_full else 2,
+                      hold_full=hold_full, teacher_on_full=not hold_full,
                       teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from .adapt import DISTIL_FROM  # noqa: E402
+from .adapt import ADAPT_LR, DISTIL_FROM  # noqa: E402
 from .data import DEFAULT_DATA_DIR  # noqa: E402
 from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -50,7 +50,8 @@ def _cmd_adapt(args):
     from .adapt import adapt
 
     print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
-                general_dir=args.general_dir or None, resume=args.resume, distil_from=args.distil_from))
+                general_dir=args.general_dir or None, resume=args.resume, distil_from=args.distil_from,
+                hold_full=args.hold_full, lr=args.lr))
 
 
 def _given(args, *names) -> dict:
@@ -218,6 +219,9 @@ def main(argv=None):
                                                               "'' adapts without it")
     p.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                    help="; ".join(f"{k}: {v}" for k, v in DISTIL_FROM.items()))
+    p.add_argument("--lr", type=float, default=ADAPT_LR, help="peak learning rate (cosine schedule)")
+    p.add_argument("--hold-full", action="store_true", help="adapt the SubLMs below the full one on their own copy "
+                   "of the layers; the full SubLM keeps the general weights (one more set of layers in memory)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

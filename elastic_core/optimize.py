@@ -97,6 +97,9 @@ class TrainConfig:
     # back to the teacher's 0.644; its own outputs held w100 better (-0.0055 in an hour against -0.008) but not
     # within 0.005, and the small SubLMs closed no more: the shared weights drift under their gradients
     teacher: str | None = None
+    # train only the SubLMs below the full one, on their own copy of the layers (``ElasticEncoder.hold_full``): the
+    # full SubLM cannot lose anything, and no step is spent holding it (adaptation; needs ``full_every = 0``)
+    hold_full: bool = False
     sublms: dict[str, list[int]] = field(default_factory=width_ladder)
     # each step takes the next SubLM of every group: w25, furthest from the teacher, every step; w50 and w75
     # every 2nd
@@ -272,6 +275,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
     token_ids, lengths, teacher_emb = cache.build(texts, tokenizer, teacher, progress).load()
     teacher_emb = torch.from_numpy(teacher_emb).float()
     model, scores = starting_model(cfg, tokenizer, texts, device)
+    if cfg.hold_full:
+        if cfg.full_every:
+            raise ValueError("hold_full trains the SubLMs below the full one only: full_every must be 0")
+        model.hold_full()
     if cfg.teacher_free and not cfg.teacher_on_full:
         del teacher
     elif not cfg.teacher:  # an elastic checkpoint is in importance order already
@@ -283,7 +290,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
                for b in length_bucketed_batches(lengths[calibration:], cfg.max_batch, cfg.seed, cfg.tokens_per_batch)]
     planned = len(batches) if cfg.texts is None else _steps_for(batches, cfg.texts)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
     plan = {"steps": planned}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, plan["steps"], cfg.warmup))
     start, seen = 0, 0

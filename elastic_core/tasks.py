@@ -73,6 +73,8 @@ class LowRankUpdate(nn.Module):
 
 def add_adapters(encoder: ElasticEncoder, rank: int, alpha: float) -> ElasticEncoder:
     """Freeze the backbone's matrices and embeddings; train low-rank updates, biases and LayerNorms."""
+    if encoder.adapted_layers is not None:  # its small SubLMs run other layers than the ones adapted here
+        raise ValueError("task adapters train on a general checkpoint, not one adapted with --hold-full")
     encoder.requires_grad_(False)
     for layer in encoder.layers:
         for name in ADAPTED:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from elastic_core.corpus import (TeacherCache, build_corpus, cropped_spans, evaluation_texts, normalize,
                                  read_corpus, wordnet_texts)
@@ -135,6 +136,34 @@ def test_adapt_can_distil_from_the_checkpoints_own_full_sublm(tmp_path, checkpoi
     own = load_checkpoint(checkpoint_dir).embed(batch["input_ids"], batch["attention_mask"]).detach().numpy()
     shipped = load_bert().embed(batch["input_ids"], batch["attention_mask"]).detach().numpy()
     assert np.allclose(cached, own, atol=2e-3) and not np.allclose(cached, shipped, atol=2e-2)
+
+
+def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, checkpoint_dir):
+    from elastic_core.adapt import adapt
+    from elastic_core.model import load_checkpoint, load_tokenizer
+    from elastic_core.tasks import add_adapters
+
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("".join(f"Passage {i} on glacier retreat and meltwater lakes, surveyed in year {i}.\n"
+                              for i in range(24)))
+    out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None,
+                hold_full=True, progress=False)
+    before, after = load_checkpoint(checkpoint_dir), load_checkpoint(out)
+    assert after.config.adapted_below_full and not before.config.adapted_below_full
+    batch = load_tokenizer()(["meltwater lakes under the glacier", "a survey of year 3"], padding=True,
+                             return_tensors="pt", return_token_type_ids=False)
+    full, small = before.config.sublm_names[0], before.config.sublm_names[-1]
+
+    def embed(model, name):
+        with torch.no_grad():
+            return model.embed(batch["input_ids"], batch["attention_mask"], sublm=name)
+
+    # the full SubLM answers as the general checkpoint did (to fp16 storage), the smallest one has moved
+    assert torch.allclose(embed(after, full), embed(before, full), atol=1e-6)
+    assert not torch.allclose(embed(after, small), embed(before, small), atol=1e-4)
+    assert after.layers_of(after.config.sublm(small)) is after.adapted_layers
+    with pytest.raises(ValueError, match="hold-full"):
+        add_adapters(after, rank=4, alpha=8.0)
 
 
 def test_adaptation_corpus_says_when_it_cannot_replay_the_general_text(tmp_path):
