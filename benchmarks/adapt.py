@@ -175,7 +175,8 @@ def plot(r: dict, path: Path):
         ax.set_xticks(list(x), names)
         ax.set_title(domain, fontsize=10)
         ax.set_ylabel("NDCG@10")
-        ax.legend(fontsize=7, loc="lower left")
+        if domain == domains[0]:  # one legend says it for every panel
+            ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[len(domains):]:
         ax.set_visible(False)
     fig.tight_layout()
