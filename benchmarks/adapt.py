@@ -49,8 +49,8 @@ def main():
                         help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
     parser.add_argument("--hold-full", action="store_true",
                         help="as `elasticlm adapt --hold-full`; its figures are kept as '<domain>-held-w100'")
-    parser.add_argument("--lr", type=float, default=None, help="as `elasticlm adapt --lr`; a set rate is kept as "
-                        "'<domain>-lr<rate>'")
+    parser.add_argument("--lr", type=float, default=ADAPT_LR, help="as `elasticlm adapt --lr`; another rate than "
+                        "the default is kept as '<domain>-lr<rate>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -77,7 +77,7 @@ def main():
     for domain in filter(None, args.domains.split(",")):
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
         entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
-                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr else ""))
+                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != ADAPT_LR else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
@@ -99,7 +99,7 @@ def main():
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
                         general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from,
-                        hold_full=args.hold_full, **({"lr": args.lr} if args.lr else {}))
+                        hold_full=args.hold_full, lr=args.lr)
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
@@ -108,7 +108,7 @@ def main():
         gap = b[full] - b[small]
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
-            "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr or ADAPT_LR,
+            "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
