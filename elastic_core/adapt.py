@@ -15,7 +15,7 @@ the weights it is made of), so the shipped teacher is the default.
 
 ``hold_full``: the SubLMs below the full one adapt on their own copy of the layers and the full SubLM keeps the
 general weights, so it cannot lose anything, and no step goes to holding it. The adapted checkpoint holds one
-more set of layers (``ElasticConfig.adapted_below_full``).
+copy of the layers those SubLMs run (``ElasticConfig.adapted_copy``: w75's prefix, 3/4 of a set).
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def main(argv=None):
                    help="; ".join(f"{k}: {v}" for k, v in DISTIL_FROM.items()))
     p.add_argument("--lr", type=float, default=ADAPT_LR, help="peak learning rate (cosine schedule)")
     p.add_argument("--hold-full", action="store_true", help="adapt the SubLMs below the full one on their own copy "
-                   "of the layers; the full SubLM keeps the general weights (one more set of layers in memory)")
+                   "of the layers (the prefix they run: w75's, 3/4 of a set, in memory beside the general one); the full SubLM "
+                   "keeps the general weights")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

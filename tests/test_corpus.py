@@ -149,7 +149,10 @@ def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, ch
     out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None,
                 hold_full=True, progress=False)
     before, after = load_checkpoint(checkpoint_dir), load_checkpoint(out)
-    assert after.config.adapted_below_full and not before.config.adapted_below_full
+    assert before.config.adapted_copy is None
+    # the copy holds only what the SubLMs below the full one run (w75's prefix when w75 is the largest of them)
+    assert after.config.adapted_copy == list(before.config.enclosing_below_full())
+    assert sum(p.numel() for p in after.adapted_layers.parameters()) < sum(p.numel() for p in after.layers.parameters())
     batch = load_tokenizer()(["meltwater lakes under the glacier", "a survey of year 3"], padding=True,
                              return_tensors="pt", return_token_type_ids=False)
     full, small = before.config.sublm_names[0], before.config.sublm_names[-1]
