@@ -7,8 +7,9 @@ Per domain: every SubLM's NDCG@10 before (the general checkpoint: held out) and 
 passages: the queries and judgements stay unseen), with the teacher beside them. Writes
 benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmarks.md.
 `--distil-from checkpoint` distils from the general checkpoint's own w100 instead of the shipped teacher
-(kept beside the teacher's figures as '<domain>-own-w100'); `--hold-full` adapts the smaller SubLMs on their
-own copy of the layers and leaves w100's weights as they were ('<domain>-held-w100').
+(kept beside the teacher's figures as '<domain>-own-w100'). As `elasticlm adapt`, the smaller SubLMs adapt on
+their own copy of the layers and w100's weights stay as they were ('<domain>-held-w100'); `--no-hold-full` adapts
+one set of layers (the entry without it). A rate other than 5e-5 is named too ('-lr<rate>').
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.adapt import ADAPT_LR, DISTIL_FROM  # noqa: E402
+from elastic_core.adapt import DISTIL_FROM, SHARED_ADAPT_LR, default_lr  # noqa: E402
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -47,13 +48,14 @@ def main():
                         "for another --hours; its 'before' figures and earlier minutes are kept from --out")
     parser.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                         help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
-    parser.add_argument("--hold-full", action="store_true",
-                        help="as `elasticlm adapt --hold-full`; its figures are kept as '<domain>-held-w100'")
-    parser.add_argument("--lr", type=float, default=ADAPT_LR, help="as `elasticlm adapt --lr`; another rate than "
-                        "the default is kept as '<domain>-lr<rate>'")
+    parser.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True,
+                        help="as `elasticlm adapt --hold-full` (the default); its figures are kept as '<domain>-held-w100'")
+    parser.add_argument("--lr", type=float, help="as `elasticlm adapt --lr` (the same default); a rate other than "
+                        "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
+    args.lr = args.lr or default_lr(args.hold_full)
 
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR
@@ -77,7 +79,7 @@ def main():
     for domain in filter(None, args.domains.split(",")):
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
         entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
-                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != ADAPT_LR else ""))
+                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != SHARED_ADAPT_LR else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
@@ -139,7 +141,7 @@ def markdown(r: dict) -> str:
                   f"{d['adapt_minutes']:.0f} min of adaptation, distilled from "
                   f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}"
                   + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
-                  + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != ADAPT_LR else "")
+                  + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != SHARED_ADAPT_LR else "")
                   + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change |", "|---|---|---|---|"]
         lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
