@@ -86,6 +86,7 @@ def main():
                              f"{args.checkpoint} holds {weights}: run it afresh")
         if earlier:  # the general checkpoint has not changed: its figures stand
             b, teacher, minutes = earlier["before"], earlier["teacher_ndcg@10"], earlier["adapt_minutes"]
+            b_asym = earlier.get("before_asym")
             runs = earlier.get("runs", [previous.get("command")])
         else:  # measured once per weights (and DL19 lists), kept in --work-dir: an interrupted run keeps them
             lists = f"-{args.dl19_system or 'union'}" if domain == "dl19" else ""
@@ -97,6 +98,7 @@ def main():
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 kept.write_text(json.dumps(before))
             b = {n: s["ndcg@10"] for n, s in before["sublms"].items()}
+            b_asym = {n: s["ndcg@10_asym"] for n, s in before["sublms"].items()}
             teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
@@ -107,13 +109,16 @@ def main():
         names = list(b)
         full, small = names[0], names[-1]
         a = {n: after["sublms"][n]["ndcg@10"] for n in names}
+        # an index built by w100 searched with each SubLM's queries: what serving does when a surge lowers the SubLM
+        a_asym = {n: after["sublms"][n]["ndcg@10_asym"] for n in names}
         gap = b[full] - b[small]
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
             "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
-            "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
+            "before": b, "after": a, "before_asym": b_asym, "after_asym": a_asym,
+            "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
             "targets": {f"{small} closes >= half its gap to {full}": gap > 0 and (a[small] - b[small]) / gap >= 0.5,
                         f"{full} loses nothing": a[full] >= b[full] - 0.005}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +137,9 @@ def shown(path: str) -> str:
 def markdown(r: dict) -> str:
     lines = [f"From `{r['checkpoint']}`. Before: the general checkpoint (held out); after: adapted to the "
              "collection's passages only (unlabeled); the test queries and judgements are never read. Each "
-             "collection names the command, date and weights (`paths.weights_id`) it was measured with.", ""]
+             "collection names the command, date and weights (`paths.weights_id`) it was measured with. asym: each "
+             "SubLM's queries against documents embedded by w100 (what a surge serves against an index built at full "
+             "quality; not recorded by the first runs).", ""]
     for domain, d in r["domains"].items():
         runs = d.get("runs") or [r["command"]]
         lines += [f"**{domain}** ({d['passages']}; `{runs[-1]}`"
@@ -143,8 +150,10 @@ def markdown(r: dict) -> str:
                   + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
                   + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != SHARED_ADAPT_LR else "")
                   + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
-                  "| SubLM | before | after | change |", "|---|---|---|---|"]
-        lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
+                  "| SubLM | before | after | change | asym before | asym after |", "|---|---|---|---|---|---|"]
+        asym = {k: d.get(k) or {} for k in ("before_asym", "after_asym")}  # not recorded by the first runs
+        lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} | "
+                  + " | ".join(f"{asym[k][n]:.4f}" if n in asym[k] else "" for k in asym) + " |"
                   for n in d["before"]]
         lines += ["", f"The smallest SubLM closed {d['gap_closed']:.0%} of its gap to the full one."
                   + (f" {d['note']}" if d.get("note") else "")]
