@@ -7,8 +7,9 @@ Per domain: every SubLM's NDCG@10 before (the general checkpoint: held out) and 
 passages: the queries and judgements stay unseen), with the teacher beside them. Writes
 benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmarks.md.
 `--distil-from checkpoint` distils from the general checkpoint's own w100 instead of the shipped teacher
-(kept beside the teacher's figures as '<domain>-own-w100'); `--hold-full` adapts the smaller SubLMs on their
-own copy of the layers and leaves w100's weights as they were ('<domain>-held-w100').
+(kept beside the teacher's figures as '<domain>-own-w100'). As `elasticlm adapt`, the smaller SubLMs adapt on
+their own copy of the layers and w100's weights stay as they were ('<domain>-held-w100'); `--no-hold-full` adapts
+one set of layers (the entry without it). A rate other than 5e-5 is named too ('-lr<rate>').
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.adapt import ADAPT_LR, DISTIL_FROM  # noqa: E402
+from elastic_core.adapt import DISTIL_FROM, SHARED_ADAPT_LR, default_lr  # noqa: E402
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -47,13 +48,14 @@ def main():
                         "for another --hours; its 'before' figures and earlier minutes are kept from --out")
     parser.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                         help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
-    parser.add_argument("--hold-full", action="store_true",
-                        help="as `elasticlm adapt --hold-full`; its figures are kept as '<domain>-held-w100'")
-    parser.add_argument("--lr", type=float, default=ADAPT_LR, help="as `elasticlm adapt --lr`; another rate than "
-                        "the default is kept as '<domain>-lr<rate>'")
+    parser.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True,
+                        help="as `elasticlm adapt --hold-full` (the default); its figures are kept as '<domain>-held-w100'")
+    parser.add_argument("--lr", type=float, help="as `elasticlm adapt --lr` (the same default); a rate other than "
+                        "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
+    args.lr = args.lr or default_lr(args.hold_full)
 
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR
@@ -77,13 +79,14 @@ def main():
     for domain in filter(None, args.domains.split(",")):
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
         entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
-                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != ADAPT_LR else ""))
+                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != SHARED_ADAPT_LR else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
                              f"{args.checkpoint} holds {weights}: run it afresh")
         if earlier:  # the general checkpoint has not changed: its figures stand
             b, teacher, minutes = earlier["before"], earlier["teacher_ndcg@10"], earlier["adapt_minutes"]
+            b_asym = earlier.get("before_asym")
             runs = earlier.get("runs", [previous.get("command")])
         else:  # measured once per weights (and DL19 lists), kept in --work-dir: an interrupted run keeps them
             lists = f"-{args.dl19_system or 'union'}" if domain == "dl19" else ""
@@ -95,6 +98,7 @@ def main():
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 kept.write_text(json.dumps(before))
             b = {n: s["ndcg@10"] for n, s in before["sublms"].items()}
+            b_asym = {n: s["ndcg@10_asym"] for n, s in before["sublms"].items()}
             teacher, minutes, runs = before["teacher"]["ndcg@10"], 0.0, []
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
@@ -105,13 +109,16 @@ def main():
         names = list(b)
         full, small = names[0], names[-1]
         a = {n: after["sublms"][n]["ndcg@10"] for n in names}
+        # an index built by w100 searched with each SubLM's queries: what serving does when a surge lowers the SubLM
+        a_asym = {n: after["sublms"][n]["ndcg@10_asym"] for n in names}
         gap = b[full] - b[small]
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
             "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
-            "before": b, "after": a, "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
+            "before": b, "after": a, "before_asym": b_asym, "after_asym": a_asym,
+            "gap_closed": (a[small] - b[small]) / gap if gap > 0 else None,
             "targets": {f"{small} closes >= half its gap to {full}": gap > 0 and (a[small] - b[small]) / gap >= 0.5,
                         f"{full} loses nothing": a[full] >= b[full] - 0.005}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +137,9 @@ def shown(path: str) -> str:
 def markdown(r: dict) -> str:
     lines = [f"From `{r['checkpoint']}`. Before: the general checkpoint (held out); after: adapted to the "
              "collection's passages only (unlabeled); the test queries and judgements are never read. Each "
-             "collection names the command, date and weights (`paths.weights_id`) it was measured with.", ""]
+             "collection names the command, date and weights (`paths.weights_id`) it was measured with. asym: each "
+             "SubLM's queries against documents embedded by w100 (what a surge serves against an index built at full "
+             "quality; not recorded by the first runs).", ""]
     for domain, d in r["domains"].items():
         runs = d.get("runs") or [r["command"]]
         lines += [f"**{domain}** ({d['passages']}; `{runs[-1]}`"
@@ -139,10 +148,12 @@ def markdown(r: dict) -> str:
                   f"{d['adapt_minutes']:.0f} min of adaptation, distilled from "
                   f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}"
                   + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
-                  + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != ADAPT_LR else "")
+                  + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != SHARED_ADAPT_LR else "")
                   + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
-                  "| SubLM | before | after | change |", "|---|---|---|---|"]
-        lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} |"
+                  "| SubLM | before | after | change | asym before | asym after |", "|---|---|---|---|---|---|"]
+        asym = {k: d.get(k) or {} for k in ("before_asym", "after_asym")}  # not recorded by the first runs
+        lines += [f"| {n} | {d['before'][n]:.4f} | {d['after'][n]:.4f} | {d['after'][n] - d['before'][n]:+.4f} | "
+                  + " | ".join(f"{asym[k][n]:.4f}" if n in asym[k] else "" for k in asym) + " |"
                   for n in d["before"]]
         lines += ["", f"The smallest SubLM closed {d['gap_closed']:.0%} of its gap to the full one."
                   + (f" {d['note']}" if d.get("note") else "")]

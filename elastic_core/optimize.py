@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from .batching import pad
-from .model import (ElasticEncoder, load_bert, load_checkpoint, load_tokenizer, mean_pool_normalize,
-                    permute_by_importance, resolve_device, save_checkpoint, score_importance)
+from .importance import permute_by_importance, score_importance
+from .model import (ElasticEncoder, load_bert, load_checkpoint, load_tokenizer, mean_pool_normalize, resolve_device,
+                    save_checkpoint)
 from .paths import weights_id
 from .precision import native_bf16
 

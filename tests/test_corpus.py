@@ -102,7 +102,8 @@ def test_adapt_distils_a_checkpoint_on_a_users_passages(tmp_path, checkpoint_dir
     assert read_user_corpus(corpus)[0].startswith("Title 0 Passage 0")
     with pytest.raises(ValueError, match="'body'"):
         read_user_corpus(corpus, text_field="body")
-    out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None, progress=False)
+    out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None,
+                hold_full=False, progress=False)  # one set of layers, every SubLM adapting (the default holds w100)
     before, after = load_checkpoint(checkpoint_dir), load_checkpoint(out)
     assert after.config.sublms == before.config.sublms  # the checkpoint's own ladder, not the recipe's
     changed = (after.layers[0].query.weight - before.layers[0].query.weight).abs().max()
@@ -139,7 +140,7 @@ def test_adapt_can_distil_from_the_checkpoints_own_full_sublm(tmp_path, checkpoi
 
 
 def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, checkpoint_dir):
-    from elastic_core.adapt import adapt
+    from elastic_core.adapt import ADAPT_LR, adapt
     from elastic_core.model import load_checkpoint, load_tokenizer
     from elastic_core.tasks import add_adapters
 
@@ -147,9 +148,12 @@ def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, ch
     corpus.write_text("".join(f"Passage {i} on glacier retreat and meltwater lakes, surveyed in year {i}.\n"
                               for i in range(24)))
     out = adapt(corpus, tmp_path / "adapted", checkpoint_dir, hours=0.02, passes=1, general_dir=None,
-                hold_full=True, progress=False)
+                progress=False)  # the default: the full SubLM held
     before, after = load_checkpoint(checkpoint_dir), load_checkpoint(out)
-    assert after.config.adapted_below_full and not before.config.adapted_below_full
+    assert before.config.adapted_copy is None
+    # the copy holds only what the SubLMs below the full one run (w75's prefix when w75 is the largest of them)
+    assert after.config.adapted_copy == list(before.config.enclosing_below_full())
+    assert sum(p.numel() for p in after.adapted_layers.parameters()) < sum(p.numel() for p in after.layers.parameters())
     batch = load_tokenizer()(["meltwater lakes under the glacier", "a survey of year 3"], padding=True,
                              return_tensors="pt", return_token_type_ids=False)
     full, small = before.config.sublm_names[0], before.config.sublm_names[-1]
@@ -162,6 +166,7 @@ def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, ch
     assert torch.allclose(embed(after, full), embed(before, full), atol=1e-6)
     assert not torch.allclose(embed(after, small), embed(before, small), atol=1e-4)
     assert after.layers_of(after.config.sublm(small)) is after.adapted_layers
+    assert json.loads((out / "train_config.json").read_text())["lr"] == ADAPT_LR  # held: nothing limits the rate
     with pytest.raises(ValueError, match="hold-full"):
         add_adapters(after, rank=4, alpha=8.0)
 

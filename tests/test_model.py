@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from elastic_core.model import (ElasticConfig, load_checkpoint, permute_by_importance, save_checkpoint,
-                                score_importance, sublm_cost, teacher_dir, width_sublms)
+from elastic_core.importance import permute_by_importance, score_importance
+from elastic_core.model import ElasticConfig, load_checkpoint, save_checkpoint, sublm_cost, teacher_dir, width_sublms
 
 pytestmark = pytest.mark.fast  # pure logic: `make test-fast`
 
@@ -124,3 +124,25 @@ def test_packed_inference_computes_the_same_function(checkpoint_dir, tokenizer):
     with pytest.raises(ValueError, match="padded layout"):
         model(batch["input_ids"], batch["attention_mask"], packed=True,
               head_mask=torch.ones(3, model.config.num_layers, model.config.num_heads))
+
+
+def test_held_full_copy_is_trimmed_to_the_sublms_below_and_computes_what_they_did(teacher, batch, tmp_path):
+    """``hold_full`` copies only the prefix the SubLMs below the full one run; before any step every SubLM answers
+    as before, the copy round-trips through a checkpoint, and a config whose SubLMs outgrow its copy is refused."""
+    model = copy.deepcopy(teacher).hold_full()  # the teacher's SubLMs: w100, w75, w50, w25
+    w75 = model.config.sublm("w75")
+    assert model.config.adapted_copy == [w75.heads, w75.ffn, w75.layers]
+    assert model.adapted_layers[0].ffn_in.weight.shape == (w75.ffn, model.config.hidden_size)
+    assert model.adapted_layers[0].query.weight.shape == (w75.heads * model.config.head_dim, model.config.hidden_size)
+    assert not any(p.requires_grad for p in model.layers.parameters())
+    assert all(p.requires_grad for p in model.adapted_layers.parameters())
+    with torch.no_grad():
+        for name in ("w100", "w75", "w25"):
+            torch.testing.assert_close(model.embed(**batch, sublm=name), teacher.embed(**batch, sublm=name))
+    save_checkpoint(model, tmp_path, dtype=torch.float32)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.layers_of(w75) is loaded.adapted_layers and loaded.layers_of(loaded.config.full()) is loaded.layers
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(**batch, sublm="w50"), teacher.embed(**batch, sublm="w50"))
+    with pytest.raises(ValueError, match="adapted copy"):
+        ElasticConfig(sublms={"w100": [12, 1536, 6], "w90": [11, 1382, 6]}, adapted_copy=[9, 1152, 6])
