@@ -49,7 +49,8 @@ def main():
     parser.add_argument("--distil-from", default="teacher", choices=list(DISTIL_FROM),
                         help="as `elasticlm adapt --distil-from`; checkpoint's figures are kept as '<domain>-own-w100'")
     parser.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True,
-                        help="as `elasticlm adapt --hold-full` (the default); its figures are kept as '<domain>-held-w100'")
+                        help="as `elasticlm adapt --hold-full` (the default); its figures are kept as "
+                        "'<domain>-held-w100'")
     parser.add_argument("--lr", type=float, help="as `elasticlm adapt --lr` (the same default); a rate other than "
                         "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))

@@ -14,8 +14,9 @@ outputs; measured, it gained on neither SciFact nor DL19 (w100 still drifts: the
 the weights it is made of), so the shipped teacher is the default.
 
 ``hold_full`` (the default): the SubLMs below the full one adapt on their own copy of the layers and the full
-SubLM keeps the general weights, so it cannot lose anything, and no step goes to holding it. The adapted checkpoint holds one
-copy of the layers those SubLMs run (``ElasticConfig.adapted_copy``: w75's prefix, 3/4 of a set).
+SubLM keeps the general weights, so it cannot lose anything, and no step goes to holding it. The adapted
+checkpoint holds a copy of the layers those SubLMs run (``ElasticConfig.adapted_copy``: w75's prefix, 3/4 of a
+set).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
         adaptation_corpus(passages, corpus_dir, Path(general_dir) if general_dir else None, seed)
     texts = json.loads((corpus_dir / SUMMARY_FILE).read_text())["texts"]
     cfg = TrainConfig(out=str(out), state_dir=str(state), corpus_dir=str(corpus_dir), init=str(checkpoint),
-                      texts=passes * texts, hours=hours, lr=lr or default_lr(hold_full), seed=seed, full_every=0 if hold_full else 2,
-                      hold_full=hold_full, teacher_on_full=not hold_full,
+                      texts=passes * texts, hours=hours, lr=lr or default_lr(hold_full), seed=seed,
+                      full_every=0 if hold_full else 2, hold_full=hold_full, teacher_on_full=not hold_full,
                       teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())

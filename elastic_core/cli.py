@@ -221,9 +221,10 @@ def main(argv=None):
                    help="; ".join(f"{k}: {v}" for k, v in DISTIL_FROM.items()))
     p.add_argument("--lr", type=float, help=f"peak learning rate (cosine schedule; default {ADAPT_LR:g} held, "
                    f"{SHARED_ADAPT_LR:g} with --no-hold-full)")
-    p.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True, help="adapt the SubLMs below the full one on their own copy "
-                   "of the layers (the prefix they run: w75's, 3/4 of a set, in memory beside the general one); the full SubLM "
-                   "keeps the general weights; --no-hold-full adapts one set of layers (task adapters need that)")
+    p.add_argument("--hold-full", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt the SubLMs below the full one on their own copy of the layers (the prefix they run: "
+                   "w75's, 3/4 of a set, in memory beside the general one); the full SubLM keeps the general weights; "
+                   "--no-hold-full adapts one set of layers (task adapters need that)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

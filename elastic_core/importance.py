@@ -4,7 +4,8 @@
   2. ``permute_by_importance``  reorder each layer's weights so the important units come first; the full model's
                                function is unchanged, and every SubLM (a prefix, ``model.py``) keeps the best units.
 
-Run once, on the teacher, before elastic optimization (``optimize.py``); a checkpoint's weights are stored in that order.
+Run once, on the teacher, before elastic optimization (``optimize.py``); a checkpoint's weights are stored in
+that order.
 """
 
 from __future__ import annotations

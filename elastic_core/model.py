@@ -153,7 +153,7 @@ class ElasticLayer(nn.Module):
     """One BERT layer (post-LN). Parameter names follow HF's BertLayer so weights load 1:1."""
 
     def __init__(self, cfg: ElasticConfig, heads: int | None = None, neurons: int | None = None):
-        """A whole layer, or (``heads``, ``neurons``) a prefix of one: the adapted copy (``ElasticEncoder.hold_full``)."""
+        """A whole layer, or (``heads``, ``neurons``) a prefix of one: the adapted copy (``hold_full``)."""
         super().__init__()
         inner = (heads or cfg.num_heads) * cfg.head_dim
         neurons = neurons or cfg.intermediate_size
