@@ -70,10 +70,10 @@ class ElasticConfig:
         if orphans := [name for name, entry in self.sublms.items() if tuple(entry[:3]) not in trained]:
             raise ValueError(f"precision variants {orphans} need their structure declared in fp32 too: "
                              "it is what training optimizes and what they run")
-        if self.adapted_copy is not None and any(need > held for need, held in
-                                                 zip(self.enclosing_below_full(), self.adapted_copy)):
-            raise ValueError(f"the SubLMs below the full one need {list(self.enclosing_below_full())} (heads, ffn, "
-                             f"layers); the adapted copy they run on holds {self.adapted_copy}")
+        needed = self.enclosing_below_full() if self.adapted_copy is not None else ()
+        if any(need > held for need, held in zip(needed, self.adapted_copy or ())):
+            raise ValueError(f"the SubLMs below the full one need {list(needed)} (heads, ffn, layers); the adapted "
+                             f"copy they run on holds {self.adapted_copy}")
 
     @property
     def head_dim(self) -> int:
