@@ -53,6 +53,8 @@ def main():
                         "'<domain>-held-w100'")
     parser.add_argument("--lr", type=float, help="as `elasticlm adapt --lr` (the same default); a rate other than "
                         "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
+    parser.add_argument("--token-every", type=int, default=0, help="as `elasticlm adapt --token-every`; a run "
+                        "with it is kept as '<domain>...-tok<n>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -80,7 +82,8 @@ def main():
     for domain in filter(None, args.domains.split(",")):
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
         entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
-                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != SHARED_ADAPT_LR else ""))
+                 + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != SHARED_ADAPT_LR else "")
+                 + (f"-tok{args.token_every}" if args.token_every else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
@@ -104,7 +107,7 @@ def main():
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
                         general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from,
-                        hold_full=args.hold_full, lr=args.lr)
+                        hold_full=args.hold_full, lr=args.lr, token_every=args.token_every)
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
@@ -116,6 +119,7 @@ def main():
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
             "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr,
+            "token_every": args.token_every,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "before_asym": b_asym, "after_asym": a_asym,
@@ -150,6 +154,7 @@ def markdown(r: dict) -> str:
                   f"{'its own w100' if d.get('distil_from') == 'checkpoint' else 'the teacher'}"
                   + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
                   + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != SHARED_ADAPT_LR else "")
+                  + (f", the teacher's token states every {d['token_every']} steps" if d.get("token_every") else "")
                   + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change | asym before | asym after |", "|---|---|---|---|---|---|"]
         asym = {k: d.get(k) or {} for k in ("before_asym", "after_asym")}  # not recorded by the first runs

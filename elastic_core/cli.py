@@ -51,7 +51,7 @@ def _cmd_adapt(args):
 
     print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
                 general_dir=args.general_dir or None, resume=args.resume, distil_from=args.distil_from,
-                hold_full=args.hold_full, lr=args.lr))
+                hold_full=args.hold_full, lr=args.lr, token_every=args.token_every))
 
 
 def _given(args, *names) -> dict:
@@ -225,6 +225,8 @@ def main(argv=None):
                    help="adapt the SubLMs below the full one on their own copy of the layers (the prefix they run: "
                    "w75's, 3/4 of a set, in memory beside the general one); the full SubLM keeps the general weights; "
                    "--no-hold-full adapts one set of layers (task adapters need that)")
+    p.add_argument("--token-every", type=int, default=0,
+                   help="held: run the teacher every n-th step for its token states (0: never)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

@@ -11,8 +11,8 @@ Per SubLM the loss is
                ``bank_size`` cached teacher embeddings drawn from the whole corpus, so who-is-near-whom
                is taught against thousands of neighbours instead of the batch;
   * tokens:    1 - cos on every real token's final state, only on the steps that run the teacher: w100's
-               (``teacher_on_full``), or every step with ``teacher_free = False`` (the small-corpus recipe
-               this one replaced).
+               (``teacher_on_full``) and every ``token_every``-th, or every step with ``teacher_free = False``
+               (the small-corpus recipe this one replaced).
 
 Where a step's time goes (measured, ``benchmarks/results/training_speed.json``): a student's forward +
 backward costs ~3x a teacher forward and the larger SubLMs most of it. So the teacher's embeddings are
@@ -92,6 +92,10 @@ class TrainConfig:
     # w100's steps also run the teacher (bf16 on long batches) for its token states: the token loss is what
     # held w100 to the teacher in the old recipe, and it costs one forward on half the steps
     teacher_on_full: bool = True
+    # and every n-th step too (0: only w100's): the token loss then reaches the SubLMs that step trains. Held
+    # adaptation trains no w100 step, so without it no step sees the teacher's token states; the shared recipe's
+    # w100 steps gave them to w50 on every step it trained and to w25 on half of its steps
+    token_every: int = 0
     # what the SubLMs are distilled towards: None, all-MiniLM-L6-v2 as shipped; or an elastic checkpoint, whose
     # full SubLM (a frozen copy) is the teacher. Adaptation uses the checkpoint it adapts: where that checkpoint's
     # w100 beats the shipped teacher (SciFact: 0.655 vs 0.645), two hours distilled from the teacher pulled w100
@@ -280,7 +284,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
         if cfg.full_every:
             raise ValueError("hold_full trains the SubLMs below the full one only: full_every must be 0")
         model.hold_full()
-    if cfg.teacher_free and not cfg.teacher_on_full:
+    if cfg.teacher_free and not cfg.teacher_on_full and not cfg.token_every:
         del teacher
     elif not cfg.teacher:  # an elastic checkpoint is in importance order already
         teacher = permute_by_importance(teacher, scores["head_scores"], scores["neuron_scores"])
@@ -322,7 +326,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
             bank = teacher_emb[torch.from_numpy(rng.integers(0, len(teacher_emb), cfg.bank_size))]
             emb = teacher_emb[idx]
             targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
-            if cfg.teacher_on_full and full in names:
+            if (cfg.teacher_on_full and full in names) or (cfg.token_every and step % cfg.token_every == 0):
                 targets.states = teacher_targets(teacher, batch, bf16=autocasts(batch["input_ids"], cfg)).states
         else:
             targets = teacher_targets(teacher, batch)
@@ -339,7 +343,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"texts/s": f"{seen_here / elapsed:.1f}"})
         bar.update(1)
         log.write(json.dumps({"step": step, "lr": schedule.get_last_lr()[0], "texts": seen,
-                              "texts_per_s": seen_here / elapsed, **losses}) + "\n")
+                              "texts_per_s": seen_here / elapsed, "token_states": targets.states is not None,
+                              **losses}) + "\n")
         if step % cfg.save_every == 0 or step == plan["steps"]:
             log.flush()
             save(step)

@@ -171,6 +171,24 @@ def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, ch
         add_adapters(after, rank=4, alpha=8.0)
 
 
+def test_held_adaptation_gives_the_teachers_token_states_every_nth_step(tmp_path, checkpoint_dir):
+    from elastic_core.adapt import adapt
+
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("".join(f"Passage {i} on river deltas and the sediment they carry, gauged at station {i}.\n"
+                              for i in range(24)))
+    logs = {}
+    for every in (0, 2):
+        out = adapt(corpus, tmp_path / f"adapted-{every}", checkpoint_dir, hours=0.02, passes=3, general_dir=None,
+                    progress=False, token_every=every)
+        assert json.loads((out / "train_config.json").read_text())["token_every"] == every
+        logs[every] = [json.loads(l) for l in open(tmp_path / f"adapted-{every}.state" / "train_log.jsonl")]
+    # held, no step trains w100: without token_every no step runs the teacher; with it, every 2nd (step 0, 2, ...)
+    assert not any(e["token_states"] for e in logs[0])
+    assert [e["token_states"] for e in logs[2]] == [(e["step"] - 1) % 2 == 0 for e in logs[2]]
+    assert len(logs[2]) >= 2
+
+
 def test_adaptation_corpus_says_when_it_cannot_replay_the_general_text(tmp_path):
     from elastic_core.adapt import adaptation_corpus
 
