@@ -9,7 +9,8 @@ benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmar
 `--distil-from checkpoint` distils from the general checkpoint's own w100 instead of the shipped teacher
 (kept beside the teacher's figures as '<domain>-own-w100'). As `elasticlm adapt`, the smaller SubLMs adapt on
 their own copy of the layers and w100's weights stay as they were ('<domain>-held-w100'); `--no-hold-full` adapts
-one set of layers (the entry without it). A rate other than 5e-5 is named too ('-lr<rate>').
+one set of layers (the entry without it). A rate other than 5e-5 is named too ('-lr<rate>'), and the teacher's
+token states on other steps than w100's ('-tok<n>': every n-th step, held adaptation's default).
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.adapt import DISTIL_FROM, SHARED_ADAPT_LR, default_lr  # noqa: E402
+from elastic_core.adapt import DISTIL_FROM, SHARED_ADAPT_LR, default_lr, default_token_every  # noqa: E402
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -53,12 +54,13 @@ def main():
                         "'<domain>-held-w100'")
     parser.add_argument("--lr", type=float, help="as `elasticlm adapt --lr` (the same default); a rate other than "
                         "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
-    parser.add_argument("--token-every", type=int, default=0, help="as `elasticlm adapt --token-every`; a run "
-                        "with it is kept as '<domain>...-tok<n>'")
+    parser.add_argument("--token-every", type=int, help="as `elasticlm adapt --token-every` (the same default); a "
+                        "run with token states off w100's steps is kept as '<domain>...-tok<n>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
     args.lr = args.lr or default_lr(args.hold_full)
+    args.token_every = default_token_every(args.hold_full) if args.token_every is None else args.token_every
 
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR

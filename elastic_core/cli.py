@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from .adapt import ADAPT_LR, DISTIL_FROM, SHARED_ADAPT_LR  # noqa: E402
+from .adapt import ADAPT_LR, ADAPT_TOKEN_EVERY, DISTIL_FROM, SHARED_ADAPT_LR  # noqa: E402
 from .data import DEFAULT_DATA_DIR  # noqa: E402
 from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -225,8 +225,9 @@ def main(argv=None):
                    help="adapt the SubLMs below the full one on their own copy of the layers (the prefix they run: "
                    "w75's, 3/4 of a set, in memory beside the general one); the full SubLM keeps the general weights; "
                    "--no-hold-full adapts one set of layers (task adapters need that)")
-    p.add_argument("--token-every", type=int, default=0,
-                   help="held: run the teacher every n-th step for its token states (0: never)")
+    p.add_argument("--token-every", type=int,
+                   help="run the teacher every n-th step for its token states, which the SubLMs that step trains "
+                   f"learn (default {ADAPT_TOKEN_EVERY} held; 0: never; with --no-hold-full w100's steps do)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 
