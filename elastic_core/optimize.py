@@ -125,6 +125,11 @@ class TrainConfig:
             names.insert(0, full)
         return names
 
+    def token_states_at(self, step: int) -> bool:
+        """Whether ``step`` runs the teacher for its token states: w100's steps and every ``token_every``-th."""
+        return bool((self.teacher_on_full and next(iter(self.sublms)) in self.sublms_at(step))
+                    or (self.token_every and step % self.token_every == 0))
+
 
 # --------------------------------------------------------------------------- loss
 @dataclass
@@ -288,7 +293,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
         del teacher
     elif not cfg.teacher:  # an elastic checkpoint is in importance order already
         teacher = permute_by_importance(teacher, scores["head_scores"], scores["neuron_scores"])
-    full = next(iter(cfg.sublms))
 
     calibration = cfg.calibration_texts if not cfg.init else 0  # the importance texts are not trained on
     batches = [[i + calibration for i in b]
@@ -326,7 +330,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
             bank = teacher_emb[torch.from_numpy(rng.integers(0, len(teacher_emb), cfg.bank_size))]
             emb = teacher_emb[idx]
             targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
-            if (cfg.teacher_on_full and full in names) or (cfg.token_every and step % cfg.token_every == 0):
+            if cfg.token_states_at(step):
                 targets.states = teacher_targets(teacher, batch, bf16=autocasts(batch["input_ids"], cfg)).states
         else:
             targets = teacher_targets(teacher, batch)
