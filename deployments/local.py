@@ -202,6 +202,10 @@ def start_ray(num_cpus: int | None = None, redis_url: str | None = None):
     if redis_url:
         os.environ["REDIS_URL"] = redis_url
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray waits 30 s for its GCS server to write its port; on a 2-core host whose cores a training or an
+    # evaluation holds, the server once took longer (ray.init failed: "Timed out waiting for file ...
+    # gcs_server_port"). What the environment sets wins.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     export_serve_environment()
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
