@@ -42,9 +42,8 @@ DISTIL_FROM = {"teacher": "all-MiniLM-L6-v2 as shipped",
 
 # held, the teacher also runs every ``ADAPT_TOKEN_EVERY``-th step, and the SubLMs that step trains (w25 and w50)
 # learn its token states besides its embeddings: what the shared recipe's w100 steps give the prefix every SubLM
-# runs, and no held step did. Measured, w25's share of its gap closed without / with them: DL19 (an hour) 42 / 63 %,
-# SciFact 56 / 45 % in 40 min (49 % in an hour, and 49 % in 40 min on every 4th step); 1.5 % fewer texts a
-# second on DL19. Shared, w100's own steps run the teacher.
+# runs, and no held step did. Measured, w25's share of its gap closed without / with them: DL19 42 / 63 %, SciFact
+# 56 / 49 % (every run in docs/benchmarks.md, "Adapting to a user's corpus"). Shared, w100's own steps run the teacher.
 ADAPT_TOKEN_EVERY = 2
 
 
