@@ -10,7 +10,8 @@ benchmarks/results/adapt.json, docs/img/adapt.png and a section of docs/benchmar
 (kept beside the teacher's figures as '<domain>-own-w100'). As `elasticlm adapt`, the smaller SubLMs adapt on
 their own copy of the layers and w100's weights stay as they were ('<domain>-held-w100'); `--no-hold-full` adapts
 one set of layers (the entry without it). A rate other than 5e-5 is named too ('-lr<rate>'), and the teacher's
-token states on other steps than w100's ('-tok<n>': every n-th step, held adaptation's default).
+token states on other steps than w100's ('-tok<n>': every n-th step, held adaptation's default) and only on
+batches up to a width ('-tokmax<n>').
 Targets (issue 28): on each domain the smallest SubLM closes >= half of its gap to w100
 ((after - before) / (w100 before - smallest before) >= 0.5); w100 loses nothing (after >= before - 0.005).
 """
@@ -56,6 +57,8 @@ def main():
                         "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
     parser.add_argument("--token-every", type=int, help="as `elasticlm adapt --token-every` (the same default); a "
                         "run with token states off w100's steps is kept as '<domain>...-tok<n>'")
+    parser.add_argument("--token-max-length", type=int, help="as `elasticlm adapt --token-max-length`; a run with it "
+                        "is kept as '<domain>...-tokmax<n>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
@@ -85,7 +88,8 @@ def main():
         # each teacher's adaptation has its own entry and state: one never overwrites the other's figures
         entry = (domain + ("" if args.distil_from == "teacher" else "-own-w100")
                  + ("-held-w100" if args.hold_full else "") + (f"-lr{args.lr:g}" if args.lr != SHARED_ADAPT_LR else "")
-                 + (f"-tok{args.token_every}" if args.token_every else ""))
+                 + (f"-tok{args.token_every}" if args.token_every else "")
+                 + (f"-tokmax{args.token_max_length}" if args.token_max_length else ""))
         earlier = result["domains"].get(entry) if args.resume else None
         if earlier and earlier.get("weights") != weights:
             raise SystemExit(f"--resume: {entry}'s figures are of weights {earlier.get('weights')}, "
@@ -109,7 +113,8 @@ def main():
         t0 = time.perf_counter()
         adapted = adapt(data_dir / DOMAINS[domain], Path(args.work_dir) / entry, args.checkpoint, hours=args.hours,
                         general_dir=ROOT / "runs" / "corpus", resume=bool(earlier), distil_from=args.distil_from,
-                        hold_full=args.hold_full, lr=args.lr, token_every=args.token_every)
+                        hold_full=args.hold_full, lr=args.lr, token_every=args.token_every,
+                        token_max_length=args.token_max_length)
         minutes += (time.perf_counter() - t0) / 60
         after = evaluate[domain](str(adapted), False)
         names = list(b)
@@ -121,7 +126,7 @@ def main():
         result["domains"][entry] = {
             "passages": str(DOMAINS[domain]), "weights": weights, "date": result["date"], "adapt_minutes": minutes,
             "distil_from": args.distil_from, "hold_full": args.hold_full, "lr": args.lr,
-            "token_every": args.token_every,
+            "token_every": args.token_every, "token_max_length": args.token_max_length,
             "runs": runs + [result["command"]],
             "teacher_ndcg@10": teacher,
             "before": b, "after": a, "before_asym": b_asym, "after_asym": a_asym,
@@ -157,6 +162,7 @@ def markdown(r: dict) -> str:
                   + (", the full SubLM held (the smaller ones on their own layers)" if d.get("hold_full") else "")
                   + (f", learning rate {d['lr']:g}" if d.get("lr") and d["lr"] != SHARED_ADAPT_LR else "")
                   + (f", the teacher's token states every {d['token_every']} steps" if d.get("token_every") else "")
+                  + (f" on batches up to {d['token_max_length']} tokens" if d.get("token_max_length") else "")
                   + f"; teacher {d['teacher_ndcg@10']:.4f})", "",
                   "| SubLM | before | after | change | asym before | asym after |", "|---|---|---|---|---|---|"]
         asym = {k: d.get(k) or {} for k in ("before_asym", "after_asym")}  # not recorded by the first runs

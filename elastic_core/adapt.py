@@ -111,13 +111,15 @@ def adaptation_corpus(passages: list[str], out_dir: Path, general_dir: Path | No
 def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: float = 1.0, text_field: str = "text",
           passes: int = 8, lr: float | None = None, general_dir: str | Path | None = "runs/corpus",
           resume: bool = False, seed: int = 0, progress: bool = True, distil_from: str = "teacher",
-          hold_full: bool = True, token_every: int | None = None) -> Path:
+          hold_full: bool = True, token_every: int | None = None,
+          token_max_length: int | None = None) -> Path:
     """Adapt ``checkpoint`` to the passages in ``corpus``; the result is a checkpoint at ``out`` (its
     ``train_config.json`` names the corpus it adapted to). Up to ``passes`` over the adaptation texts,
     within ``hours``. State lives in ``<out>.state`` (``resume`` continues it). ``distil_from``: one of
     ``DISTIL_FROM``; ``hold_full``: see the module's docstring; ``lr``: by default ``ADAPT_LR`` held, else
     ``SHARED_ADAPT_LR``; ``token_every``: the teacher's token states every n-th step besides w100's
-    (``TrainConfig.token_every``), by default ``ADAPT_TOKEN_EVERY`` held, else none."""
+    (``TrainConfig.token_every``), by default ``ADAPT_TOKEN_EVERY`` held, else none; ``token_max_length``: and only
+    on batches at most that many tokens wide (``TrainConfig.token_max_length``)."""
     from .optimize import TrainConfig, train
 
     if distil_from not in DISTIL_FROM:
@@ -137,6 +139,7 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
                       texts=passes * texts, hours=hours, lr=lr or default_lr(hold_full), seed=seed,
                       full_every=0 if hold_full else 2, hold_full=hold_full, teacher_on_full=not hold_full,
                       token_every=default_token_every(hold_full) if token_every is None else token_every,
+                      token_max_length=token_max_length,
                       teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())

@@ -51,7 +51,8 @@ def _cmd_adapt(args):
 
     print(adapt(args.corpus, args.out, checkpoint=args.checkpoint, hours=args.hours, text_field=args.field,
                 general_dir=args.general_dir or None, resume=args.resume, distil_from=args.distil_from,
-                hold_full=args.hold_full, lr=args.lr, token_every=args.token_every))
+                hold_full=args.hold_full, lr=args.lr, token_every=args.token_every,
+                token_max_length=args.token_max_length))
 
 
 def _given(args, *names) -> dict:
@@ -228,6 +229,8 @@ def main(argv=None):
     p.add_argument("--token-every", type=int,
                    help="run the teacher every n-th step for its token states, which the SubLMs that step trains "
                    f"learn (default {ADAPT_TOKEN_EVERY} held; 0: never; with --no-hold-full w100's steps do)")
+    p.add_argument("--token-max-length", type=int, help="and only on batches at most this many tokens wide "
+                   "(query-length texts; default: any)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

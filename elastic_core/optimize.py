@@ -96,6 +96,10 @@ class TrainConfig:
     # adaptation trains no w100 step, so without it no step sees the teacher's token states; the shared recipe's
     # w100 steps gave them to w50 on every step it trained and to w25 on half of its steps
     token_every: int = 0
+    # and only on batches at most this many tokens wide (None: any). A long batch's token loss is mostly over a
+    # passage's inner tokens, which a small SubLM cannot match and the pooled embedding (what retrieval reads) does
+    # not need; a short batch's is a query's few tokens
+    token_max_length: int | None = None
     # what the SubLMs are distilled towards: None, all-MiniLM-L6-v2 as shipped; or an elastic checkpoint, whose
     # full SubLM (a frozen copy) is the teacher. Adaptation uses the checkpoint it adapts: where that checkpoint's
     # w100 beats the shipped teacher (SciFact: 0.655 vs 0.645), two hours distilled from the teacher pulled w100
@@ -125,8 +129,11 @@ class TrainConfig:
             names.insert(0, full)
         return names
 
-    def token_states_at(self, step: int) -> bool:
-        """Whether ``step`` runs the teacher for its token states: w100's steps and every ``token_every``-th."""
+    def token_states_at(self, step: int, width: int) -> bool:
+        """Whether ``step`` (its batch ``width`` tokens wide) runs the teacher for its token states: w100's steps
+        and every ``token_every``-th, within ``token_max_length``."""
+        if self.token_max_length is not None and width > self.token_max_length:
+            return False
         return bool((self.teacher_on_full and next(iter(self.sublms)) in self.sublms_at(step))
                     or (self.token_every and step % self.token_every == 0))
 
@@ -330,7 +337,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = True) -> Path:
             bank = teacher_emb[torch.from_numpy(rng.integers(0, len(teacher_emb), cfg.bank_size))]
             emb = teacher_emb[idx]
             targets = Targets(emb.to(device), torch.cat([emb, bank]).to(device))
-            if cfg.token_states_at(step):
+            if cfg.token_states_at(step, batch["input_ids"].shape[1]):
                 targets.states = teacher_targets(teacher, batch, bf16=autocasts(batch["input_ids"], cfg)).states
         else:
             targets = teacher_targets(teacher, batch)

@@ -91,3 +91,12 @@ def test_default_recipe_trains_the_width_ladder_w25_every_step_and_w100_every_se
     assert all("w25" in names for names in plan)
     assert [("w100" in names) for names in plan] == [True, False] * 4
     assert {n for names in plan for n in names} == set(cfg.sublms)
+
+
+def test_token_states_come_on_w100s_steps_every_nth_and_only_on_batches_within_the_width():
+    shared = TrainConfig()  # the teacher runs on w100's steps, at any width
+    assert [shared.token_states_at(s, 128) for s in range(4)] == [True, False, True, False]
+    held = TrainConfig(full_every=0, teacher_on_full=False, token_every=2, token_max_length=64)
+    assert [held.token_states_at(s, 64) for s in range(4)] == [True, False, True, False]
+    assert not any(held.token_states_at(s, 65) for s in range(4))  # a passage-wide batch: embeddings only
+    assert not any(TrainConfig(full_every=0, teacher_on_full=False).token_states_at(s, 16) for s in range(4))
