@@ -106,8 +106,9 @@ def measure_raw(seconds: float, log) -> dict:
 # ----------------------------------------------------------------------------- schedule + Redis overhead
 def schedule_overhead(calls: int) -> dict:
     """One batch's decision: the Redis round trip (Lua, 4 live replicas) + ``ElasticSchedule.choose``."""
-    from deployments.local import RedisServer, free_port
+    from deployments.ports import free_port
     from deployments.queue_depth import GlobalQueueDepth
+    from deployments.redis_server import RedisServer
     from elastic_core.batching import Chunking
     from elastic_core.model import load_config
     from elastic_core.profile import LatencyProfile

@@ -39,8 +39,9 @@ from pathlib import Path
 
 from deployments.endpoints import GRPC_ENDPOINTS_ENV, HTTP_ENDPOINTS_ENV
 from deployments.haproxy_admission import binary_environment
-from deployments.local import SERVE_ENV, RedisServer
+from deployments.local import SERVE_ENV
 from deployments.ports import free_port, port_is_free
+from deployments.redis_server import RedisServer
 
 MARKER = "ELASTICLM_CLUSTER"
 STATE_FILE = "cluster.json"

@@ -49,7 +49,7 @@ class ClusterDeployment:
     proxy serves the app, ``stop`` stops the cluster's processes only (never ``ray stop``)."""
 
     def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
-        from deployments.local import RedisServer
+        from deployments.redis_server import RedisServer
 
         self.config_path, self.target_ms, self.log_path = config_path, target_ms, log_path
         self.cluster_dir = log_path.with_suffix(".cluster").resolve()

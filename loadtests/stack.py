@@ -131,7 +131,7 @@ class ServeDeployment:
     (so the runner can read the live replica count from the replicas' heartbeats)."""
 
     def __init__(self, config_path: Path, target_ms: float, log_path: Path, num_cpus: int | None = None):
-        from deployments.local import RedisServer
+        from deployments.redis_server import RedisServer
 
         self.config_path, self.target_ms, self.log_path, self.num_cpus = config_path, target_ms, log_path, num_cpus
         self.http_port, self.grpc_port = free_port(0), free_port(0)

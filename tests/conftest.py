@@ -73,7 +73,7 @@ def redis_tls(tmp_path_factory):
     """A test CA (trustme) and a certificate for 127.0.0.1 it signed: redis-server's TLS files."""
     import trustme
 
-    from deployments.local import RedisTLS
+    from deployments.redis_server import RedisTLS
 
     tmp = tmp_path_factory.mktemp("redis-tls")
     ca = trustme.CA()

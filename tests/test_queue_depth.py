@@ -6,8 +6,9 @@ from urllib.parse import quote
 
 import pytest
 
-from deployments.local import RedisServer, free_port
+from deployments.ports import free_port
 from deployments.queue_depth import GlobalQueueDepth, redacted
+from deployments.redis_server import RedisServer
 
 
 @pytest.fixture()
