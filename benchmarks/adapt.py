@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from elastic_core.adapt import DISTIL_FROM, SHARED_ADAPT_LR, default_lr, default_token_every  # noqa: E402
+from elastic_core.adapt import (DISTIL_FROM, SHARED_ADAPT_LR, default_lr, default_token_every,  # noqa: E402
+                                default_token_max_length)
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -57,13 +58,15 @@ def main():
                         "5e-5 (the first runs') is kept as '<domain>...-lr<rate>'")
     parser.add_argument("--token-every", type=int, help="as `elasticlm adapt --token-every` (the same default); a "
                         "run with token states off w100's steps is kept as '<domain>...-tok<n>'")
-    parser.add_argument("--token-max-length", type=int, help="as `elasticlm adapt --token-max-length`; a run with it "
-                        "is kept as '<domain>...-tokmax<n>'")
+    parser.add_argument("--token-max-length", type=int, help="as `elasticlm adapt --token-max-length` (the same "
+                        "default); a run with a width cap is kept as '<domain>...-tokmax<n>'")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "adapt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adapt.json"))
     args = parser.parse_args()
     args.lr = args.lr or default_lr(args.hold_full)
     args.token_every = default_token_every(args.hold_full) if args.token_every is None else args.token_every
+    args.token_max_length = (default_token_max_length(args.hold_full) if args.token_max_length is None
+                             else args.token_max_length or None)
 
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR

@@ -42,9 +42,13 @@ DISTIL_FROM = {"teacher": "all-MiniLM-L6-v2 as shipped",
 
 # held, the teacher also runs every ``ADAPT_TOKEN_EVERY``-th step, and the SubLMs that step trains (w25 and w50)
 # learn its token states besides its embeddings: what the shared recipe's w100 steps give the prefix every SubLM
-# runs, and no held step did. Measured, w25's share of its gap closed without / with them: DL19 42 / 63 %, SciFact
-# 56 / 49 % (every run in docs/benchmarks.md, "Adapting to a user's corpus"). Shared, w100's own steps run the teacher.
+# runs, and no held step did. Only on batches up to ``ADAPT_TOKEN_MAX_LENGTH`` tokens wide (the pseudo-queries, the
+# replayed queries, short passages): a long passage's inner tokens are what w25 cannot match and retrieval's pooled
+# embedding does not need. Measured, w25's share of its gap closed in an hour, no token states / on every width /
+# up to 64: SciFact 56 (40 min) / 49 / 63 %, DL19 42 / 63 / 54 % (docs/benchmarks.md, "Adapting to a user's
+# corpus"). Shared, w100's own steps run the teacher, at any width.
 ADAPT_TOKEN_EVERY = 2
+ADAPT_TOKEN_MAX_LENGTH = 64
 
 
 def default_lr(hold_full: bool) -> float:
@@ -53,6 +57,10 @@ def default_lr(hold_full: bool) -> float:
 
 def default_token_every(hold_full: bool) -> int:
     return ADAPT_TOKEN_EVERY if hold_full else 0
+
+
+def default_token_max_length(hold_full: bool) -> int | None:
+    return ADAPT_TOKEN_MAX_LENGTH if hold_full else None
 
 
 def read_user_corpus(path: str | Path, text_field: str = "text") -> list[str]:
@@ -119,7 +127,8 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
     ``DISTIL_FROM``; ``hold_full``: see the module's docstring; ``lr``: by default ``ADAPT_LR`` held, else
     ``SHARED_ADAPT_LR``; ``token_every``: the teacher's token states every n-th step besides w100's
     (``TrainConfig.token_every``), by default ``ADAPT_TOKEN_EVERY`` held, else none; ``token_max_length``: and only
-    on batches at most that many tokens wide (``TrainConfig.token_max_length``)."""
+    on batches at most that many tokens wide (``TrainConfig.token_max_length``), by default
+    ``ADAPT_TOKEN_MAX_LENGTH`` held, else any (0: any)."""
     from .optimize import TrainConfig, train
 
     if distil_from not in DISTIL_FROM:
@@ -139,7 +148,8 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
                       texts=passes * texts, hours=hours, lr=lr or default_lr(hold_full), seed=seed,
                       full_every=0 if hold_full else 2, hold_full=hold_full, teacher_on_full=not hold_full,
                       token_every=default_token_every(hold_full) if token_every is None else token_every,
-                      token_max_length=token_max_length,
+                      token_max_length=(default_token_max_length(hold_full) if token_max_length is None
+                                        else token_max_length or None),
                       teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from .adapt import ADAPT_LR, ADAPT_TOKEN_EVERY, DISTIL_FROM, SHARED_ADAPT_LR  # noqa: E402
+from .adapt import ADAPT_LR, ADAPT_TOKEN_EVERY, ADAPT_TOKEN_MAX_LENGTH, DISTIL_FROM, SHARED_ADAPT_LR  # noqa: E402
 from .data import DEFAULT_DATA_DIR  # noqa: E402
 from .paths import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -230,7 +230,7 @@ def main(argv=None):
                    help="run the teacher every n-th step for its token states, which the SubLMs that step trains "
                    f"learn (default {ADAPT_TOKEN_EVERY} held; 0: never; with --no-hold-full w100's steps do)")
     p.add_argument("--token-max-length", type=int, help="and only on batches at most this many tokens wide "
-                   "(query-length texts; default: any)")
+                   f"(query-length texts; default {ADAPT_TOKEN_MAX_LENGTH} held; 0: any)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted adaptation into --out")
     p.set_defaults(func=_cmd_adapt)
 

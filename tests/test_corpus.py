@@ -140,7 +140,7 @@ def test_adapt_can_distil_from_the_checkpoints_own_full_sublm(tmp_path, checkpoi
 
 
 def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, checkpoint_dir):
-    from elastic_core.adapt import ADAPT_LR, ADAPT_TOKEN_EVERY, adapt
+    from elastic_core.adapt import ADAPT_LR, ADAPT_TOKEN_EVERY, ADAPT_TOKEN_MAX_LENGTH, adapt
     from elastic_core.model import load_checkpoint, load_tokenizer
     from elastic_core.tasks import add_adapters
 
@@ -167,8 +167,9 @@ def test_adapt_holding_the_full_sublm_changes_only_the_smaller_ones(tmp_path, ch
     assert not torch.allclose(embed(after, small), embed(before, small), atol=1e-4)
     assert after.layers_of(after.config.sublm(small)) is after.adapted_layers
     record = json.loads((out / "train_config.json").read_text())
-    # held: nothing limits the rate, and the teacher's token states come on steps of their own
+    # held: nothing limits the rate, and the teacher's token states come on steps of their own, on short batches
     assert record["lr"] == ADAPT_LR and record["token_every"] == ADAPT_TOKEN_EVERY
+    assert record["token_max_length"] == ADAPT_TOKEN_MAX_LENGTH
     with pytest.raises(ValueError, match="hold-full"):
         add_adapters(after, rank=4, alpha=8.0)
 
