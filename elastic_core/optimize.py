@@ -11,8 +11,8 @@ Per SubLM the loss is
                ``bank_size`` cached teacher embeddings drawn from the whole corpus, so who-is-near-whom
                is taught against thousands of neighbours instead of the batch;
   * tokens:    1 - cos on every real token's final state, only on the steps that run the teacher: w100's
-               (``teacher_on_full``) and every ``token_every``-th, or every step with ``teacher_free = False``
-               (the small-corpus recipe this one replaced).
+               (``teacher_on_full``) and every ``token_every``-th, on batches up to ``token_max_length`` wide,
+               or every step with ``teacher_free = False`` (the small-corpus recipe this one replaced).
 
 Where a step's time goes (measured, ``benchmarks/results/training_speed.json``): a student's forward +
 backward costs ~3x a teacher forward and the larger SubLMs most of it. So the teacher's embeddings are
