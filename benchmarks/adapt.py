@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
 from elastic_core.adapt import (DISTIL_FROM, SHARED_ADAPT_LR, default_lr, default_token_every,  # noqa: E402
-                                default_token_max_length)
+                                token_max_length_for)
 
 DOMAINS = {  # the passages a user would hand to `elasticlm adapt`, relative to the data directory
     "scifact": "beir/scifact/corpus.jsonl",
@@ -65,8 +65,7 @@ def main():
     args = parser.parse_args()
     args.lr = args.lr or default_lr(args.hold_full)
     args.token_every = default_token_every(args.hold_full) if args.token_every is None else args.token_every
-    args.token_max_length = (default_token_max_length(args.hold_full) if args.token_max_length is None
-                             else args.token_max_length or None)
+    args.token_max_length = token_max_length_for(args.hold_full, args.token_max_length)
 
     from elastic_core.adapt import adapt
     from elastic_core.data import DEFAULT_DATA_DIR

@@ -59,8 +59,11 @@ def default_token_every(hold_full: bool) -> int:
     return ADAPT_TOKEN_EVERY if hold_full else 0
 
 
-def default_token_max_length(hold_full: bool) -> int | None:
-    return ADAPT_TOKEN_MAX_LENGTH if hold_full else None
+def token_max_length_for(hold_full: bool, given: int | None = None) -> int | None:
+    """The width cap a run uses: ``given`` (0: none), else ``ADAPT_TOKEN_MAX_LENGTH`` held and none shared."""
+    if given is None:
+        return ADAPT_TOKEN_MAX_LENGTH if hold_full else None
+    return given or None
 
 
 def read_user_corpus(path: str | Path, text_field: str = "text") -> list[str]:
@@ -148,8 +151,7 @@ def adapt(corpus: str | Path, out: str | Path, checkpoint: str | Path, hours: fl
                       texts=passes * texts, hours=hours, lr=lr or default_lr(hold_full), seed=seed,
                       full_every=0 if hold_full else 2, hold_full=hold_full, teacher_on_full=not hold_full,
                       token_every=default_token_every(hold_full) if token_every is None else token_every,
-                      token_max_length=(default_token_max_length(hold_full) if token_max_length is None
-                                        else token_max_length or None),
+                      token_max_length=token_max_length_for(hold_full, token_max_length),
                       teacher=str(checkpoint) if distil_from == "checkpoint" else None)
     path = train(cfg, progress=progress, resume=True)
     record = json.loads((path / "train_config.json").read_text())
