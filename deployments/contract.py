@@ -136,7 +136,10 @@ class TaskTokenizer:
         the request says ``truncate=false``."""
         firsts, seconds = self.task.tokenizer_inputs(request)
         items = list(zip(firsts, seconds)) if seconds is not None else [(t,) for t in firsts]
-        encodings = self._truncating.encode_batch([i if len(i) == 2 else i[0] for i in items], add_special_tokens=True)
+        # `_fast`: without the character offsets, which nothing served reads (TEI's /tokenize uses `whole`):
+        # 21 us a short text against 35
+        encodings = self._truncating.encode_batch_fast([i if len(i) == 2 else i[0] for i in items],
+                                                       add_special_tokens=True)
         if not request.truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:

@@ -258,7 +258,7 @@ class ServingEngine:
         # work of other tasks runs on the same model first: count it at its fastest
         ahead_ms = self.running_left_ms() + sum(
             other.schedule.fastest_drain_ms(other.queued_texts, other.queued_tokens)
-            for name, other in self.lanes.items() if name != task)
+            for name, other in self.lanes.items() if name != task and other.queued_texts)
         verdict = lane.schedule.admits(texts, tokens, lane.queued_texts, lane.queued_tokens, ahead_ms,
                                        self.target(task, deadline_ms), min_sublm, idle=self.idle,
                                        client_deadline=deadline_ms is not None)

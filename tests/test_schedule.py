@@ -78,6 +78,15 @@ def test_drain_is_full_batches_then_the_rest():
     assert s.drain_ms("w50", 0) == 0.0
 
 
+def test_the_drain_remembers_profiled_shapes_and_still_follows_calibration():
+    s = schedule()
+    before = s.drain_ms("w50", 19, 19 * 32)
+    assert s.uniform_profiled_ms("w50", 3, 32) == pytest.approx(s.profiled_ms("w50", [32] * 3))
+    for _ in range(40):  # the device turns out twice as slow: the remembered shapes must not hide it
+        s.observe("w50", [32] * 8, 2 * s.profiled_ms("w50", [32] * 8))
+    assert s.drain_ms("w50", 19, 19 * 32) == pytest.approx(2 * before, rel=1e-2)
+
+
 def test_choice_follows_this_replicas_share_of_the_global_depth():
     s = schedule(mean_tokens=32)
     batch = [32] * 8  # w100: 32 ms per batch of 8

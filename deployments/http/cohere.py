@@ -16,12 +16,13 @@ below the model's token limit, a ``priority`` other than 0, ``relevant_spans``, 
 import uuid
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictBool, StrictFloat
 
 from deployments.contract import RequestError, echo, parse_deadline
 from deployments.core import ServingCore, TaskAnswer
-from deployments.http.common import DEADLINE, JsonInt, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
+from deployments.http.common import (OPTION_HEADERS, REFUSALS, JsonInt, float32_base64, one_of, option_headers,
+                                     served)
 from deployments.tasks import EMBED, RERANK
 from deployments.wire import MIN_SUBLM_HEADER
 
@@ -166,9 +167,10 @@ def router(core: ServingCore) -> APIRouter:
                                               INPUT_KINDS.get(body.input_type), parse_deadline(deadline_ms),
                                               dimensions=dimensions, field="texts"))
 
-    @routes.post("/v2/embed", summary="Cohere v2-compatible embeddings", responses=REFUSALS)
-    async def embed_v2(body: CohereEmbedV2Request, deadline_ms: str | None = DEADLINE,
-                       min_sublm: str | None = MIN_SUBLM):
+    @routes.post("/v2/embed", summary="Cohere v2-compatible embeddings",
+                 responses=REFUSALS, openapi_extra=OPTION_HEADERS)
+    async def embed_v2(body: CohereEmbedV2Request, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         types = embedding_types(body.embedding_types)
         top_priority(body.priority)
         no_lower_token_cap(core, EMBED.name, "max_tokens", body.max_tokens)
@@ -177,9 +179,10 @@ def router(core: ServingCore) -> APIRouter:
                        "embeddings": by_type(answer.embeddings, types), "texts": body.texts,
                        "meta": meta(answer, "2")}, answer)
 
-    @routes.post("/v1/embed", summary="Cohere v1-compatible embeddings", responses=REFUSALS)
-    async def embed_v1(body: CohereEmbedV1Request, deadline_ms: str | None = DEADLINE,
-                       min_sublm: str | None = MIN_SUBLM):
+    @routes.post("/v1/embed", summary="Cohere v1-compatible embeddings",
+                 responses=REFUSALS, openapi_extra=OPTION_HEADERS)
+    async def embed_v1(body: CohereEmbedV1Request, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         types = embedding_types(body.embedding_types)
         answer = await embed(body, deadline_ms, min_sublm)
         common = {"id": answer_id(), "texts": body.texts, "meta": meta(answer, "1")}
@@ -188,9 +191,10 @@ def router(core: ServingCore) -> APIRouter:
         return served({**common, "response_type": "embeddings_by_type",
                        "embeddings": by_type(answer.embeddings, types)}, answer)
 
-    @routes.post("/v2/rerank", summary="Cohere v2-compatible reranking", responses=REFUSALS)
-    async def rerank_v2(body: CohereRerankV2Request, deadline_ms: str | None = DEADLINE,
-                        min_sublm: str | None = MIN_SUBLM):
+    @routes.post("/v2/rerank", summary="Cohere v2-compatible reranking",
+                 responses=REFUSALS, openapi_extra=OPTION_HEADERS)
+    async def rerank_v2(body: CohereRerankV2Request, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         n = top_n(body.top_n)
         top_priority(body.priority)
         no_lower_token_cap(core, RERANK.name, "max_tokens_per_doc", body.max_tokens_per_doc)
@@ -202,9 +206,10 @@ def router(core: ServingCore) -> APIRouter:
         results = [{"index": i, "relevance_score": score} for i, score in answer.ranks[:n]]
         return served({"id": answer_id(), "results": results, "meta": meta(answer, "2")}, answer)
 
-    @routes.post("/v1/rerank", summary="Cohere v1 / Jina-compatible reranking", responses=REFUSALS)
-    async def rerank_v1(body: RerankDocumentsRequest, deadline_ms: str | None = DEADLINE,
-                        min_sublm: str | None = MIN_SUBLM):
+    @routes.post("/v1/rerank", summary="Cohere v1 / Jina-compatible reranking",
+                 responses=REFUSALS, openapi_extra=OPTION_HEADERS)
+    async def rerank_v1(body: RerankDocumentsRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         n = top_n(body.top_n)
         if body.rank_fields not in (None, ["text"]):
             raise RequestError(400, f"rank_fields {echo(body.rank_fields)} is not supported: documents are ranked by "

@@ -2,12 +2,13 @@
 ``base64`` rows, for the ``openai`` client with ``base_url=http://host:8000/v1``."""
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' real parameter types
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from deployments.contract import parse_deadline
 from deployments.core import ServingCore
-from deployments.http.common import DEADLINE, JsonInt, MIN_SUBLM, REFUSALS, float32_base64, one_of, served
+from deployments.http.common import (OPTION_HEADERS, REFUSALS, JsonInt, float32_base64, one_of, option_headers,
+                                     served)
 from deployments.tasks import EMBED
 
 
@@ -24,10 +25,11 @@ class OpenAIEmbeddingRequest(BaseModel):
 def router(core: ServingCore) -> APIRouter:
     routes = APIRouter()
 
-    @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings", responses=REFUSALS)
+    @routes.post("/v1/embeddings", summary="OpenAI-compatible embeddings",
+                 responses=REFUSALS, openapi_extra=OPTION_HEADERS)
     @routes.post("/embeddings", include_in_schema=False)  # TEI's alias of the same route
-    async def openai_embeddings(body: OpenAIEmbeddingRequest, deadline_ms: str | None = DEADLINE,
-                                min_sublm: str | None = MIN_SUBLM):
+    async def openai_embeddings(body: OpenAIEmbeddingRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         one_of("encoding_format", body.encoding_format, ("float", "base64"))
         answer = await core.serve(EMBED.request(core.validator, body.input, True, min_sublm, None,
                                                 parse_deadline(deadline_ms), dimensions=body.dimensions,

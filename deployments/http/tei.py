@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictFloat, ValidationError
 
 from deployments.contract import RequestError, parse_deadline
 from deployments.core import ServingCore
-from deployments.http.common import DEADLINE, JSON, JsonInt, MIN_SUBLM, REFUSALS, one_of, served
+from deployments.http.common import JSON, OPTION_HEADERS, REFUSALS, JsonInt, one_of, option_headers, served
 from deployments.tasks import EMBED, PREDICT, RERANK
 from deployments.tei import NOT_SERVED, decode_ids, no_prompt, normalized, simple_tokens, truncate_at_end
 from deployments.wire import MIN_SUBLM_HEADER
@@ -157,7 +157,8 @@ def router(core: ServingCore) -> APIRouter:
     routes = APIRouter()
     validator = core.validator
 
-    async def embed(body: TEIEmbedRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
+    async def embed(body: TEIEmbedRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         no_prompt(body.prompt_name)
         normalized(body.normalize)
         answer = await core.serve(EMBED.request(
@@ -166,7 +167,8 @@ def router(core: ServingCore) -> APIRouter:
             dimensions=body.dimensions))
         return served(answer.embeddings, answer)
 
-    async def rerank(body: TEIRerankRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
+    async def rerank(body: TEIRerankRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         request = RERANK.request(validator, body.query, body.texts,
                                  truncate_right(body.truncate, body.truncation_direction),
                                  validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER),
@@ -175,7 +177,8 @@ def router(core: ServingCore) -> APIRouter:
         return served([{"index": i, "score": score, **({"text": request.texts[i]} if body.return_text else {})}
                        for i, score in answer.ranks], answer)
 
-    async def predict(body: TEIPredictRequest, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
+    async def predict(body: TEIPredictRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         request, batch = PREDICT.request(
             validator, body.inputs, truncate_right(body.truncate, body.truncation_direction),
             validator.one_floor(body.min_sublm, min_sublm, MIN_SUBLM_HEADER), parse_deadline(deadline_ms),
@@ -184,8 +187,8 @@ def router(core: ServingCore) -> APIRouter:
         rows = [[{"label": label, "score": score} for label, score in row] for row in answer.predictions]
         return served(rows if batch else rows[0], answer)
 
-    async def similarity(body: TEISimilarityRequest, deadline_ms: str | None = DEADLINE,
-                         min_sublm: str | None = MIN_SUBLM):
+    async def similarity(body: TEISimilarityRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         options = body.parameters or SimilarityParameters()
         no_prompt(options.prompt_name)
         source = validator.texts(body.inputs.source_sentence, "inputs.source_sentence", one=True)
@@ -196,8 +199,8 @@ def router(core: ServingCore) -> APIRouter:
         rows = np.asarray(answer.embeddings, dtype=np.float64)  # L2-normalized: a dot product is the cosine
         return served((rows[1:] @ rows[0]).tolist(), answer)
 
-    async def text_classification(body: TextClassificationRequest, deadline_ms: str | None = DEADLINE,
-                                  min_sublm: str | None = MIN_SUBLM):
+    async def text_classification(body: TextClassificationRequest, http: Request):
+        deadline_ms, min_sublm = option_headers(http)
         options = body.parameters or ClassificationParameters()
         if options.function_to_apply == "sigmoid":
             raise RequestError(400, "function_to_apply='sigmoid' is not supported: the classifier is single-label, "
@@ -214,9 +217,9 @@ def router(core: ServingCore) -> APIRouter:
     first_task_route = {EMBED.name: (TEIEmbedRequest, embed), RERANK.name: (TEIRerankRequest, rerank),
                         PREDICT.name: (TEIPredictRequest, predict)}[next(iter(core.models))]
 
-    async def root(request: Request, deadline_ms: str | None = DEADLINE, min_sublm: str | None = MIN_SUBLM):
+    async def root(http: Request):
         try:
-            payload = orjson.loads(await request.body())
+            payload = orjson.loads(await http.body())
         except orjson.JSONDecodeError:
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(payload, dict):
@@ -226,16 +229,16 @@ def router(core: ServingCore) -> APIRouter:
             model, handler = TEISimilarityRequest, similarity
         elif "parameters" in payload:
             model, handler = TextClassificationRequest, text_classification
-        return await handler(parsed(model, payload), deadline_ms, min_sublm)
+        return await handler(parsed(model, payload), http)
 
-    routes.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]],
-                responses=REFUSALS)(embed)
+    task_route = dict(responses=REFUSALS, openapi_extra=OPTION_HEADERS)
+    routes.post("/embed", summary="TEI-compatible embeddings", response_model=list[list[float]], **task_route)(embed)
     routes.post("/rerank", summary="TEI-compatible reranking: the candidates best first",
-                response_model=list[RankBody], responses=REFUSALS)(rerank)
+                response_model=list[RankBody], **task_route)(rerank)
     routes.post("/predict", summary="TEI-compatible classification: every label's score, best first",
-                response_model=list[PredictionBody] | list[list[PredictionBody]], responses=REFUSALS)(predict)
+                response_model=list[PredictionBody] | list[list[PredictionBody]], **task_route)(predict)
     routes.post("/similarity", summary="TEI-compatible sentence similarity: the cosine of source_sentence with each "
-                                       "sentence", response_model=list[float], responses=REFUSALS)(similarity)
+                                       "sentence", response_model=list[float], **task_route)(similarity)
     for path in ("/", "/invocations"):  # TEI's root route and its SageMaker alias (not in the schema: see above)
         routes.post(path, include_in_schema=False)(root)
 
