@@ -89,6 +89,16 @@ def load(port: int, clients: int, texts: int, seconds: float, api_key: str | Non
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def worktree(commit: str) -> Path:
+    """A checkout of ``commit`` beside this one (``runs/worktree-<commit>``, made once, its gRPC stubs generated)."""
+    tree = ROOT / "runs" / f"worktree-{commit}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-c", "from deployments.grpc_api.generate import generate; generate()"],
+                       cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), check=True)
+    return tree
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the commit before the change")
@@ -103,11 +113,7 @@ def main():
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.section}.json")
 
-    old_tree = ROOT / "runs" / f"worktree-{args.old}"
-    if not old_tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], cwd=ROOT, check=True)
-        subprocess.run([sys.executable, "-c", "from deployments.grpc_api.generate import generate; generate()"],
-                       cwd=old_tree, env=dict(os.environ, PYTHONPATH=str(old_tree)), check=True)
+    old_tree = worktree(args.old)
     stacks = {"old": (old_tree, None), "new": (ROOT, None)} | ({"new+key": (ROOT, API_KEY)} if args.api_key else {})
     loads = [tuple(int(x) for x in spec.split("x")) for spec in args.loads.split(",")]
     runs = {name: {f"{c}x{t}": [] for c, t in loads} for name in stacks}
