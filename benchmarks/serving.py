@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.serving_report import markdown, plot  # noqa: E402
 from benchmarks.stack import Infinity, Ours, fmt, load_name, median  # noqa: E402
 from elastic_core.model import load_config  # noqa: E402
-from loadtests.experiment import Experiment  # noqa: E402
+from loadtests.experiment import Experiment, machine  # noqa: E402
 
 CHECKPOINT = ROOT / "models" / "elastic-minilm-l6"
 RAW_SUBLMS = list(dict.fromkeys([load_config(CHECKPOINT).sublm_names[0], "w100", "w25"]))  # best-ranked first
@@ -323,7 +322,7 @@ def summarize(rounds: list[dict], knobs: dict | None, peer: bool, overhead: dict
             "met": all(v["p99_ratio"] <= 1.0 for v in h.values()), **{n: v["p99_ratio"] for n, v in h.items()}}
     command = " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
     return {"command": command, "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.platform()}",
+            "machine": machine(),  # the CPU's model and int8 / bf16 kernels: what the replicas' speed turns on
             "gpu": "none lent to this task: the GPU path was not measured",
             "rounds": len(rounds), "seconds_per_load": seconds, "loads": loads, "raw": raw,
             "w25_vs_raw": w25, "prediction_error": prediction, "mixed_load_sublms": mix, "refusal_cpu_ms": refusal,
