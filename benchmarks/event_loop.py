@@ -89,20 +89,15 @@ def measure(tree: Path, callers: int, texts: int, seconds: float, sentences: lis
     return asyncio.run(run())
 
 
-def worker_round(tree: Path, callers: int, texts: int, seconds: float, data_dir: str) -> dict:
-    """One measurement in a fresh process of ``tree`` (its modules, not this checkout's)."""
+def worker_round(tree: Path, callers: int, texts: int, seconds: float, sentences: list[str]) -> dict:
+    """One measurement in a fresh process of ``tree`` (its modules, not this checkout's); the texts go in on
+    stdin, so the worker imports nothing of this checkout's before it loads ``tree``'s."""
     argv = [sys.executable, __file__, "--worker", str(tree), "--callers", str(callers), "--texts", str(texts),
-            "--seconds", str(seconds), "--data-dir", data_dir]
-    out = subprocess.run(argv, cwd=tree, capture_output=True, text=True)
+            "--seconds", str(seconds)]
+    out = subprocess.run(argv, cwd=tree, input=json.dumps(sentences), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"the worker on {tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def sst2_sentences(data_dir: str) -> list[str]:
-    """The SST-2 dev sentences (the closed-loop clients' texts), read without importing either tree."""
-    lines = (Path(data_dir) / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    return [line.split("\t")[0] for line in lines if line.strip()]
 
 
 def main() -> None:
@@ -111,20 +106,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10, help="measured seconds per load and commit, after a warm-up")
     p.add_argument("--loads", default="32x1,4x8", help="callers x texts per request, comma-separated")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=None, help="default: the project's data directory")
     p.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     p.add_argument("--callers", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--texts", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(measure(Path(a.worker), a.callers, a.texts, a.seconds, sst2_sentences(a.data_dir))))
+        print(json.dumps(measure(Path(a.worker), a.callers, a.texts, a.seconds, json.loads(sys.stdin.read()))))
         return
     if not a.old:
         p.error("--old is required")
     from benchmarks.refactor_check import worktree
     from benchmarks.report import write_section
     from elastic_core.profile import cpu_name
+    from loadtests.closed_loop import sst2_sentences  # the closed-loop clients' texts
     from tqdm import tqdm
+
+    sentences = sst2_sentences(a.data_dir)
 
     trees = {"old": worktree(a.old), "new": ROOT}
     loads = [tuple(int(x) for x in spec.split("x")) for spec in a.loads.split(",")]
@@ -134,7 +132,7 @@ def main() -> None:
             for callers, texts in loads:
                 for name in (trees if r % 2 == 0 else reversed(trees)):  # alternate which commit goes first
                     runs[name][f"{callers}x{texts}"].append(
-                        worker_round(trees[name], callers, texts, a.seconds, a.data_dir))
+                        worker_round(trees[name], callers, texts, a.seconds, sentences))
                     bar.update()
     cpu = {name: {key: [r["loop_cpu_ms_per_request"] for r in rs] for key, rs in per_load.items()}
            for name, per_load in runs.items()}
