@@ -40,6 +40,8 @@ class ReplicaConfig:
     dtype: str = "float32"                         # what the model computes in: float16 / bfloat16 on a GPU
                                                    # (elastic_core.model.DTYPES; the profile is measured in it)
     sublms: list[str] | None = None                # SubLMs served (best first); one = a static deployment
+    graphs: bool = True                            # each SubLM's forward traced at start (elastic_core/graphs.py):
+                                                   # a batch then runs without the GIL, beside the event loop
     tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
                                                    # schedule and global depth (deployments/tasks/)
     classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>

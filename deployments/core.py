@@ -80,6 +80,12 @@ def load_task_models(cfg: ReplicaConfig, device) -> dict:
                 raise ValueError(f"dtype={cfg.dtype!r} runs the whole model in {cfg.dtype}; the precision "
                                  f"variants {named} lower their own matrices: serve them with dtype float32")
             m.model.to(dtype)  # the tasks may share one module: casting it again changes nothing
+    if cfg.graphs:  # after the cast, before the profile: t_k is measured on what serves
+        from elastic_core.graphs import trace_sublms
+
+        for backbone in {id(b): b for b in map(backbone_of, models.values())}.values():
+            servable = backbone.config.served_sublms(torch.device(device).type, dtype)
+            trace_sublms(backbone, [s for s in servable if cfg.sublms is None or s in cfg.sublms])
     return models
 
 

@@ -57,19 +57,17 @@ class Chunking:
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, token_types: Sequence[Sequence[int]] | None = None,
         device="cpu") -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and (for sentence pairs) ``token_type_ids``."""
+    """Right-padded ``input_ids``, ``attention_mask`` and (for sentence pairs) ``token_type_ids``.
+
+    Padded as Python lists, then one tensor each: a torch call per row would be three calls per text, and
+    each one hands the GIL over to the replica's event loop and waits to get it back (``graphs.py``)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    types = torch.zeros((len(seqs), width), dtype=torch.long) if token_types is not None else None
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.as_tensor(s)
-        mask[r, :len(s)] = 1
-        if types is not None:
-            types[r, :len(s)] = torch.as_tensor(token_types[r])
+    ids = torch.tensor([[*s, *[pad_id] * (width - len(s))] for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if types is not None:
-        batch["token_type_ids"] = types.to(device)
+    if token_types is not None:
+        batch["token_type_ids"] = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_types],
+                                               dtype=torch.long).to(device)
     return batch
 
 

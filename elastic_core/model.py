@@ -241,6 +241,7 @@ class ElasticEncoder(nn.Module):
             heads, ffn, layers = cfg.adapted_copy
             self.adapted_layers = nn.ModuleList(ElasticLayer(cfg, heads, ffn) for _ in range(layers))
         self.lowered = LoweredCache()  # the precision variants' matrices (precision.py): a cache, not parameters
+        self.graphs = {}  # SubLM name -> its traced forward (graphs.py), for serving; none until traced
 
     def prepare(self) -> dict[str, int]:
         """Lower every precision variant now (at load), so no request pays for it. Bytes held, per SubLM."""
@@ -277,6 +278,13 @@ class ElasticEncoder(nn.Module):
         ``packed``: per-token work on real tokens only (``Packing``; inference, no masks).
         ``layer_states``: a list that receives every layer's output but the last (layerwise distillation)."""
         s = self.resolve(sublm)
+        graph = self.graphs.get(s.name)
+        if graph is not None and head_mask is None and neuron_mask is None and layer_states is None \
+                and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            if graph.current(self):
+                return graph(input_ids, attention_mask,
+                             torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids, packed)
+            del self.graphs[s.name]  # its weights changed since it was traced: eager from now on
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
         layers = self.layers_of(s)

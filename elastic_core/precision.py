@@ -80,12 +80,13 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return values, scale
 
 
-class Int8Linear:
+class Int8Linear(torch.nn.Module):
     """``x W^T + b`` with W int8 per output channel and x quantized at each call (dynamic, one scale per call):
     PyTorch's ``quantized::linear_dynamic``, what ``torch.ao.quantization.quantize_dynamic`` runs with a
     per-channel qconfig, its weights packed for ``engine`` (default ``int8_engine()``)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, engine: str | None = None):
+        super().__init__()
         values, scale = quantize_per_channel(weight)
         zero = torch.zeros(len(scale), dtype=torch.long)
         engine, previous = engine or int8_engine(), torch.backends.quantized.engine
@@ -101,19 +102,20 @@ class Int8Linear:
         self.reduce_range = engine != "onednn" and not VNNI & cpu_flags()
         self.nbytes = values.numel() + 4 * (len(scale) + len(bias))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range).to(x.dtype)
 
 
-class Bf16Linear:
+class Bf16Linear(torch.nn.Module):
     """``x W^T + b`` in bfloat16, the result back in the input's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        self.weight = weight.detach().to(torch.bfloat16).contiguous()
-        self.bias = bias.detach().to(torch.bfloat16).contiguous()
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous(), persistent=False)
+        self.register_buffer("bias", bias.detach().to(torch.bfloat16).contiguous(), persistent=False)
         self.nbytes = 2 * (self.weight.numel() + self.bias.numel())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 

@@ -89,7 +89,7 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
     A serving replica needs t_k measured on its own device, but measuring takes seconds of the CPU it
     is about to serve with, every time a replica starts. The table is keyed by what it depends on:
     the checkpoint (path, size, modification time), the device and its thread count, torch's version,
-    the grid and the model's dtype. Contention that differs from the idle measurement is what calibration
+    the grid, the model's dtype and whether it runs traced graphs. Contention that differs from the idle measurement is what calibration
     (``ElasticSchedule``) corrects online, cached or not."""
     import hashlib
 
@@ -98,8 +98,10 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
     stat = weights.stat() if weights.exists() else None
     param = next(model.parameters())
     dtype = [] if param.dtype == torch.float32 else [str(param.dtype)]  # fp32 tables keep the key they had
+    graphs = ["graphs"] if model.graphs else []  # traced forwards (graphs.py) are timed apart from eager ones
     key = json.dumps([str(Path(checkpoint).resolve()), stat.st_size if stat else 0, stat.st_mtime if stat else 0,
-                      device_name(param.device), torch.__version__, list(batches), list(seqs), repeats, *dtype],
+                      device_name(param.device), torch.__version__, list(batches), list(seqs), repeats, *dtype,
+                      *graphs],
                      sort_keys=True)
     path = Path(cache_dir).expanduser() / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" \
         if cache_dir else None

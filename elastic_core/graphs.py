@@ -1,0 +1,80 @@
+"""Serving graphs: each SubLM's encoder forward traced once with TorchScript, so a batch runs without the GIL.
+
+Why: a replica answers requests on its event loop while its model thread computes batches, in one Python
+process. Eager PyTorch takes the GIL back between operators (a MiniLM forward is ~100 of them), and a thread
+that wants the GIL waits for the holder's switch interval (5 ms) whenever the other thread is busy in Python.
+Measured on a 2-core Xeon (1 torch thread, 9 texts x 22 tokens, beside a thread running Python): w25's forward
+12 ms alone took 610 ms; traced, 34 ms. Under a load spike the event loop is busy most of the time, so this
+convoy, not the model, set the replica's batch time (2-2.5x the profile on w25, whatever the batch size).
+A traced graph runs its operators in TorchScript's interpreter, which holds no GIL, and the event loop runs
+meanwhile.
+
+What is traced: ``ElasticEncoder.forward`` for one SubLM, token ids, mask and token types in, token states out,
+twice: padded, and packed (``batching.Packing``: per-token work on real tokens only). The graph is generic in
+batch size and length (TorchScript records the shape arithmetic); a precision variant's lowered matrices are
+registered in it, so its int8 kernels are traced too. Its weights are the model's own tensors, not copies.
+Importance masks, layerwise states and training never use a graph; nor does a model whose weights changed
+after tracing (the same stamp the lowered matrices keep, ``precision.weights_stamp``): it runs eager again.
+
+Graphs run with TorchScript's optimizations off: on a CPU there is nothing for its fuser to fuse, and its
+profiling executor would re-specialize on every new batch shape the schedule sends.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .precision import weights_stamp
+
+
+class _Forward(nn.Module):
+    """What the tracer follows: the encoder's forward for one SubLM and one layout, with the lowered
+    matrices that SubLM runs on registered as submodules (a traced module must own what it calls)."""
+
+    def __init__(self, encoder, sublm, packed: bool):
+        super().__init__()
+        self.encoder, self.sublm, self.packed = encoder, sublm, packed
+        lowered = encoder.lowered.get(encoder.layers_of(sublm), sublm)
+        self.lowered = None if lowered is None else nn.ModuleList(nn.ModuleDict(layer) for layer in lowered.layers)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.encoder.forward(input_ids, attention_mask, token_type_ids, self.sublm, packed=self.packed)
+
+
+class SubLMGraph:
+    """One SubLM's forward, traced padded and packed, and the stamp of the weights it was traced on."""
+
+    def __init__(self, encoder, sublm):
+        self.sublm = sublm
+        self.stamp = weights_stamp(encoder.layers_of(sublm)[: sublm.layers])
+        device = encoder.word_embeddings.weight.device
+        # two ragged texts: the packed graph must see padding to trace the pack / unpack copies
+        ids = torch.full((2, 8), 1000, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # TracerWarnings on the shape arithmetic it does record
+            self.padded = torch.jit.trace(_Forward(encoder, sublm, False), (ids, torch.ones_like(ids), ids * 0),
+                                          check_trace=False)
+            self.packed = torch.jit.trace(_Forward(encoder, sublm, True), (ids, mask, ids * 0), check_trace=False)
+
+    def current(self, encoder) -> bool:
+        return self.stamp == weights_stamp(encoder.layers_of(self.sublm)[: self.sublm.layers])
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, packed: bool):
+        graph = self.packed if packed and not bool(attention_mask.all()) else self.padded
+        with torch.jit.optimized_execution(False):
+            return graph(input_ids, attention_mask, token_type_ids)
+
+
+def trace_sublms(encoder, names) -> dict[str, SubLMGraph]:
+    """A graph per SubLM named (``encoder.graphs`` holds them; its forward then runs them at inference)."""
+    encoder.graphs = {}  # traced from the eager forward, not from graphs of an earlier call
+    encoder.graphs = {name: SubLMGraph(encoder, encoder.resolve(name)) for name in names}
+    return encoder.graphs
+
+
+__all__ = ["SubLMGraph", "trace_sublms"]
