@@ -75,10 +75,10 @@ def main() -> None:
     cells = len(sublms) * len(BATCHES) * len(cores) * (1 + len(INTERVALS))
     times: dict = {}
     with tqdm(total=cells, desc="model thread", unit="cell") as bar:
-        for graphs, core in cores.items():
-            lane = core.engine.lanes["embed"]
-            for sublm in sublms:
-                for n in BATCHES:
+        for sublm in sublms:
+            for n in BATCHES:
+                for graphs, core in cores.items():  # side by side, cell by cell: this host drifts by the minute
+                    lane = core.engine.lanes["embed"]
                     ids, _ = core.validator.tokenize(TaskRequest("embed", sentences[:n]))
 
                     def batch_ms() -> float:

@@ -83,9 +83,13 @@ def load_task_models(cfg: ReplicaConfig, device) -> dict:
     if cfg.graphs:  # after the cast, before the profile: t_k is measured on what serves
         from elastic_core.graphs import trace_sublms
 
-        for backbone in {id(b): b for b in map(backbone_of, models.values())}.values():
+        backbones: dict[int, tuple] = {}  # each backbone once, and whether every task on it embeds (pools its states)
+        for m in models.values():
+            backbone = backbone_of(m)
+            backbones[id(backbone)] = (backbone, backbones.get(id(backbone), (None, True))[1] and backbone is m.model)
+        for backbone, pooled in backbones.values():
             servable = backbone.config.served_sublms(torch.device(device).type, dtype)
-            trace_sublms(backbone, [s for s in servable if cfg.sublms is None or s in cfg.sublms])
+            trace_sublms(backbone, [s for s in servable if cfg.sublms is None or s in cfg.sublms], pooled)
     return models
 
 

@@ -64,10 +64,11 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, token_types: Sequence[Sequen
     width = max(len(s) for s in seqs)
     ids = torch.tensor([[*s, *[pad_id] * (width - len(s))] for s in seqs], dtype=torch.long)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    batch = {"input_ids": ids, "attention_mask": mask}
     if token_types is not None:
-        batch["token_type_ids"] = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_types],
-                                               dtype=torch.long).to(device)
+        batch["token_type_ids"] = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_types], dtype=torch.long)
+    if torch.device(device).type != "cpu":  # on the CPU, .to() would be one more call
+        batch = {name: t.to(device) for name, t in batch.items()}
     return batch
 
 
@@ -79,7 +80,8 @@ def run_chunked(seqs: Sequence[Sequence[int]], forward: Callable[[dict], torch.T
     out = None
     for idx in chunking.split([len(s) for s in seqs]):
         batch = pad([seqs[i] for i in idx], pad_id, [token_types[i] for i in idx] if token_types else None, device)
-        rows = forward(batch).float().cpu().numpy()
+        rows = forward(batch)
+        rows = rows.numpy() if rows.device.type == "cpu" and rows.dtype == torch.float32 else rows.float().cpu().numpy()
         if out is None:
             out = np.empty((len(seqs), rows.shape[1]), dtype=np.float32)
         out[idx] = rows

@@ -272,19 +272,25 @@ class ElasticEncoder(nn.Module):
             return self.config.full()
         return self.config.sublm(sublm) if isinstance(sublm, str) else sublm
 
+    def _graph(self, s: SubLM, packed: bool, pooled: bool):
+        """The traced forward serving runs for ``s`` (graphs.py), when this inference call may run it."""
+        graph = self.graphs.get(s.name)
+        if graph is None or graph.pooled != pooled or not packed or torch.is_grad_enabled() or torch.jit.is_tracing():
+            return None
+        if not graph.current(self):
+            del self.graphs[s.name]  # its weights changed since it was traced: eager from now on
+            return None
+        return graph
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, sublm: SubLM | str | None = None,
                 head_mask=None, neuron_mask=None, packed: bool = False, layer_states: list | None = None):
         """Token states of ``sublm`` (default: the full model). Masks are for importance scoring only.
         ``packed``: per-token work on real tokens only (``Packing``; inference, no masks).
         ``layer_states``: a list that receives every layer's output but the last (layerwise distillation)."""
         s = self.resolve(sublm)
-        graph = self.graphs.get(s.name)
-        if graph is not None and head_mask is None and neuron_mask is None and layer_states is None \
-                and not torch.is_grad_enabled() and not torch.jit.is_tracing():
-            if graph.current(self):
-                return graph(input_ids, attention_mask,
-                             torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids, packed)
-            del self.graphs[s.name]  # its weights changed since it was traced: eager from now on
+        if head_mask is None and neuron_mask is None and layer_states is None \
+                and (graph := self._graph(s, packed, pooled=False)) is not None:
+            return graph(input_ids, attention_mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
         layers = self.layers_of(s)
@@ -315,6 +321,8 @@ class ElasticEncoder(nn.Module):
 
     def embed(self, input_ids, attention_mask, token_type_ids=None, sublm=None, packed: bool = False, **masks):
         """The teacher's pooling: mean over real tokens, then L2-normalize."""
+        if not masks and (graph := self._graph(self.resolve(sublm), packed, pooled=True)) is not None:
+            return graph(input_ids, attention_mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         states = self.forward(input_ids, attention_mask, token_type_ids, sublm, packed=packed, **masks)
         return mean_pool_normalize(states, attention_mask)
 

@@ -60,7 +60,7 @@ def time_forward_ms(model: ElasticEncoder, sublm: str, batch: int, seq: int, rep
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        model.embed(ids, mask, sublm=sublm)
+        model.embed(ids, mask, sublm=sublm, packed=True)  # as served (no padding here: the same function)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
