@@ -374,15 +374,18 @@ class ServingEngine:
             self.on_batch(record)
 
     def _warm_up(self) -> set[int]:
-        """On the inference thread: one forward per lane, so the first request pays no one-time cost.
+        """On the inference thread: one forward per lane and SubLM, so no request pays a one-time cost.
         Returns the threads that compute the model (this one and the intra-op workers it starts),
         whose CPU time ``stats()`` reports apart from everything else the process spends."""
         before = _thread_ids()
         # two short pairs, [CLS] "this" [SEP] "this" [SEP] with their token types: a real forward for every
         # runner (an embedding model ignores the types; a ranker needs them to find the query)
         pair, types = [101, 2023, 102, 2023, 102], [0, 0, 0, 1, 1]
+        # every SubLM, not only the first: a SubLM's first batch in a process builds its kernels' plans (the traced
+        # graph's, elastic_core/graphs.py), and when that first batch came with a load spike, it took 0.4-1.1 s
         for lane in self.lanes.values():
-            lane.runner.forward(lane.schedule.sublms[0], [pair] * 2, [types] * 2, lane.schedule.chunking)
+            for sublm in lane.schedule.sublms:
+                lane.runner.forward(sublm, [pair] * 2, [types] * 2, lane.schedule.chunking)
         return (_thread_ids() - before) | {threading.get_native_id()}
 
     def model_cpu_s(self) -> float | None:

@@ -27,13 +27,16 @@ class GatedRunner:
         self.gate = threading.Event()
         if not gated:
             self.gate.set()
-        self.calls = []
+        self.calls = []      # (sublm, texts) of each batch
+        self.warm_ups = []   # the SubLMs the engine warmed up at start (they pass the gate)
         self.fail_on = fail_on
 
     def forward(self, sublm, input_ids, token_type_ids, chunking):
+        if token_type_ids is not None and input_ids == [[101, 2023, 102, 2023, 102]] * 2:
+            self.warm_ups.append(sublm)
+            return np.zeros((2, 2), dtype=np.float32)
         self.calls.append((sublm, len(input_ids)))
-        if len(self.calls) > 1:  # the engine's warm-up at start passes
-            assert self.gate.wait(10)
+        assert self.gate.wait(10)
         if self.fail_on is not None and any(ids[0] == self.fail_on for ids in input_ids):
             raise RuntimeError("the model failed")
         return np.array([[sum(ids), SUBLMS.index(sublm)] for ids in input_ids], dtype=np.float32)
@@ -81,17 +84,18 @@ def test_everything_waiting_goes_into_the_next_batch():
         runner = GatedRunner(gated=True)
         eng = engine(runner)
         first = asyncio.ensure_future(eng.submit(job(1000)))
-        await wait_for(lambda: len(runner.calls) == 2)  # warm-up + the first batch, now blocked on the gate
+        await wait_for(lambda: len(runner.calls) == 1)  # the first batch, now blocked on the gate
         rest = [asyncio.ensure_future(eng.submit(job(i))) for i in range(20)]
         await asyncio.sleep(0.05)
-        assert len(runner.calls) == 2  # the model is busy: no batch was cut meanwhile
+        assert len(runner.calls) == 1  # the model is busy: no batch was cut meanwhile
         runner.gate.set()
         served = await asyncio.gather(first, *rest)
         await eng.close()
         return runner, eng, served
 
     runner, eng, served = asyncio.run(run())
-    assert [n for _, n in runner.calls[1:]] == [1, 20]
+    assert [n for _, n in runner.calls] == [1, 20]
+    assert runner.warm_ups == SUBLMS  # every SubLM ran once before the first request
     assert [int(s.outputs[0, 0]) for s in served] == [1009] + [i + 9 for i in range(20)]  # each gets its own row
     assert {s.batch_texts for s in served[1:]} == {20}
     records = list(eng.history)
@@ -103,7 +107,7 @@ def test_the_batch_respects_its_budget_and_a_large_request_runs_alone():
         runner = GatedRunner(gated=True)
         eng = engine(runner, max_batch_texts=8)
         blocker = asyncio.ensure_future(eng.submit(job(1)))
-        await wait_for(lambda: len(runner.calls) == 2)
+        await wait_for(lambda: len(runner.calls) == 1)
         small = [asyncio.ensure_future(eng.submit(job(i, n_texts=3))) for i in range(4)]
         big = asyncio.ensure_future(eng.submit(job(99, n_texts=20)))
         runner.gate.set()
@@ -112,7 +116,7 @@ def test_the_batch_respects_its_budget_and_a_large_request_runs_alone():
         return runner
 
     runner = asyncio.run(run())
-    assert [n for _, n in runner.calls[1:]] == [1, 6, 6, 20]  # 3 + 3 fit 8 texts; 20 alone
+    assert [n for _, n in runner.calls] == [1, 6, 6, 20]  # 3 + 3 fit 8 texts; 20 alone
 
 
 def test_the_global_depth_picks_the_sublm_and_the_strictest_floor_wins():
@@ -135,7 +139,7 @@ def test_depth_published_counts_queued_and_running_texts():
         runner = GatedRunner(gated=True)
         eng = engine(runner, depth)
         first = asyncio.ensure_future(eng.submit(job(1, n_texts=2)))
-        await wait_for(lambda: len(runner.calls) == 2)
+        await wait_for(lambda: len(runner.calls) == 1)
         rest = [asyncio.ensure_future(eng.submit(job(i, n_texts=3))) for i in range(5)]
         await asyncio.sleep(0.02)
         runner.gate.set()
@@ -151,7 +155,7 @@ def test_a_request_whose_client_left_is_never_computed():
         runner = GatedRunner(gated=True)
         eng = engine(runner)
         blocker = asyncio.ensure_future(eng.submit(job(1)))
-        await wait_for(lambda: len(runner.calls) == 2)
+        await wait_for(lambda: len(runner.calls) == 1)
         gone = asyncio.ensure_future(eng.submit(job(7, n_texts=5)))
         kept = asyncio.ensure_future(eng.submit(job(8)))
         await asyncio.sleep(0.01)
@@ -161,7 +165,7 @@ def test_a_request_whose_client_left_is_never_computed():
         await eng.close()
         return runner
 
-    assert [n for _, n in asyncio.run(run()).calls[1:]] == [1, 1]
+    assert [n for _, n in asyncio.run(run()).calls] == [1, 1]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
@@ -183,7 +187,7 @@ def test_admission_refuses_only_when_busy_and_certainly_late():
         idle_says = eng.admits("embed", 64, 64 * 256)           # idle: always try
         impossible = eng.admits("embed", 64, 64 * 256, deadline_ms=1)
         blocker = asyncio.ensure_future(eng.submit(job(1, tokens=200)))
-        await wait_for(lambda: len(runner.calls) == 2)
+        await wait_for(lambda: len(runner.calls) == 1)
         queued = [asyncio.ensure_future(eng.submit(job(i, n_texts=8, tokens=200))) for i in range(8)]
         await asyncio.sleep(0.01)
         busy_small = eng.admits("embed", 1, 10)    # 64 x 200 tokens queued: w25 needs 1.3 s > T
@@ -202,7 +206,7 @@ def test_close_finishes_accepted_work_and_refuses_new():
         runner = GatedRunner(gated=True)
         eng = engine(runner)
         accepted = [asyncio.ensure_future(eng.submit(job(i))) for i in range(3)]
-        await wait_for(lambda: len(runner.calls) == 2)
+        await wait_for(lambda: len(runner.calls) == 1)
         closing = asyncio.ensure_future(eng.close(drain_s=5))
         await asyncio.sleep(0.02)
         with pytest.raises(Overloaded):
@@ -242,7 +246,7 @@ def test_tasks_are_lanes_of_one_queue_and_a_batch_holds_one_task():
         eng = ServingEngine({"embed": TaskLane(embed, schedule()), "rank": TaskLane(rank, schedule())},
                             target_ms=10_000, heartbeat_s=0).start()
         blocker = asyncio.ensure_future(eng.submit(job(1)))
-        await wait_for(lambda: len(embed.calls) == 2)
+        await wait_for(lambda: len(embed.calls) == 1)
         r1 = asyncio.ensure_future(eng.submit(job(2, task="rank")))
         await asyncio.sleep(0.01)
         e1 = asyncio.ensure_future(eng.submit(job(3)))
