@@ -115,10 +115,10 @@ class ServingCore:
         self.validator = validator
         self.metrics = metrics or NoMetrics()
         self._served = collections.deque()  # (time, texts, degraded): the autoscaling signal
-        self.engine = ServingEngine(lanes, cfg.target_ms, cfg.max_batch_tokens, cfg.heartbeat_s,
-                                    on_batch=self._record)
         # what a front (HAProxy's maxconn) may send this replica at once, learnt from the times it answers in
         self.limit = AdaptiveLimit(cfg.limit_budget, cfg.limit_window_s)
+        self.engine = ServingEngine(lanes, cfg.target_ms, cfg.max_batch_tokens, cfg.heartbeat_s,
+                                    on_batch=self._record, held_back=self.limit.holding_back)
         self._lag_probe: asyncio.Task | None = None
 
     @classmethod

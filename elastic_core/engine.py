@@ -96,6 +96,10 @@ class RetryPacing:
         while self._verdicts[0][0] < now - self.window_s:
             self._admitted -= self._verdicts.popleft()[1]
 
+    def refusing(self) -> bool:
+        """Whether anything was refused in the window."""
+        return len(self._verdicts) > self._admitted
+
     def retry_after_s(self) -> int:
         ratio = (len(self._verdicts) - self._admitted) / max(1, self._admitted)
         return int(min(self.max_s, max(self.min_s, math.ceil(ratio))))
@@ -146,6 +150,7 @@ class BatchRecord:
     late: int               # requests answered after their latency target
     reading: DepthReading
     at: float               # time.time() when it finished
+    throughput: bool = False  # chosen while overloaded: the fastest allowed SubLM (``ElasticSchedule.choose``)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class ServingEngine:
 
     def __init__(self, lanes: dict[str, TaskLane], target_ms: float, max_batch_tokens: int = 16384,
                  heartbeat_s: float = 0.5, on_batch: Callable[[BatchRecord], None] | None = None,
-                 history: int = 4096):
+                 history: int = 4096, held_back: Callable[[], bool] | None = None):
         if not lanes:
             raise ValueError("the engine needs at least one task lane")
         check("engine", self.SETTING_RULES, {"target_ms": target_ms, "max_batch_tokens": max_batch_tokens,
@@ -183,6 +188,9 @@ class ServingEngine:
         self.max_batch_tokens = int(max_batch_tokens)
         self.heartbeat_s = heartbeat_s
         self.on_batch = on_batch
+        # whether a front holds requests back from this replica (``deployments/core.py``: full at a limit below
+        # its model's capacity); with its own refusals, what tells the schedule the demand exceeds the queue
+        self.held_back = held_back
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
         self.forward_s = 0.0      # cumulative model time and texts: utilization, in-stack throughput
         self.forward_texts = 0
@@ -241,6 +249,11 @@ class ServingEngine:
         """A request's latency target: its task's, or the client's own deadline if tighter."""
         target = self.lanes[task].target_ms or self.target_ms
         return min(target, deadline_ms) if deadline_ms else target
+
+    def overloaded(self) -> bool:
+        """More demand than the queue shows: this replica refused requests within the pacing window, or a front
+        holds requests back from it (``held_back``)."""
+        return self.pacing.refusing() or bool(self.held_back and self.held_back())
 
     def running_left_ms(self) -> float:
         if self._running is None:
@@ -348,8 +361,9 @@ class ServingEngine:
             reading = lane.reading = await lane.depth.sync(lane.depth_texts)
             start = time.perf_counter()
             waited_ms = (start - min(job.arrived for job in jobs)) * 1000
+            throughput = self.overloaded()
             choice = lane.schedule.choose(lengths, reading, min(self.target(task, j.deadline_ms) for j in jobs),
-                                          waited_ms, lane.schedule.strictest([j.min_sublm for j in jobs]))
+                                          waited_ms, lane.schedule.strictest([j.min_sublm for j in jobs]), throughput)
             self._running = (start, choice.predicted_ms)
             outputs, forward_ms = await loop.run_in_executor(self._executor, self._forward, lane, choice.sublm,
                                                              seqs, types)
@@ -368,7 +382,7 @@ class ServingEngine:
                                              (start - job.arrived) * 1000, len(seqs)))
             offset += job.texts
         record = BatchRecord(task, choice.sublm, len(seqs), sum(lengths), waiting_texts, choice.predicted_ms,
-                             forward_ms, waited_ms, late, reading, time.time())
+                             forward_ms, waited_ms, late, reading, time.time(), throughput)
         self.history.append(record)
         if self.on_batch is not None:
             self.on_batch(record)

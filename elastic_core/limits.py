@@ -45,6 +45,7 @@ class AdaptiveLimit:
         self.budget, self.window_s, self.quantile = budget, window_s, quantile
         self.min_samples, self.ceiling, self._clock = min_samples, ceiling, clock
         self.limit: int | None = None      # None until the first model capacity is known
+        self.bound: int | None = None      # the model's capacity x ceiling, when the limit was last asked
         self.held = 0                      # requests inside now
         self.lag_ms = 0.0                  # the event loop's lag: a request waits it before it is seen
         self.last_quantile: float | None = None
@@ -63,6 +64,12 @@ class AdaptiveLimit:
         """One probe of the event loop's lag (EWMA: one late wake-up is not the loop's state)."""
         self.lag_ms = 0.8 * self.lag_ms + 0.2 * max(0.0, lag_ms)
 
+    def holding_back(self) -> bool:
+        """Full at a limit below its model's capacity: the replica answers more slowly than its model computes
+        (request handling, contention on shared cores), and the front holds the rest of the demand back."""
+        return self.limit is not None and self.bound is not None and self.limit < self.bound \
+            and self.held >= self.limit
+
     MAX_SAMPLES = 4096  # windows close when a front asks (``value``); with none asking, keep the newest only
 
     def observe(self, elapsed_ms: float, target_ms: float) -> None:
@@ -73,7 +80,7 @@ class AdaptiveLimit:
 
     def value(self, model_capacity: int) -> int:
         """The limit now, given the model's capacity (requests): closes the window when it is over."""
-        bound = max(1, math.floor(self.ceiling * model_capacity))
+        bound = self.bound = max(1, math.floor(self.ceiling * model_capacity))
         if self.limit is None:
             self.limit = bound
         now = self._clock()

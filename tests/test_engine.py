@@ -297,6 +297,23 @@ def test_retry_pacing_grows_with_the_refusals_per_admission_and_forgets_them():
     assert pacing.retry_after_s() == 1
 
 
+def test_an_overloaded_engine_chooses_for_throughput_and_records_it():
+    """Its own refusals within the pacing window, or a front holding requests back: the fastest SubLM."""
+    async def run(held_back):
+        lane = TaskLane(GatedRunner(), schedule())
+        eng = ServingEngine({"embed": lane}, target_ms=10_000, heartbeat_s=0, held_back=lambda: held_back[0]).start()
+        calm = await eng.submit(job(1))
+        held_back[0] = True
+        behind = await eng.submit(job(2))
+        held_back[0] = False
+        assert not eng.admits("embed", 64, 64 * 256, deadline_ms=1)  # a refusal
+        refusing = await eng.submit(job(3))
+        await eng.close()
+        return [(s.sublm, r.throughput) for s, r in zip((calm, behind, refusing), eng.history)]
+
+    assert asyncio.run(run([False])) == [("w100", False), ("w25", True), ("w25", True)]
+
+
 def test_admission_verdicts_feed_the_retry_pacing():
     async def run():
         eng = engine(GatedRunner(), target_ms=100)

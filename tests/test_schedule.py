@@ -111,6 +111,15 @@ def test_the_strictest_floor_of_a_batch_wins():
     assert s.strictest([None, None]) is None
 
 
+def test_an_overloaded_replica_chooses_the_fastest_sublm_its_floor_allows():
+    """Refusing requests, the queue the rule reads is not the demand: an idle-looking queue still gets the
+    fastest SubLM, and a floor still holds."""
+    s = schedule()
+    assert s.choose([32], idle(), target_ms=1000).sublm == "w100"
+    assert s.choose([32], idle(), target_ms=1000, throughput=True).sublm == "w25"
+    assert s.choose([32], idle(), target_ms=1000, min_sublm="w75", throughput=True).sublm == "w75"
+
+
 def test_a_floor_above_what_a_static_deployment_serves_leaves_its_largest():
     small = schedule(sublms=["w25"])
     assert small.allowed("w50") == ["w25"]
