@@ -188,8 +188,8 @@ class ServingEngine:
         self.max_batch_tokens = int(max_batch_tokens)
         self.heartbeat_s = heartbeat_s
         self.on_batch = on_batch
-        # whether a front holds requests back from this replica (``deployments/core.py``: full at a limit below
-        # its model's capacity); with its own refusals, what tells the schedule the demand exceeds the queue
+        # whether a front holds requests back from this replica (``deployments/core.py``: full at the limit the
+        # front gives it); with its own refusals, what tells the schedule the demand exceeds the queue
         self.held_back = held_back
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
         self.forward_s = 0.0      # cumulative model time and texts: utilization, in-stack throughput

@@ -22,11 +22,11 @@ and that one model serves these decisions:
   variant that ties with its structure in quality is tried before or after it by which is faster for this
   batch's shape (``by_speed_within_ties``), not by the batch-32 speed that ranked it.
 * **throughput** (choice, while the replica is overloaded): the fastest allowed SubLM for this batch. The
-  queue the rule reads is what was admitted; once requests are being refused, or the front holds the replica
-  at a cap below what its model could take, the demand is larger than that queue shows, and every millisecond
-  of model time saved (on cores the model shares with request handling) answers more of it. Measured on the
-  1-query spike (2026-12-07): the rule alone kept w100-int8 on 90 % of the batches while a third of the
-  requests were refused, because the third it refused never reached its queue.
+  queue the rule reads is what was admitted; once requests are being refused, or the front holds requests
+  back from the replica (full at the limit it gives it), the demand is larger than that queue shows, and every
+  millisecond of model time saved (on cores the model shares with request handling) answers more of it.
+  Measured on the 1-query spike (2026-12-07): the rule alone kept w100-int8 on most batches while a third of
+  the requests were refused, because the ones refused never reached its queue.
 * **admission** (per request, before it is tokenized): a request is refused at once when even the
   fastest SubLM it allows could not finish it in time: the running batch's remaining time plus
   draining the local queue with the request in it exceeds ``admission_factor x T``. An optimistic

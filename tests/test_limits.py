@@ -44,23 +44,18 @@ def test_slow_answers_shrink_it_by_littles_law():
     assert limit.value(40) == 8
 
 
-def test_it_holds_back_only_when_full_at_a_limit_below_the_models_capacity():
+def test_it_holds_back_when_full_at_its_limit():
     clock = Clock()
     limit = AdaptiveLimit(budget=0.8, clock=clock)
     assert not limit.holding_back()               # nothing known yet
     limit.value(40)
-    for _ in range(40):
-        limit.enter()
-    assert not limit.holding_back()               # full, but at what the model takes: the model is the limit
-    for _ in range(40):
-        limit.leave()
     window(limit, clock, [100.0] * 50, held=40)
     assert limit.value(40) == 32
     for _ in range(31):
         limit.enter()
     assert not limit.holding_back()               # below its limit: the front holds nothing back
     limit.enter()
-    assert limit.holding_back()                   # full at 32 where the model would take 40
+    assert limit.holding_back()                   # full: whatever else arrives waits in front, or is refused
 
 
 def test_slow_answers_below_the_limit_are_not_its_doing():
