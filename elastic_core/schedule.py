@@ -21,7 +21,8 @@ and that one model serves these decisions:
   With every batch of one text and nothing waited this is exactly ``(q + 1) * t_k <= T``. A precision
   variant that ties with its structure in quality is tried before or after it by which is faster for this
   batch's shape (``by_speed_within_ties``), not by the batch-32 speed that ranked it.
-* **throughput** (choice, while the replica is overloaded): the fastest allowed SubLM for this batch. The
+* **throughput** (choice, while the replica is overloaded): the fastest allowed SubLM for this batch, by its
+  profile (contention slows every SubLM alike; a calibration one stall set high would lock a SubLM out). The
   queue the rule reads is what was admitted; once requests are being refused, or the front holds requests
   back from the replica (full at the limit it gives it), the demand is larger than that queue shows, and every
   millisecond of model time saved (on cores the model shares with request handling) answers more of it.
@@ -247,7 +248,11 @@ class ElasticSchedule:
             return waited_ms + self.headroom(k, profiled) * (profiled * self.factor(k) + self.drain_ms(k, behind))
 
         allowed = self.by_speed_within_ties(self.allowed(min_sublm), lengths)
-        sublm = min(allowed, key=completion_ms) if throughput else choose_sublm(allowed, completion_ms, target_ms)
+        if throughput:  # by the profile: one slow batch can set a SubLM's calibration high, and a SubLM not
+            # chosen again never corrects it (a stall made w50-int8 "slower" than w100-int8 for the rest of a spike)
+            sublm = min(allowed, key=lambda k: self.profiled_ms(k, lengths))
+        else:
+            sublm = choose_sublm(allowed, completion_ms, target_ms)
         profiled = self.profiled_ms(sublm, lengths)
         return Choice(sublm, profiled * self.factor(sublm), profiled)
 

@@ -118,6 +118,8 @@ def test_an_overloaded_replica_chooses_the_fastest_sublm_its_floor_allows():
     assert s.choose([32], idle(), target_ms=1000).sublm == "w100"
     assert s.choose([32], idle(), target_ms=1000, throughput=True).sublm == "w25"
     assert s.choose([32], idle(), target_ms=1000, min_sublm="w75", throughput=True).sublm == "w75"
+    s.observe("w25", [32] * 8, 8 * s.profiled_ms("w25", [32] * 8))  # one stalled batch: w25 "8x slower" now
+    assert s.choose([32], idle(), target_ms=1000, throughput=True).sublm == "w25"  # by the profile: still fastest
 
 
 def test_a_floor_above_what_a_static_deployment_serves_leaves_its_largest():
