@@ -8,8 +8,9 @@ inference thread. No batch is cut while the model is busy, so under load a batch
 the queue, and the schedule decides on the batch that actually runs.
 
 The forward pass runs on one dedicated thread, so the event loop keeps parsing, tokenizing and
-answering requests meanwhile (torch releases the GIL inside its kernels). Every batch's measured
-time is fed back to the schedule (calibration) and kept for ``stats()``.
+answering requests meanwhile: a served model runs each SubLM as a traced graph that holds no GIL
+(``graphs.py``; eager PyTorch took the GIL back after every operator and waited on the busy loop).
+Every batch's measured time is fed back to the schedule (calibration) and kept for ``stats()``.
 
 Tasks (embed, rerank, predict) are lanes of the one queue: each has its own model runner, schedule
 (latency profile, calibration) and depth signal; a batch holds one task, the one whose oldest request
