@@ -102,8 +102,9 @@ def main() -> None:
     (ROOT / "benchmarks" / "results" / "model_thread.json").write_text(json.dumps(result, indent=2) + "\n")
     columns = ["alone", *INTERVALS]
     lines = [f"Measured {result['date']} on {result['machine']}: `{result['command']}`. The embedding lane's runner "
-             f"(real SST-2 sentences, the closed-loop clients' texts, tokenized; 1 torch thread), median of {a.repeats} batches, ms; beside it a "
-             f"thread running Python without pause, at Python's default switch interval "
+             "(real SST-2 sentences, the closed-loop clients' texts, tokenized; 1 torch thread), "
+             f"median of {a.repeats} batches, ms; beside it a thread running Python without pause, at Python's "
+             "default switch interval "
              f"({result['default_switch_interval_ms']:g} ms) and at 1 ms. Eager: PyTorch op by op, as replicas ran "
              "until 2026-12-07; graphs: each SubLM's forward traced at start (`elastic_core/graphs.py`), what "
              "replicas run now.", "",

@@ -65,9 +65,10 @@ class SubLMGraph:
     def current(self, encoder) -> bool:
         return self.stamp == weights_stamp(encoder.layers_of(self.sublm)[: self.sublm.layers])
 
-    def __call__(self, input_ids, attention_mask, token_type_ids):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None):
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # traced with types
         with torch.jit.optimized_execution(False):
-            return self.module(input_ids, attention_mask, token_type_ids)
+            return self.module(input_ids, attention_mask, types)
 
 
 def trace_sublms(encoder, names, pooled: bool = False) -> dict[str, SubLMGraph]:

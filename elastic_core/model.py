@@ -290,7 +290,7 @@ class ElasticEncoder(nn.Module):
         s = self.resolve(sublm)
         if head_mask is None and neuron_mask is None and layer_states is None \
                 and (graph := self._graph(s, packed, pooled=False)) is not None:
-            return graph(input_ids, attention_mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+            return graph(input_ids, attention_mask, token_type_ids)
         if packed and (head_mask is not None or neuron_mask is not None):
             raise ValueError("importance masks need the padded layout: packed=False")
         layers = self.layers_of(s)
@@ -322,7 +322,7 @@ class ElasticEncoder(nn.Module):
     def embed(self, input_ids, attention_mask, token_type_ids=None, sublm=None, packed: bool = False, **masks):
         """The teacher's pooling: mean over real tokens, then L2-normalize."""
         if not masks and (graph := self._graph(self.resolve(sublm), packed, pooled=True)) is not None:
-            return graph(input_ids, attention_mask, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+            return graph(input_ids, attention_mask, token_type_ids)
         states = self.forward(input_ids, attention_mask, token_type_ids, sublm, packed=packed, **masks)
         return mean_pool_normalize(states, attention_mask)
 
