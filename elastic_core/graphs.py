@@ -53,7 +53,7 @@ class SubLMGraph:
 
     def __init__(self, encoder, sublm, pooled: bool):
         self.sublm, self.pooled = sublm, pooled
-        self.stamp = weights_stamp(encoder.layers_of(sublm)[: sublm.layers])
+        self.stamp = self._stamp(encoder)
         # two ragged texts: the graph must see padding to trace the pack / unpack copies
         ids = torch.full((2, 8), 1000, dtype=torch.long, device=encoder.word_embeddings.weight.device)
         mask = torch.ones_like(ids)
@@ -62,8 +62,11 @@ class SubLMGraph:
             warnings.simplefilter("ignore")  # TracerWarnings on the shape arithmetic it does record
             self.module = torch.jit.trace(_Forward(encoder, sublm, pooled), (ids, mask, ids * 0), check_trace=False)
 
+    def _stamp(self, encoder) -> tuple:
+        return weights_stamp(encoder.layers_of(self.sublm)[: self.sublm.layers])
+
     def current(self, encoder) -> bool:
-        return self.stamp == weights_stamp(encoder.layers_of(self.sublm)[: self.sublm.layers])
+        return self.stamp == self._stamp(encoder)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # traced with types
@@ -74,7 +77,6 @@ class SubLMGraph:
 def trace_sublms(encoder, names, pooled: bool = False) -> dict[str, SubLMGraph]:
     """A graph per SubLM named, of ``embed`` (``pooled``) or of the token states, for packed batches (what serving
     runs); ``encoder.graphs`` holds them and the encoder's inference calls run them."""
-    encoder.graphs = {}  # traced from the eager forward, not from graphs of an earlier call
     encoder.graphs = {name: SubLMGraph(encoder, encoder.resolve(name), pooled) for name in names}
     return encoder.graphs
 

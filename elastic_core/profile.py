@@ -89,8 +89,8 @@ def cached_profile(model: ElasticEncoder, checkpoint: str | Path, cache_dir: str
     A serving replica needs t_k measured on its own device, but measuring takes seconds of the CPU it
     is about to serve with, every time a replica starts. The table is keyed by what it depends on:
     the checkpoint (path, size, modification time), the device and its thread count, torch's version,
-    the grid, the model's dtype and whether it runs traced graphs. Contention that differs from the idle measurement is what calibration
-    (``ElasticSchedule``) corrects online, cached or not."""
+    the grid, the model's dtype and whether it runs traced graphs. Contention that differs from the idle
+    measurement is what calibration (``ElasticSchedule``) corrects online, cached or not."""
     import hashlib
 
     sublms = list(sublms or model.config.sublm_names)
