@@ -17,7 +17,7 @@ CPUs other processes used meanwhile is recorded, and figures taken above ``QUIET
 through ``torch._int_mm``).
 Memory: the lowered matrices each variant holds, and the replica's resident memory before and after lowering.
 Writes benchmarks/results/precision.json, docs/img/precision_pareto.png and a section of docs/benchmarks.md;
-``--write`` declares the kept ladder (best first) in a checkpoint's config.
+``--write`` declares the kept ladder (best first) in a checkpoint's config, with each SubLM's measured quality.
 """
 
 from __future__ import annotations
@@ -351,6 +351,8 @@ def write_ladder(target: Path, source: Path, result: dict):
     names = set(result["kept"]) | {c[n]["structure"] for n in result["kept"]}
     config["sublms"] = {n: c[n]["heads_ffn_layers"] + ([c[n]["precision"]] if c[n]["precision"] != "fp32" else [])
                         for n in sorted(names, key=lambda n: best_first(c[n]))}
+    # measured, not the tie's: an overloaded replica trades each SubLM's own quality against its cost
+    config["quality"] = {n: round(c[n].get("quality_measured", c[n]["quality"]), 4) for n in config["sublms"]}
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 

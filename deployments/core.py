@@ -29,6 +29,7 @@ from deployments.tasks import SERVED_TASKS
 from elastic_core.batching import Chunking
 from elastic_core.engine import BatchRecord, DepthSource, Job, LocalDepth, Overloaded, ServingEngine, TaskLane
 from elastic_core.limits import AdaptiveLimit
+from elastic_core.model import resolve_device, resolve_dtype
 from elastic_core.schedule import Capacity, ElasticSchedule
 
 logger = logging.getLogger("ray.serve")  # the replica's log (a plain logger outside Ray)
@@ -65,8 +66,6 @@ class NoMetrics:
 def load_task_models(cfg: ReplicaConfig, device) -> dict:
     """The model of every served task, on ``device`` (each task's ``load``). All share the checkpoint's
     backbone and SubLMs; an adapter is merged into its own copy of the weights."""
-    from elastic_core.model import resolve_dtype
-
     loaded: dict = {}
     models = {task: SERVED_TASKS[task].load(cfg, device, loaded) for task in cfg.tasks}
     ranks = {task: m.sublms for task, m in models.items()}
@@ -118,7 +117,9 @@ class ServingCore:
         # what a front (HAProxy's maxconn) may send this replica at once, learnt from the times it answers in
         self.limit = AdaptiveLimit(cfg.limit_budget, cfg.limit_window_s)
         self.engine = ServingEngine(lanes, cfg.target_ms, cfg.max_batch_tokens, cfg.heartbeat_s,
-                                    on_batch=self._record, held_back=self.limit.holding_back)
+                                    on_batch=self._record, held_back=self.held_back,
+                                    charge_handling=resolve_device(cfg.device).type == "cpu")
+        self.front_holding_back: Callable[[], bool] | None = None  # the front's own word (``held_back``), if any
         self._lag_probe: asyncio.Task | None = None
 
     @classmethod
@@ -126,7 +127,6 @@ class ServingCore:
               depth: Callable[[str], DepthSource] | None = None, metrics: MetricsSink | None = None) -> "ServingCore":
         """Loads the task models and the latency profile and builds the engine's lanes. ``depth(task)``: the
         task's global queue depth (the host's Redis); None: this replica's own queue only."""
-        from elastic_core.model import resolve_device, resolve_dtype
         from elastic_core.profile import LatencyProfile, cached_profile
 
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
@@ -174,7 +174,8 @@ class ServingCore:
         for task, model in models.items():
             # each task its own schedule (own calibration) and its own global depth, so each degrades
             # and scales on its own signal; they share the queue, the batching loop and the model thread
-            schedule = ElasticSchedule(profile, sublms, ranking=ranking, ties=ties, max_batch_texts=cfg.max_batch_texts,
+            schedule = ElasticSchedule(profile, sublms, ranking=ranking, ties=ties, quality=backbone_config(first).quality,
+                                       max_batch_texts=cfg.max_batch_texts,
                                        chunking=chunking, admission_factor=cfg.admission_factor,
                                        calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
             lanes[task] = TaskLane(model, schedule, depth(task) if depth else LocalDepth(),
@@ -215,6 +216,13 @@ class ServingCore:
         if model is None:
             return None
         return Capacity(self.limit.value(model.requests), model.service_ms, model.budget_ms)
+
+    def held_back(self) -> bool:
+        """Whether a front holds requests back from this replica: full at the limit it gives it, or, where the
+        front says so itself (``front_holding_back``: HAProxy's queue for it), requests wait there. The first
+        alone misses what the front has sent but the replica has not yet read (measured on the 1-query spike:
+        HAProxy refused half the requests while the replica held fewer than its limit)."""
+        return self.limit.holding_back() or bool(self.front_holding_back and self.front_holding_back())
 
     @property
     def accepting(self) -> bool:

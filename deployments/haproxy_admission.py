@@ -41,9 +41,11 @@ import csv
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -289,17 +291,43 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- the replica's side
+def capped_backends(show_stat: str, server: str) -> dict[str, int]:
+    """From HAProxy's ``show stat`` CSV: each backend in which ``server`` has a ``maxconn`` (``slim``: ``admit``
+    capped it), with the requests waiting in it for a server (``qcur``: the backend's own queue, where requests
+    any server may take wait, and the server's, where those bound to it wait)."""
+    stat = list(csv.reader(show_stat.lstrip("# ").splitlines()))
+    if not stat:
+        return {}
+    column = {name: i for i, name in enumerate(stat[0])}
+    backend, name, slim, qcur = column["pxname"], column["svname"], column["slim"], column["qcur"]
+    rows = [row for row in stat[1:] if len(row) > max(slim, qcur)]
+    queued = {(row[backend], row[name]): int(row[qcur] or 0) for row in rows}
+    return {row[backend]: queued[row[backend], server] + queued.get((row[backend], "BACKEND"), 0)
+            for row in rows if row[name] == server and row[slim]}
+
+
 class CapacityPublisher:
     """Keeps one replica's capacity where HAProxy reads it: its record (applied at every HAProxy load), and,
     every ``interval_s`` while it changes (calibration, the mean text length), the ``maxconn`` of its servers
     on its own node's HAProxy, through the admin socket, where ``admit`` capped them (``show stat``'s
-    ``slim``). Other nodes' HAProxies read the record at their next reload (only on this machine)."""
+    ``slim``). Other nodes' HAProxies read the record at their next reload (only on this machine).
+
+    It also reads, every ``queue_interval_s``, whether HAProxy holds requests back for this replica (its queue,
+    ``holding_back``): the replica's own count of what it holds misses the requests HAProxy has sent but the
+    replica's event loop has not yet read, and on the 1-query spike HAProxy refused half the requests while the
+    replica held fewer than its limit and chose its best SubLM (2026-12-07)."""
 
     def __init__(self, server: str, capacity: Callable[[], object | None], target_ms: float, pacing,
-                 socket: Path | None = None, directory: Path | None = None, interval_s: float = 0.5):
+                 socket: Path | None = None, directory: Path | None = None, interval_s: float = 0.5,
+                 queue_interval_s: float = 0.1, queue_memory_s: float = 0.5):
         self.server, self.capacity, self.target_ms, self.pacing = server, capacity, target_ms, pacing
         self.socket, self.directory, self.interval_s = socket, directory or records_dir(), interval_s
+        # HAProxy's queue moves within a batch's time; the capacity (a search over the profile) need not. A queue
+        # seen counts for queue_memory_s: a snapshot between two arrivals reads empty in the middle of a surge
+        self.queue_interval_s, self.queue_memory_s = queue_interval_s, queue_memory_s
         self.published: CapacityRecord | None = None
+        self.waiting = 0                    # requests HAProxy holds back in this replica's backends, as last read
+        self._waiting_seen = -math.inf      # when a queue was last seen
         self._task: asyncio.Task | None = None
 
     @classmethod
@@ -339,31 +367,43 @@ class CapacityPublisher:
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="haproxy-capacity")
         return self
 
+    def holding_back(self) -> bool:
+        """Whether HAProxy held requests back for this replica within the last ``queue_memory_s``."""
+        return time.monotonic() - self._waiting_seen < self.queue_memory_s
+
     async def _follow(self) -> None:
+        publish_at = time.monotonic() + self.interval_s
         while True:
-            await asyncio.sleep(self.interval_s)
-            before = self.published
+            await asyncio.sleep(self.queue_interval_s)
             try:
-                record = self.publish()
+                backends = await self.read_backends()
+                if time.monotonic() < publish_at:
+                    continue
+                publish_at = time.monotonic() + self.interval_s
+                before, record = self.published, self.publish()
                 if record is not None and (before is None or record.maxconn != before.maxconn):
-                    await self.set_running_maxconn(record.maxconn)
+                    await self.set_running_maxconn(record.maxconn, backends)
                     logger.info("HAProxy maxconn of %s: %d", self.server, record.maxconn)
             except Exception:  # noqa: BLE001 - the cap is an optimization: serving goes on without it
                 logger.exception("publishing this replica's HAProxy capacity failed; retrying")
 
-    async def set_running_maxconn(self, maxconn: int) -> int:
+    async def read_backends(self) -> dict[str, int]:
+        """This replica's capped backends on this node's HAProxy with what waits in each (``capped_backends``;
+        none without its admin socket), noting a queue seen (``holding_back``)."""
+        if not self.server or self.socket is None or not self.socket.exists():
+            return {}
+        backends = capped_backends(await self._command("show stat"), self.server)
+        self.waiting = sum(backends.values())
+        if self.waiting:
+            self._waiting_seen = time.monotonic()
+        return backends
+
+    async def set_running_maxconn(self, maxconn: int, backends: dict[str, int] | None = None) -> int:
         """``set maxconn server`` for this replica's capped servers on this node's HAProxy; how many."""
-        if self.socket is None or not self.socket.exists():
-            return 0
-        stat = list(csv.reader((await self._command("show stat")).lstrip("# ").splitlines()))
-        if not stat:
-            return 0
-        column = {name: i for i, name in enumerate(stat[0])}
-        mine = [row[column["pxname"]] for row in stat[1:]
-                if len(row) > column["slim"] and row[column["svname"]] == self.server and row[column["slim"]]]
-        for backend in mine:
+        backends = await self.read_backends() if backends is None else backends
+        for backend in backends:
             await self._command(f"set maxconn server {backend}/{self.server} {maxconn}")
-        return len(mine)
+        return len(backends)
 
     async def _command(self, command: str, timeout_s: float = 1.0) -> str:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.socket)), timeout_s)
@@ -381,5 +421,5 @@ class CapacityPublisher:
         (self.directory / f"{self.server}.json").unlink(missing_ok=True)
 
 
-__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "binary_environment", "main",
+__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "capped_backends", "binary_environment", "main",
            "read_records", "records_dir", "write_record"]

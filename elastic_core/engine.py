@@ -179,7 +179,7 @@ class ServingEngine:
 
     def __init__(self, lanes: dict[str, TaskLane], target_ms: float, max_batch_tokens: int = 16384,
                  heartbeat_s: float = 0.5, on_batch: Callable[[BatchRecord], None] | None = None,
-                 history: int = 4096, held_back: Callable[[], bool] | None = None):
+                 history: int = 4096, held_back: Callable[[], bool] | None = None, charge_handling: bool = True):
         if not lanes:
             raise ValueError("the engine needs at least one task lane")
         check("engine", self.SETTING_RULES, {"target_ms": target_ms, "max_batch_tokens": max_batch_tokens,
@@ -193,6 +193,12 @@ class ServingEngine:
         # front gives it); with its own refusals, what tells the schedule the demand exceeds the queue
         self.held_back = held_back
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
+        # CPU per text the process spends outside the model (parsing, tokenizing, answering, refusing), measured
+        # every HANDLING_EVERY_S: on a CPU it shares the cores with the model, so an overloaded schedule counts it
+        # in a SubLM's cost (``ElasticSchedule.most_per_cost``); on an accelerator it does not compete (False)
+        self.charge_handling = charge_handling
+        self.handling_ms: float | None = None
+        self._handling_mark: tuple[float, float, float, int] | None = None  # (monotonic, process CPU, model CPU, texts)
         self.forward_s = 0.0      # cumulative model time and texts: utilization, in-stack throughput
         self.forward_texts = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -374,6 +380,7 @@ class ServingEngine:
         lane.schedule.observe(choice.sublm, lengths, forward_ms)
         self.forward_s += forward_ms / 1000
         self.forward_texts += len(seqs)
+        self._measure_handling()
         done = time.perf_counter()
         late = sum((done - job.arrived) * 1000 > self.target(task, job.deadline_ms) for job in jobs)
         offset = 0
@@ -387,6 +394,26 @@ class ServingEngine:
         self.history.append(record)
         if self.on_batch is not None:
             self.on_batch(record)
+
+    HANDLING_EVERY_S = 1.0    # a window long enough for CPU clocks' ticks (10 ms) to be a small error
+    HANDLING_MIN_TEXTS = 20   # fewer texts in a window: too few to divide by (an idle replica's loop still ticks)
+
+    def _measure_handling(self) -> None:
+        """Every ``HANDLING_EVERY_S``: (process CPU - model threads' CPU) / texts computed, an EWMA, handed to
+        every lane's schedule when ``charge_handling``."""
+        now, last = time.monotonic(), self._handling_mark
+        if last is not None and now - last[0] < self.HANDLING_EVERY_S:
+            return
+        if (model := self.model_cpu_s()) is None:
+            return
+        mark = self._handling_mark = (now, time.process_time(), model, self.forward_texts)
+        if last is None or mark[3] - last[3] < self.HANDLING_MIN_TEXTS:
+            return
+        per_text = max(0.0, (mark[1] - last[1]) - (mark[2] - last[2])) * 1000 / (mark[3] - last[3])
+        self.handling_ms = per_text if self.handling_ms is None else 0.5 * (self.handling_ms + per_text)
+        if self.charge_handling:
+            for lane in self.lanes.values():
+                lane.schedule.handling_ms = self.handling_ms
 
     def _warm_up(self) -> set[int]:
         """On the inference thread: one forward per lane and SubLM, so no request pays a one-time cost.
@@ -452,6 +479,7 @@ class ServingEngine:
             "calibration": {name: lane.schedule.calibration() for name, lane in self.lanes.items()},
             "depth": {name: lane.depth_texts for name, lane in self.lanes.items()},
             "forward_s": self.forward_s, "forward_texts": self.forward_texts, "model_cpu_s": self.model_cpu_s(),
+            "handling_ms_per_text": self.handling_ms,
         }
         if records:
             out["records"] = [dataclasses.asdict(r) for r in batches]

@@ -64,8 +64,15 @@ class ElasticConfig:
     # keep (the small SubLMs' steps move the prefix it is made of). The copy holds only what the largest of them
     # runs, [heads, ffn, layers] (``enclosing_below_full``): with w75 below w100, 3/4 of a set of layers.
     adapted_copy: list[int] | None = None
+    # SubLM name -> its measured held-out quality, a fraction of the teacher's (``benchmarks/precision.py --write``:
+    # the mean of DL19's and SciFact's NDCG@10 ratios). What an overloaded replica trades against each SubLM's
+    # cost (``ElasticSchedule.choose``); the ranking above stays the order. Empty: not measured (a hand-made ladder);
+    # a figure of a SubLM not declared is unused (a ladder redeclared from this one).
+    quality: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):  # a malformed entry fails at load, not at its first batch
+        if bad := {name: q for name, q in self.quality.items() if not (isinstance(q, (int, float)) and 0 < q <= 2)}:
+            raise ValueError(f"quality figures must be fractions of the teacher's quality in (0, 2], got {bad}")
         trained = {tuple(entry[:3]) for entry in self.trained_sublms().values()}  # parses every entry
         if orphans := [name for name, entry in self.sublms.items() if tuple(entry[:3]) not in trained]:
             raise ValueError(f"precision variants {orphans} need their structure declared in fp32 too: "

@@ -21,13 +21,18 @@ and that one model serves these decisions:
   With every batch of one text and nothing waited this is exactly ``(q + 1) * t_k <= T``. A precision
   variant that ties with its structure in quality is tried before or after it by which is faster for this
   batch's shape (``by_speed_within_ties``), not by the batch-32 speed that ranked it.
-* **throughput** (choice, while the replica is overloaded): the fastest allowed SubLM for this batch, by its
-  profile (contention slows every SubLM alike; a calibration one stall set high would lock a SubLM out). The
-  queue the rule reads is what was admitted; once requests are being refused, or the front holds requests
-  back from the replica (full at the limit it gives it), the demand is larger than that queue shows, and every
-  millisecond of model time saved (on cores the model shares with request handling) answers more of it.
-  Measured on the 1-query spike (2026-12-07): the rule alone kept w100-int8 on most batches while a third of
-  the requests were refused, because the ones refused never reached its queue.
+* **throughput** (choice, while the replica is overloaded): the SubLM that answers the most quality per unit
+  of cost. The queue the rule reads is what was admitted; once requests are being refused, or the front holds
+  requests back from the replica, the demand is larger than that queue shows, and what is answered is what
+  the replica's time buys: each text costs the model's time for it plus what the replica spends on it outside
+  the model (``handling_ms``, measured by the engine: parsing, tokenizing, answering, on the same cores), so a
+  SubLM answers ``quality / (t_k(batch) / n + handling)`` per unit of time. Where handling dominates (one short
+  query a request), a slightly slower SubLM of much better quality wins (w50-int8, 0.959 of the teacher's
+  quality, over w25's 0.915); where the model does (passages), the fastest. Without declared quality figures
+  (``ElasticConfig.quality``), the fastest. Both by the profile (contention slows every SubLM alike; a
+  calibration one stall set high would lock a SubLM out). Measured on the 1-query spike (2026-12-07): the rule
+  alone kept w100-int8 on most batches while a third of the requests were refused, because the ones refused
+  never reached its queue.
 * **admission** (per request, before it is tokenized): a request is refused at once when even the
   fastest SubLM it allows could not finish it in time: the running batch's remaining time plus
   draining the local queue with the request in it exceeds ``admission_factor x T``. An optimistic
@@ -118,6 +123,8 @@ class ElasticSchedule:
     ranking: list[str] | None = None  # every SubLM of the checkpoint, best first (floors name these)
     ties: dict[str, str] = field(default_factory=dict)  # variant -> its structure, equal in quality
                                       # (``ElasticConfig.tied_variants``): per batch the faster of the two goes first
+    quality: dict[str, float] = field(default_factory=dict)  # measured held-out quality (``ElasticConfig.quality``)
+    handling_ms: float = 0.0          # what a text costs the replica outside the model (the engine measures it)
     max_batch_texts: int = 64
     chunking: Chunking = Chunking()
     admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
@@ -240,7 +247,7 @@ class ElasticSchedule:
     def choose(self, lengths: Sequence[int], reading: DepthReading, target_ms: float, waited_ms: float = 0.0,
                min_sublm: str | None = None, throughput: bool = False) -> Choice:
         """The SubLM for this batch. Texts behind it: this replica's share of the global depth. ``throughput``:
-        the replica is overloaded (more demand than its queue shows): the fastest allowed SubLM."""
+        the replica is overloaded (more demand than its queue shows): the most quality per cost (``most_per_cost``)."""
         behind = max(0, reading.global_depth - len(lengths)) / max(1, reading.live_replicas)
 
         def completion_ms(k: str) -> float:
@@ -248,13 +255,22 @@ class ElasticSchedule:
             return waited_ms + self.headroom(k, profiled) * (profiled * self.factor(k) + self.drain_ms(k, behind))
 
         allowed = self.by_speed_within_ties(self.allowed(min_sublm), lengths)
-        if throughput:  # by the profile: one slow batch can set a SubLM's calibration high, and a SubLM not
-            # chosen again never corrects it (a stall made w50-int8 "slower" than w100-int8 for the rest of a spike)
-            sublm = min(allowed, key=lambda k: self.profiled_ms(k, lengths))
+        if throughput:
+            sublm = self.most_per_cost(allowed, lengths)
         else:
             sublm = choose_sublm(allowed, completion_ms, target_ms)
         profiled = self.profiled_ms(sublm, lengths)
         return Choice(sublm, profiled * self.factor(sublm), profiled)
+
+    def most_per_cost(self, allowed: list[str], lengths: Sequence[int]) -> str:
+        """Overloaded: the SubLM that answers the most quality per unit of the replica's time on this batch,
+        ``quality / (t_k + n x handling)``; the fastest when a quality figure is missing. By the profile: one
+        slow batch can set a SubLM's calibration high, and a SubLM not chosen again never corrects it (a stall
+        made w50-int8 "slower" than w100-int8 for the rest of a spike)."""
+        if not all(k in self.quality for k in allowed):
+            return min(allowed, key=lambda k: self.profiled_ms(k, lengths))
+        handling = self.handling_ms * len(lengths)
+        return max(allowed, key=lambda k: self.quality[k] / (self.profiled_ms(k, lengths) + handling))
 
     def admits(self, texts: int, tokens: float, queued_texts: int, queued_tokens: float, running_left_ms: float,
                target_ms: float, min_sublm: str | None = None, idle: bool = False, client_deadline: bool = False) -> bool:

@@ -314,6 +314,39 @@ def test_an_overloaded_engine_chooses_for_throughput_and_records_it():
     assert asyncio.run(run([False])) == [("w100", False), ("w25", True), ("w25", True)]
 
 
+def test_the_engine_measures_what_a_text_costs_outside_the_model_and_charges_it_on_a_cpu():
+    """(process CPU - model threads' CPU) per text computed, per window: the event loop's own work for each
+    request counts, the model's does not; handed to the schedules only where handling shares the model's
+    processor (``charge_handling``)."""
+    import time
+
+    class BusyModel(GatedRunner):
+        def forward(self, sublm, input_ids, token_type_ids, chunking):
+            spin(0.004)  # 4 ms of model CPU a batch: not handling
+            return super().forward(sublm, input_ids, token_type_ids, chunking)
+
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def run(charge):
+        lane = TaskLane(BusyModel(), schedule())
+        eng = ServingEngine({"embed": lane}, target_ms=10_000, heartbeat_s=0, charge_handling=charge)
+        eng.HANDLING_EVERY_S, eng.HANDLING_MIN_TEXTS = 0.05, 5
+        eng.start()
+        for i in range(120):
+            spin(0.002)  # the loop's handling of one request: 2 ms of CPU
+            await eng.submit(job(i))
+        await eng.close()
+        return eng.handling_ms, lane.schedule.handling_ms
+
+    measured, charged = asyncio.run(run(True))
+    assert 1.5 < measured < 4.0 and charged == measured  # ~2 ms a text, the model's 4 ms not among it
+    measured, charged = asyncio.run(run(False))
+    assert 1.5 < measured < 4.0 and charged == 0.0
+
+
 def test_admission_verdicts_feed_the_retry_pacing():
     async def run():
         eng = engine(GatedRunner(), target_ms=100)

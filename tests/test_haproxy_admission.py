@@ -4,6 +4,7 @@ through the whole stack (Ray Serve's HAProxy, one replica).
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -245,16 +246,81 @@ def test_haproxy_refuses_what_does_not_fit_as_the_replica_would(tmp_path):
     answers ``show info``), in front of replicas that take 2 s: each holds its maxconn, a burst beyond gets
     HAProxy's refusal at once (HTTP 503 + Retry-After + the JSON body; gRPC RESOURCE_EXHAUSTED + retry-after),
     the health checks keep the replicas UP, and a replica's publisher moves its maxconn at run time."""
-    delay_s = 2.0
+    with admitted_haproxy(tmp_path, delay_s=2.0, maxconn=3, queue_ms=20, window_s=10) as (proc, sock, ports, records):
+        http_port, grpc_port = ports
+        answers = asyncio.run(http_burst(f"http://127.0.0.1:{http_port}/embed", 20, {"inputs": ["a"]}))
+        served = [a for a in answers if a[0] == 200]
+        refused = [a for a in answers if a[0] == 503]
+        assert len(served) == 6 and len(refused) == 14  # 2 replicas x 3
+        for status, seconds, headers, text in refused:
+            assert headers[REFUSED_BY_HEADER] == "haproxy" and int(headers["retry-after"]) >= 1
+            assert headers["content-type"] == "application/json"
+            assert json.loads(text) == {"error": f"{OVERLOADED}; retry after {headers['retry-after']} s",
+                                        "error_type": "Overloaded"}
+        # at once, not after a replica's answer (relative: this machine's load scales both)
+        assert sorted(a[1] for a in refused)[len(refused) // 2] < min(a[1] for a in served)
+        # paced: the next ones are told to wait the refusals per request passed on (14 / 6, rounded up)
+        later = asyncio.run(http_burst(f"http://127.0.0.1:{http_port}/embed", 20, {"inputs": ["a"]}))
+        assert max(int(h["retry-after"]) for s, _, h, _ in later if s == 503) >= 3
+        # a crowd refused twice as often as let in, arriving while others wait: its refusals are held (tarpit),
+        # in the same words, so a client that retries at once sends one attempt per hold
+        held = [a for a in later if a[0] == 503 and a[1] >= 0.9 * HOLD_MS / 1000]
+        assert held and all(json.loads(a[3])["error_type"] == "Overloaded" and a[2][REFUSED_BY_HEADER] == "haproxy"
+                            for a in held)
+        assert sum(a[0] == 200 for a in later) == 6  # the replicas' slots still filled
+        counts = snapshot(proc.pid)["counts"]  # who refused, as the chaos scenarios count it
+        assert counts == {"handled": 40, "haproxy_5xx": 28, "replica_5xx": 0}
+
+        calls = grpc_burst(f"127.0.0.1:{grpc_port}", "/elasticlm.v1.ElasticLM/Embed", 16)
+        exhausted = [c for c in calls if c[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert sum(c[0] == grpc.StatusCode.OK for c in calls) == 6 and len(exhausted) == 10
+        assert all(c[1].startswith(OVERLOADED) and int(c[2]["retry-after"]) >= 1
+                   and c[2][REFUSED_BY_HEADER] == "haproxy" for c in exhausted)
+
+        stats = server_stats(sock)
+        assert all(stats[b, server_name(r)]["status"] == "UP" for b in ("http-elasticlm", "grpc-elasticlm")
+                   for r in ("r1", "r2"))
+        publisher = CapacityPublisher(server_name("r1"), lambda: Capacity(9, 140.0, 150.0), 150.0, RetryPacing(),
+                                      sock, records)
+        assert asyncio.run(publisher.set_running_maxconn(9)) == 2
+        assert server_stats(sock)["http-elasticlm", server_name("r1")]["slim"] == "9"
+    assert "http-elasticlm: maxconn [3, 3] (2 recorded here), timeout queue 20 ms" in proc.stderr.read()
+
+
+def test_a_replica_sees_haproxy_hold_requests_back_for_it(tmp_path):
+    """The publisher reads HAProxy's queue for its replica (``show stat``'s qcur, the backend's and the
+    server's): while a burst waits for the replicas' slots it says the front holds requests back (the schedule
+    then chooses for throughput); once the queue drained and its memory passed, it no longer does."""
+    with admitted_haproxy(tmp_path, delay_s=1.0, maxconn=1, queue_ms=5000) as (_, sock, (http_port, _), records):
+        publisher = CapacityPublisher(server_name("r1"), lambda: None, 150.0, RetryPacing(), sock, records,
+                                      queue_memory_s=0.3)
+        assert asyncio.run(publisher.read_backends()) == {"http-elasticlm": 0, "grpc-elasticlm": 0}
+        assert not publisher.holding_back()
+        burst = threading.Thread(target=asyncio.run, args=(
+            http_burst(f"http://127.0.0.1:{http_port}/embed", 6, {"inputs": ["a"]}),))  # 2 slots: 4 wait
+        burst.start()
+        wait_until(lambda: asyncio.run(publisher.read_backends())["http-elasticlm"] > 0, timeout_s=5)
+        assert publisher.holding_back() and publisher.waiting >= 1
+        burst.join(30)
+        assert asyncio.run(publisher.read_backends()) == {"http-elasticlm": 0, "grpc-elasticlm": 0}
+        time.sleep(0.3)
+        assert not publisher.holding_back()
+
+
+@contextlib.contextmanager
+def admitted_haproxy(tmp_path: Path, delay_s: float, maxconn: int, queue_ms: int, window_s: float = 2.0):
+    """The real HAProxy through the wrapper (``elasticlm-haproxy``, exec'd in place as Serve runs it) on Serve's
+    config for two slow replicas, both recorded at ``maxconn`` / ``queue_ms``; yields (process, admin socket,
+    (HTTP port, gRPC port), records directory) once both replicas are UP in both backends."""
     wrapper = Path(sys.executable).parent / BINARY_NAME
     assert os.access(wrapper, os.X_OK), "pip install -e . makes the console script"
-    http_port, grpc_port = free_port(0), free_port(0)
+    ports = free_port(0), free_port(0)
     with SlowReplicas(delay_s) as replicas:
-        config = serve_config(tmp_path, replicas.http_ports, replicas.grpc_ports, (http_port, grpc_port))
+        config = serve_config(tmp_path, replicas.http_ports, replicas.grpc_ports, ports)
         env = {**os.environ, "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(config)}
         records = records_dir(env)
         for replica in ("r1", "r2"):
-            write_record(record(replica, maxconn=3, queue_ms=20, window_s=10), records)  # longer than a burst
+            write_record(record(replica, maxconn=maxconn, queue_ms=queue_ms, window_s=window_s), records)
         proc = subprocess.Popen([str(wrapper), "-db", "-f", str(config)], env=env, stderr=subprocess.PIPE, text=True)
         try:
             sock = tmp_path / "admin.sock"
@@ -262,49 +328,12 @@ def test_haproxy_refuses_what_does_not_fit_as_the_replica_would(tmp_path):
             assert str(config) in Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0")  # Serve's own check
             stats = server_stats(sock)
             for backend in ("http-elasticlm", "grpc-elasticlm"):
-                assert [stats[backend, server_name(r)]["slim"] for r in ("r1", "r2")] == ["3", "3"]
+                assert [stats[backend, server_name(r)]["slim"] for r in ("r1", "r2")] == [str(maxconn)] * 2
                 wait_until(lambda: all(server_stats(sock)[backend, server_name(r)]["status"] == "UP" for r in ("r1", "r2")))
-
-            answers = asyncio.run(http_burst(f"http://127.0.0.1:{http_port}/embed", 20, {"inputs": ["a"]}))
-            served = [a for a in answers if a[0] == 200]
-            refused = [a for a in answers if a[0] == 503]
-            assert len(served) == 6 and len(refused) == 14  # 2 replicas x 3
-            for status, seconds, headers, text in refused:
-                assert headers[REFUSED_BY_HEADER] == "haproxy" and int(headers["retry-after"]) >= 1
-                assert headers["content-type"] == "application/json"
-                assert json.loads(text) == {"error": f"{OVERLOADED}; retry after {headers['retry-after']} s",
-                                            "error_type": "Overloaded"}
-            # at once, not after a replica's answer (relative: this machine's load scales both)
-            assert sorted(a[1] for a in refused)[len(refused) // 2] < min(a[1] for a in served)
-            # paced: the next ones are told to wait the refusals per request passed on (14 / 6, rounded up)
-            later = asyncio.run(http_burst(f"http://127.0.0.1:{http_port}/embed", 20, {"inputs": ["a"]}))
-            assert max(int(h["retry-after"]) for s, _, h, _ in later if s == 503) >= 3
-            # a crowd refused twice as often as let in, arriving while others wait: its refusals are held (tarpit),
-            # in the same words, so a client that retries at once sends one attempt per hold
-            held = [a for a in later if a[0] == 503 and a[1] >= 0.9 * HOLD_MS / 1000]
-            assert held and all(json.loads(a[3])["error_type"] == "Overloaded" and a[2][REFUSED_BY_HEADER] == "haproxy"
-                                for a in held)
-            assert sum(a[0] == 200 for a in later) == 6  # the replicas' slots still filled
-            counts = snapshot(proc.pid)["counts"]  # who refused, as the chaos scenarios count it
-            assert counts == {"handled": 40, "haproxy_5xx": 28, "replica_5xx": 0}
-
-            calls = grpc_burst(f"127.0.0.1:{grpc_port}", "/elasticlm.v1.ElasticLM/Embed", 16)
-            exhausted = [c for c in calls if c[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert sum(c[0] == grpc.StatusCode.OK for c in calls) == 6 and len(exhausted) == 10
-            assert all(c[1].startswith(OVERLOADED) and int(c[2]["retry-after"]) >= 1
-                       and c[2][REFUSED_BY_HEADER] == "haproxy" for c in exhausted)
-
-            stats = server_stats(sock)
-            assert all(stats[b, server_name(r)]["status"] == "UP" for b in ("http-elasticlm", "grpc-elasticlm")
-                       for r in ("r1", "r2"))
-            publisher = CapacityPublisher(server_name("r1"), lambda: Capacity(9, 140.0, 150.0), 150.0, RetryPacing(),
-                                          sock, records)
-            assert asyncio.run(publisher.set_running_maxconn(9)) == 2
-            assert server_stats(sock)["http-elasticlm", server_name("r1")]["slim"] == "9"
+            yield proc, sock, ports, records
         finally:
             proc.terminate()
             proc.wait(10)
-    assert "http-elasticlm: maxconn [3, 3] (2 recorded here), timeout queue 20 ms" in proc.stderr.read()
 
 
 def test_a_proxy_without_routes_answers_what_a_retry_cures(tmp_path):

@@ -365,6 +365,7 @@ def test_the_benchmark_keeps_the_front_and_declares_it_best_first(tmp_path):
     written = load_config(tmp_path / "kept")
     assert written.sublm_names == ["w100", "w100-int8", "w50", "w50-int8"]  # w50 stays: w50-int8 runs its weights
     assert written.sublm("w50-int8").precision == "int8" and list(written.trained_sublms()) == ["w100", "w50"]
+    assert written.quality == {n: measured[n][1] for n in written.sublm_names}  # what overload trades against cost
 
     report = markdown({**result, "date": "today", "command": "python benchmarks/precision.py", "device": "cpu",
                        "torch": torch.__version__, "checkpoint": str(source),

@@ -113,13 +113,29 @@ def test_the_strictest_floor_of_a_batch_wins():
 
 def test_an_overloaded_replica_chooses_the_fastest_sublm_its_floor_allows():
     """Refusing requests, the queue the rule reads is not the demand: an idle-looking queue still gets the
-    fastest SubLM, and a floor still holds."""
+    fastest SubLM (no quality figures to trade against), and a floor still holds."""
     s = schedule()
     assert s.choose([32], idle(), target_ms=1000).sublm == "w100"
     assert s.choose([32], idle(), target_ms=1000, throughput=True).sublm == "w25"
     assert s.choose([32], idle(), target_ms=1000, min_sublm="w75", throughput=True).sublm == "w75"
     s.observe("w25", [32] * 8, 8 * s.profiled_ms("w25", [32] * 8))  # one stalled batch: w25 "8x slower" now
     assert s.choose([32], idle(), target_ms=1000, throughput=True).sublm == "w25"  # by the profile: still fastest
+
+
+def test_overloaded_with_quality_figures_it_chooses_the_most_quality_per_cost():
+    """Each text costs its model time plus the replica's handling of it (on the same cores): where handling is
+    small the fastest SubLM answers the most quality per second, where it dominates a better one costs little
+    more and answers better; a floor still holds, and a figure missing falls back to the fastest."""
+    quality = {"w100": 1.0, "w75": 0.98, "w50": 0.95, "w25": 0.80}
+    batch = [32] * 8  # model time 32 / 24 / 16 / 8 ms
+    s = schedule(quality=quality)
+    assert s.choose(batch, idle(), target_ms=1000, throughput=True).sublm == "w25"  # 0.80 / 8 ms: the most
+    s.handling_ms = 10.0  # 80 ms of handling a batch: w50's 0.95 / 96 ms beats w25's 0.80 / 88 and w75's 0.98 / 104
+    assert s.choose(batch, idle(), target_ms=1000, throughput=True).sublm == "w50"
+    assert s.choose(batch, idle(), target_ms=1000, throughput=True, min_sublm="w75").sublm == "w75"
+    assert s.choose(batch, idle(), target_ms=1000).sublm == "w100"  # not overloaded: the rule, as before
+    partial = schedule(quality={k: v for k, v in quality.items() if k != "w25"}, handling_ms=10.0)
+    assert partial.choose(batch, idle(), target_ms=1000, throughput=True).sublm == "w25"
 
 
 def test_a_floor_above_what_a_static_deployment_serves_leaves_its_largest():

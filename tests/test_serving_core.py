@@ -20,6 +20,7 @@ import pytest
 from conftest import MAX_INPUTS, RERANK_TARGET_MS, TARGET_MS, TEXTS
 from deployments.core import NoMetrics
 from deployments.grpc_api import elasticlm_pb2
+from elastic_core.engine import RetryPacing
 
 pytestmark = pytest.mark.fast
 
@@ -343,3 +344,20 @@ def test_json_types_are_the_schemas_not_pydantics_lax_ones(core_stack):
         assert refused.status_code == 422 and "top_n" in refused.json()["error"], bad
     assert len(core_stack.http.post("/v1/rerank", json={**cohere, "top_n": 1.0}).json()["results"]) == 1
     assert core_stack.http.post("/v1/embeddings", json={"input": "a", "dimensions": "128"}).status_code == 422
+
+
+def test_a_front_holding_requests_back_makes_the_replica_choose_for_throughput(core_stack):
+    """HAProxy's queue for this replica (``front_holding_back``, read by its publisher) tells the schedule the
+    demand exceeds what the replica holds: an idle-looking replica then answers on the SubLM that buys the most
+    quality for its time (here w25: 1 ms against w100's 10), and on the best once the front no longer says so."""
+    core = core_stack.core
+    pacing, core.engine.pacing = core.engine.pacing, RetryPacing()  # earlier tests' refusals are not this one's
+    try:
+        core.front_holding_back = lambda: True
+        assert core.held_back() and core.engine.overloaded()
+        assert http_embed(core_stack, {"inputs": TEXTS[:1]}).headers["x-elasticlm-sublm"] == "w25"
+        core.front_holding_back = None
+        assert not core.held_back() and not core.engine.overloaded()
+        assert http_embed(core_stack, {"inputs": TEXTS[:1]}).headers["x-elasticlm-sublm"] == "w100"
+    finally:
+        core.front_holding_back, core.engine.pacing = None, pacing
