@@ -16,6 +16,7 @@ import asyncio
 import collections
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -132,6 +133,8 @@ class ServingCore:
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if cfg.switch_interval_ms:  # the replica's process: its event loop and its model thread
+            sys.setswitchinterval(cfg.switch_interval_ms / 1000)
         device = resolve_device(cfg.device)
         models = load_task_models(cfg, device)
         first = next(iter(models.values()))
@@ -219,9 +222,9 @@ class ServingCore:
 
     def held_back(self) -> bool:
         """Whether a front holds requests back from this replica: full at the limit it gives it, or, where the
-        front says so itself (``front_holding_back``: HAProxy's queue for it), requests wait there. The first
-        alone misses what the front has sent but the replica has not yet read (measured on the 1-query spike:
-        HAProxy refused half the requests while the replica held fewer than its limit)."""
+        front says so itself (``front_holding_back``: HAProxy refused requests for it lately). The first alone
+        misses what the front has sent but the replica has not yet read (measured on the 1-query spike: HAProxy
+        refused half the requests while the replica held fewer than its limit)."""
         return self.limit.holding_back() or bool(self.front_holding_back and self.front_holding_back())
 
     @property

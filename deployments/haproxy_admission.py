@@ -41,8 +41,8 @@ import csv
 import fcntl
 import json
 import logging
-import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -291,19 +291,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- the replica's side
-def capped_backends(show_stat: str, server: str) -> dict[str, int]:
+def capped_backends(show_stat: str, server: str) -> list[str]:
     """From HAProxy's ``show stat`` CSV: each backend in which ``server`` has a ``maxconn`` (``slim``: ``admit``
-    capped it), with the requests waiting in it for a server (``qcur``: the backend's own queue, where requests
-    any server may take wait, and the server's, where those bound to it wait)."""
+    capped it)."""
     stat = list(csv.reader(show_stat.lstrip("# ").splitlines()))
     if not stat:
-        return {}
+        return []
     column = {name: i for i, name in enumerate(stat[0])}
-    backend, name, slim, qcur = column["pxname"], column["svname"], column["slim"], column["qcur"]
-    rows = [row for row in stat[1:] if len(row) > max(slim, qcur)]
-    queued = {(row[backend], row[name]): int(row[qcur] or 0) for row in rows}
-    return {row[backend]: queued[row[backend], server] + queued.get((row[backend], "BACKEND"), 0)
-            for row in rows if row[name] == server and row[slim]}
+    return [row[column["pxname"]] for row in stat[1:]
+            if len(row) > column["slim"] and row[column["svname"]] == server and row[column["slim"]]]
+
+
+REFUSAL_RATE = re.compile(r"\bgpc0_rate\(\d+\)=(\d+)")
+
+
+def refusals_in_window(show_table: str) -> int:
+    """From HAProxy's ``show table <backend>``: what it refused over the pacing window (``admission_block``
+    counts each refusal in the backend's gpc0)."""
+    return sum(int(n) for n in REFUSAL_RATE.findall(show_table))
 
 
 class CapacityPublisher:
@@ -312,22 +317,23 @@ class CapacityPublisher:
     on its own node's HAProxy, through the admin socket, where ``admit`` capped them (``show stat``'s
     ``slim``). Other nodes' HAProxies read the record at their next reload (only on this machine).
 
-    It also reads, every ``queue_interval_s``, whether HAProxy holds requests back for this replica (its queue,
-    ``holding_back``): the replica's own count of what it holds misses the requests HAProxy has sent but the
-    replica's event loop has not yet read, and on the 1-query spike HAProxy refused half the requests while the
-    replica held fewer than its limit and chose its best SubLM (2026-12-07)."""
+    It also reads, every ``front_interval_s``, whether HAProxy refused requests for this replica's backends within
+    the pacing window (``holding_back``): the demand is then larger than what reaches the replica, whose own
+    count of what it holds misses the requests HAProxy has sent but its event loop has not yet read (on the
+    1-query spike HAProxy refused half the requests while the replica held fewer than its limit and chose its
+    best SubLM, 2026-12-07). HAProxy's queue alone is not that signal: a replica capped at two passage requests
+    has a queue in front of it whenever it is busy, and requests wait there within their time (chosen on it, the
+    8-passage spike ran w25 on half its batches and lost 0.027 of effective accuracy)."""
 
     def __init__(self, server: str, capacity: Callable[[], object | None], target_ms: float, pacing,
                  socket: Path | None = None, directory: Path | None = None, interval_s: float = 0.5,
-                 queue_interval_s: float = 0.1, queue_memory_s: float = 0.5):
+                 front_interval_s: float = 0.25):
         self.server, self.capacity, self.target_ms, self.pacing = server, capacity, target_ms, pacing
         self.socket, self.directory, self.interval_s = socket, directory or records_dir(), interval_s
-        # HAProxy's queue moves within a batch's time; the capacity (a search over the profile) need not. A queue
-        # seen counts for queue_memory_s: a snapshot between two arrivals reads empty in the middle of a surge
-        self.queue_interval_s, self.queue_memory_s = queue_interval_s, queue_memory_s
+        self.front_interval_s = front_interval_s  # HAProxy's refusals move within a batch's time; the capacity
+                                                  # (a search over the profile) need not
         self.published: CapacityRecord | None = None
-        self.waiting = 0                    # requests HAProxy holds back in this replica's backends, as last read
-        self._waiting_seen = -math.inf      # when a queue was last seen
+        self.refused = 0    # what HAProxy refused for this replica's backends over the pacing window, as last read
         self._task: asyncio.Task | None = None
 
     @classmethod
@@ -368,15 +374,15 @@ class CapacityPublisher:
         return self
 
     def holding_back(self) -> bool:
-        """Whether HAProxy held requests back for this replica within the last ``queue_memory_s``."""
-        return time.monotonic() - self._waiting_seen < self.queue_memory_s
+        """Whether HAProxy refused requests for this replica's backends within the pacing window (as last read)."""
+        return self.refused > 0
 
     async def _follow(self) -> None:
         publish_at = time.monotonic() + self.interval_s
         while True:
-            await asyncio.sleep(self.queue_interval_s)
+            await asyncio.sleep(self.front_interval_s)
             try:
-                backends = await self.read_backends()
+                backends = await self.read_front()
                 if time.monotonic() < publish_at:
                     continue
                 publish_at = time.monotonic() + self.interval_s
@@ -385,22 +391,21 @@ class CapacityPublisher:
                     await self.set_running_maxconn(record.maxconn, backends)
                     logger.info("HAProxy maxconn of %s: %d", self.server, record.maxconn)
             except Exception:  # noqa: BLE001 - the cap is an optimization: serving goes on without it
+                self.refused = 0
                 logger.exception("publishing this replica's HAProxy capacity failed; retrying")
 
-    async def read_backends(self) -> dict[str, int]:
-        """This replica's capped backends on this node's HAProxy with what waits in each (``capped_backends``;
-        none without its admin socket), noting a queue seen (``holding_back``)."""
+    async def read_front(self) -> list[str]:
+        """This replica's capped backends on this node's HAProxy (none without its admin socket), and what HAProxy
+        refused in them over the pacing window (``refused``)."""
         if not self.server or self.socket is None or not self.socket.exists():
-            return {}
+            return []
         backends = capped_backends(await self._command("show stat"), self.server)
-        self.waiting = sum(backends.values())
-        if self.waiting:
-            self._waiting_seen = time.monotonic()
+        self.refused = sum([refusals_in_window(await self._command(f"show table {backend}")) for backend in backends])
         return backends
 
-    async def set_running_maxconn(self, maxconn: int, backends: dict[str, int] | None = None) -> int:
+    async def set_running_maxconn(self, maxconn: int, backends: list[str] | None = None) -> int:
         """``set maxconn server`` for this replica's capped servers on this node's HAProxy; how many."""
-        backends = await self.read_backends() if backends is None else backends
+        backends = await self.read_front() if backends is None else backends
         for backend in backends:
             await self._command(f"set maxconn server {backend}/{self.server} {maxconn}")
         return len(backends)
@@ -421,5 +426,5 @@ class CapacityPublisher:
         (self.directory / f"{self.server}.json").unlink(missing_ok=True)
 
 
-__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "capped_backends", "binary_environment", "main",
+__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "capped_backends", "refusals_in_window", "binary_environment", "main",
            "read_records", "records_dir", "write_record"]

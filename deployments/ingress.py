@@ -103,7 +103,7 @@ class ElasticReplica(ElasticAndTeiServicer):
         super().__init__(ServingCore.build(cfg, replica_id, shared_depth if redis_url else None,
                                            RayMetrics(uses_redis=bool(redis_url))).start(), api_key)
         # what HAProxy caps this replica at, kept where HAProxy reads it (deployments/haproxy_admission.py), and
-        # whether HAProxy holds requests back for it (the schedule then chooses for throughput)
+        # whether HAProxy refuses requests for it (the schedule then chooses for throughput)
         self.haproxy_capacity = CapacityPublisher.for_replica(self.core).start()
         self.core.front_holding_back = self.haproxy_capacity.holding_back
         logger.info("ElasticReplica %s ready: redis %s, API key %s", replica_id, "on" if redis_url else "off",

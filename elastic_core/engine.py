@@ -151,7 +151,7 @@ class BatchRecord:
     late: int               # requests answered after their latency target
     reading: DepthReading
     at: float               # time.time() when it finished
-    throughput: bool = False  # chosen while overloaded: the fastest allowed SubLM (``ElasticSchedule.choose``)
+    throughput: bool = False  # chosen while overloaded: the most quality per cost (``ElasticSchedule.most_per_cost``)
 
 
 @dataclass

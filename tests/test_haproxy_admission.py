@@ -287,24 +287,33 @@ def test_haproxy_refuses_what_does_not_fit_as_the_replica_would(tmp_path):
     assert "http-elasticlm: maxconn [3, 3] (2 recorded here), timeout queue 20 ms" in proc.stderr.read()
 
 
-def test_a_replica_sees_haproxy_hold_requests_back_for_it(tmp_path):
-    """The publisher reads HAProxy's queue for its replica (``show stat``'s qcur, the backend's and the
-    server's): while a burst waits for the replicas' slots it says the front holds requests back (the schedule
-    then chooses for throughput); once the queue drained and its memory passed, it no longer does."""
-    with admitted_haproxy(tmp_path, delay_s=1.0, maxconn=1, queue_ms=5000) as (_, sock, (http_port, _), records):
-        publisher = CapacityPublisher(server_name("r1"), lambda: None, 150.0, RetryPacing(), sock, records,
-                                      queue_memory_s=0.3)
-        assert asyncio.run(publisher.read_backends()) == {"http-elasticlm": 0, "grpc-elasticlm": 0}
+def test_a_replica_sees_haproxy_refuse_requests_for_it(tmp_path):
+    """The publisher reads what HAProxy refused in its replica's backends over the pacing window (``show
+    table``'s gpc0 rate, which the admission block counts): a queue alone says nothing (requests waiting within
+    their time are answered); once HAProxy refuses, the front holds requests back (the schedule then chooses
+    for throughput), and a window after the last refusal it no longer does."""
+    waiting, refusing = tmp_path / "waiting", tmp_path / "refusing"
+    waiting.mkdir(), refusing.mkdir()
+    with admitted_haproxy(waiting, delay_s=1.0, maxconn=1, queue_ms=5000, window_s=1) as (_, sock, ports, records):
+        url = f"http://127.0.0.1:{ports[0]}/embed"
+        publisher = CapacityPublisher(server_name("r1"), lambda: None, 150.0, RetryPacing(), sock, records)
+        assert asyncio.run(publisher.read_front()) == ["http-elasticlm", "grpc-elasticlm"]
         assert not publisher.holding_back()
-        burst = threading.Thread(target=asyncio.run, args=(
-            http_burst(f"http://127.0.0.1:{http_port}/embed", 6, {"inputs": ["a"]}),))  # 2 slots: 4 wait
-        burst.start()
-        wait_until(lambda: asyncio.run(publisher.read_backends())["http-elasticlm"] > 0, timeout_s=5)
-        assert publisher.holding_back() and publisher.waiting >= 1
-        burst.join(30)
-        assert asyncio.run(publisher.read_backends()) == {"http-elasticlm": 0, "grpc-elasticlm": 0}
-        time.sleep(0.3)
-        assert not publisher.holding_back()
+        queued = threading.Thread(target=asyncio.run, args=(http_burst(url, 4, {"inputs": ["a"]}),))  # 2 slots
+        queued.start()
+        wait_until(lambda: int(server_stats(sock)["http-elasticlm", "BACKEND"]["qcur"] or 0) > 0, timeout_s=5)
+        asyncio.run(publisher.read_front())
+        assert not publisher.holding_back()  # two wait in HAProxy's queue, within their time
+        queued.join(30)
+    with admitted_haproxy(refusing, delay_s=1.0, maxconn=1, queue_ms=20, window_s=1) as (_, sock, ports, records):
+        publisher = CapacityPublisher(server_name("r1"), lambda: None, 150.0, RetryPacing(), sock, records)
+        answers = asyncio.run(http_burst(f"http://127.0.0.1:{ports[0]}/embed", 6, {"inputs": ["a"]}))
+        assert sum(a[0] == 503 for a in answers) == 4
+        asyncio.run(publisher.read_front())
+        assert publisher.refused >= 4 and publisher.holding_back()
+        time.sleep(2.2)  # two windows: HAProxy's rate forgets them
+        asyncio.run(publisher.read_front())
+        assert publisher.refused == 0 and not publisher.holding_back()
 
 
 @contextlib.contextmanager
