@@ -378,11 +378,11 @@ class CapacityPublisher:
         return self.refused > 0
 
     async def _follow(self) -> None:
-        publish_at = time.monotonic() + self.interval_s
+        publish_at, failing = time.monotonic() + self.interval_s, False
         while True:
             await asyncio.sleep(self.front_interval_s)
             try:
-                backends = await self.read_front()
+                backends, failing = await self.read_front(), False
                 if time.monotonic() < publish_at:
                     continue
                 publish_at = time.monotonic() + self.interval_s
@@ -390,9 +390,12 @@ class CapacityPublisher:
                 if record is not None and (before is None or record.maxconn != before.maxconn):
                     await self.set_running_maxconn(record.maxconn, backends)
                     logger.info("HAProxy maxconn of %s: %d", self.server, record.maxconn)
-            except Exception:  # noqa: BLE001 - the cap is an optimization: serving goes on without it
+            except Exception as e:  # noqa: BLE001 - the cap is an optimization: serving goes on without it
                 self.refused = 0
-                logger.exception("publishing this replica's HAProxy capacity failed; retrying")
+                if not failing:  # once a streak: HAProxy stopping or reloading refuses every 250 ms meanwhile
+                    logger.warning("reading or setting this replica's HAProxy capacity failed (%s: %s); retrying",
+                                   type(e).__name__, e, exc_info=not isinstance(e, OSError))
+                failing = True
 
     async def read_front(self) -> list[str]:
         """This replica's capped backends on this node's HAProxy (none without its admin socket), and what HAProxy

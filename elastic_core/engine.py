@@ -23,7 +23,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import os
 import statistics
 import threading
@@ -35,6 +34,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .batching import Chunking
+from .limits import RetryPacing
 from .schedule import Capacity, DepthReading, ElasticSchedule
 from .settings import POSITIVE, Rules, check
 
@@ -71,39 +71,6 @@ class LocalDepth:
 
 class Overloaded(Exception):
     """The engine cannot take the request (it is shutting down)."""
-
-
-class RetryPacing:
-    """How long a refused client should wait before it tries again (HTTP Retry-After, whole seconds):
-    the refusals of the last ``window_s`` per request admitted in it, rounded up, within
-    [``min_s``, ``max_s``].
-
-    A fixed pause does not hold under a sustained overload: every refused client comes back after it
-    while more are refused, so the attempts grow past the load itself (measured at 3x capacity with a
-    fixed 1 s: 3.5 attempts per answered request, refusals taking most of the cores). A pause that
-    grows with the refusals per admission spreads the crowd out, so the retries arriving each second
-    stay near what is admitted (as many waiting as refused in a window, each back after the window
-    times the ratio), and a refusal is rare enough to stay cheap."""
-
-    def __init__(self, window_s: float = 2.0, min_s: int = 1, max_s: int = 30, clock=time.monotonic):
-        self.window_s, self.min_s, self.max_s, self._clock = window_s, min_s, max_s, clock
-        self._verdicts: collections.deque[tuple[float, bool]] = collections.deque()
-        self._admitted = 0  # of the verdicts in the window; the rest were refusals
-
-    def record(self, admitted: bool) -> None:
-        now = self._clock()
-        self._verdicts.append((now, admitted))
-        self._admitted += admitted
-        while self._verdicts[0][0] < now - self.window_s:
-            self._admitted -= self._verdicts.popleft()[1]
-
-    def refusing(self) -> bool:
-        """Whether anything was refused in the window."""
-        return len(self._verdicts) > self._admitted
-
-    def retry_after_s(self) -> int:
-        ratio = (len(self._verdicts) - self._admitted) / max(1, self._admitted)
-        return int(min(self.max_s, max(self.min_s, math.ceil(ratio))))
 
 
 @dataclass
@@ -486,5 +453,5 @@ class ServingEngine:
         return out
 
 
-__all__ = ["Runner", "DepthSource", "LocalDepth", "Overloaded", "RetryPacing", "Job", "Served", "BatchRecord", "TaskLane",
+__all__ = ["Runner", "DepthSource", "LocalDepth", "Overloaded", "Job", "Served", "BatchRecord", "TaskLane",
            "ServingEngine"]

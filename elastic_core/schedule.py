@@ -40,7 +40,8 @@ and that one model serves these decisions:
 * **calibration** (per batch, after it ran): the profile was measured on an idle device; under load
   the same batch runs slower. Every prediction is scaled by measured / profiled time per SubLM, a
   ratio of two EWMAs (so a long batch weighs more than a one-text straggler; SubLMs not yet seen
-  use the ratio over all), and choice and admission stay right under contention.
+  use the ratio over all, and a SubLM's own ratio drifts towards it while others run: one slow batch must
+  not lock a SubLM out for good), and choice and admission stay right under contention.
 * **headroom** (choice only): a calibrated prediction is right on average, and a batch chosen because
   its mean just fits T misses T about half the time. The schedule also follows how far measured
   times scatter around the calibrated prediction (an EWMA of the squared log ratio) and chooses on
@@ -56,6 +57,7 @@ Pure logic: no Ray, no Redis, no torch. ``deployments/core.py`` only feeds it.
 from __future__ import annotations
 
 import math
+import time
 from statistics import NormalDist
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
@@ -130,6 +132,11 @@ class ElasticSchedule:
     admission_factor: float = 1.0     # refuse when even the fastest SubLM would finish after factor x T; 0: never
     calibration_alpha: float = 0.1    # EWMA weight of the newest batch; 0: predict from the profile alone
     calibration_bounds: tuple[float, float] = (0.25, 8.0)
+    calibration_memory_s: float = 10.0  # a SubLM's own ratio, while others run, moves towards the ratio over all
+                                      # with this time constant: a SubLM the rule stops choosing after a slow batch
+                                      # would otherwise keep that ratio for good (measured: a replica's w50-int8 at
+                                      # 5.3x after its first long batches ran slow, that replica on w25 a whole run)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     choice_quantile: float = 0.99     # choose so the completion fits T this often; 0: on the mean prediction
     mean_tokens: float = 64.0         # running mean length of served texts: the queue's assumed mix
     prior_spread: float = 0.45        # the scatter assumed where calibration has not been: a batch over twice
@@ -137,6 +144,7 @@ class ElasticSchedule:
     # per SubLM and "*" (all): EWMAs [measured, profiled] and the largest profiled batch seen
     _seen: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
     _scatter: list[float] = field(default_factory=lambda: [0, 0.0], init=False, repr=False)  # [n, EWMA log² ratio]
+    _observed_at: float | None = field(default=None, init=False, repr=False)  # the clock at the last batch observed
     # profiled ms of n texts of one length, per (SubLM, n, length): admission asks it of every request, for
     # every allowed SubLM, and cutting a uniform batch into chunks each time was a third of a replica's event loop
     _uniform_ms: dict[tuple[str, int, int], float] = field(default_factory=dict, init=False, repr=False)
@@ -147,6 +155,7 @@ class ElasticSchedule:
         "max_batch_texts": POSITIVE,
         "admission_factor": (lambda v: v >= 0, "must be >= 0"),
         "calibration_alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "calibration_memory_s": (lambda v: v >= 0, "must be >= 0 (0: a SubLM's own ratio is kept until it runs)"),
         "choice_quantile": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     }
 
@@ -346,6 +355,13 @@ class ElasticSchedule:
             seen[0] += a * (actual_ms - seen[0])
             seen[1] += a * (profiled - seen[1])
             seen[2] = max(seen[2], profiled)
+        now, last = self.clock(), self._observed_at
+        self._observed_at = now
+        if last is not None and self.calibration_memory_s:
+            keep, overall = math.exp((last - now) / self.calibration_memory_s), self._seen["*"][0] / self._seen["*"][1]
+            for key, seen in self._seen.items():
+                if key not in (sublm, "*"):
+                    seen[0] = seen[1] * overall + keep * (seen[0] - seen[1] * overall)
 
     def calibration(self) -> dict[str, float]:
         """Measured / profiled time per SubLM, and the choice's ``headroom``."""

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from elastic_core.batching import Chunking
-from elastic_core.engine import Job, Overloaded, RetryPacing, ServingEngine, TaskLane
+from elastic_core.engine import Job, Overloaded, ServingEngine, TaskLane
+from elastic_core.limits import RetryPacing
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import DepthReading, ElasticSchedule
 

@@ -25,7 +25,7 @@ from deployments.haproxy_admission import (BINARY_ENV, BINARY_NAME, CONFIG_DEFAU
                                            read_records, real_haproxy_binary, records_dir, write_record)
 from deployments.ports import free_port
 from elastic_core.batching import Chunking
-from elastic_core.engine import RetryPacing
+from elastic_core.limits import RetryPacing
 from elastic_core.profile import LatencyProfile
 from elastic_core.schedule import Capacity, ElasticSchedule
 from loadtests.refusals import show_stat, snapshot

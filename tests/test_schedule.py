@@ -160,6 +160,25 @@ def test_admission_refuses_only_what_even_the_fastest_sublm_cannot_make():
     assert schedule(admission_factor=0).admits(8, 256, 10_000, 320_000, 1e6, target_ms=1)
 
 
+def test_one_slow_batch_does_not_lock_a_sublm_out():
+    """A SubLM whose batch stalled (8x its profile) is not chosen again, so its own ratio would never be
+    corrected; while other SubLMs run at their profile it drifts back towards the ratio over all (time constant
+    ``calibration_memory_s``), and the rule chooses it again (w100: 32 ms of profile for this batch, T 60 ms)."""
+    batch = [32] * 8
+    chosen = {}
+    for memory_s in (10.0, 0.0):
+        now = [0.0]
+        s = schedule(calibration_memory_s=memory_s, clock=lambda: now[0])
+        s.observe("w100", batch, 8 * s.profiled_ms("w100", batch))
+        assert s.factor("w100") == 8.0 and s.choose(batch, idle(), target_ms=60).sublm != "w100"
+        for _ in range(60):  # a batch a second for a minute
+            now[0] += 1.0
+            s.observe("w50", batch, s.profiled_ms("w50", batch))
+        chosen[memory_s] = (s.factor("w100"), s.choose(batch, idle(), target_ms=60).sublm)
+    assert chosen[10.0][0] < 1.5 and chosen[10.0][1] == "w100"
+    assert chosen[0.0][0] > 7.9 and chosen[0.0][1] != "w100"  # without it: locked out
+
+
 def test_calibration_scales_predictions_to_what_the_device_measures():
     s = schedule()
     batch = [32] * 8

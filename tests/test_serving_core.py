@@ -20,7 +20,7 @@ import pytest
 from conftest import MAX_INPUTS, RERANK_TARGET_MS, TARGET_MS, TEXTS
 from deployments.core import NoMetrics
 from deployments.grpc_api import elasticlm_pb2
-from elastic_core.engine import RetryPacing
+from elastic_core.limits import RetryPacing
 
 pytestmark = pytest.mark.fast
 
