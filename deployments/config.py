@@ -42,9 +42,6 @@ class ReplicaConfig:
     sublms: list[str] | None = None                # SubLMs served (best first); one = a static deployment
     graphs: bool = True                            # each SubLM's forward traced at start (elastic_core/graphs.py):
                                                    # a batch then runs without the GIL, beside the event loop
-    switch_interval_ms: float | None = None        # how long the event loop may hold the GIL while the model
-                                                   # thread waits to take it back between its calls (sys.
-                                                   # setswitchinterval); None: Python's 5 ms
     tasks: tuple[str, ...] = TASKS                 # served tasks; each is a lane of the one queue with its own
                                                    # schedule and global depth (deployments/tasks/)
     classifier: str = "sst2"                       # the task adapter /predict serves: <checkpoint>/tasks/<name>
@@ -81,9 +78,7 @@ class ReplicaConfig:
 
     # the replica's own: a replica with a shared depth must beat (the engine alone also takes 0, no heartbeat)
     SETTING_RULES = {"chunk_texts": POSITIVE, "heartbeat_s": POSITIVE,
-                     "dtype": (lambda v: v in DTYPES, f"one of {list(DTYPES)}"),
-                     "switch_interval_ms": (lambda v: v is None or (isinstance(v, (int, float)) and 0 < v <= 1000),
-                                            "None, or in (0, 1000] ms")}
+                     "dtype": (lambda v: v in DTYPES, f"one of {list(DTYPES)}")}
 
     def __post_init__(self):
         values = dataclasses.asdict(self)

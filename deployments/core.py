@@ -16,7 +16,6 @@ import asyncio
 import collections
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -133,8 +132,6 @@ class ServingCore:
         cfg = config if isinstance(config, ReplicaConfig) else ReplicaConfig.from_args(config)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        if cfg.switch_interval_ms:  # the replica's process: its event loop and its model thread
-            sys.setswitchinterval(cfg.switch_interval_ms / 1000)
         device = resolve_device(cfg.device)
         models = load_task_models(cfg, device)
         first = next(iter(models.values()))
