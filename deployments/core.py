@@ -170,14 +170,15 @@ class ServingCore:
                         "at every profiled shape",
                         dominated, profile.device)
         ties = backbone_config(first).tied_variants()  # per batch the faster of each tied pair is tried first
+        quality = backbone_config(first).quality  # what an overloaded schedule trades against each SubLM's cost
         lanes = {}
         for task, model in models.items():
             # each task its own schedule (own calibration) and its own global depth, so each degrades
             # and scales on its own signal; they share the queue, the batching loop and the model thread
-            schedule = ElasticSchedule(profile, sublms, ranking=ranking, ties=ties, quality=backbone_config(first).quality,
-                                       max_batch_texts=cfg.max_batch_texts,
-                                       chunking=chunking, admission_factor=cfg.admission_factor,
-                                       calibration_alpha=cfg.calibration_alpha, choice_quantile=cfg.choice_quantile)
+            schedule = ElasticSchedule(profile, sublms, ranking=ranking, ties=ties, quality=quality,
+                                       max_batch_texts=cfg.max_batch_texts, chunking=chunking,
+                                       admission_factor=cfg.admission_factor, calibration_alpha=cfg.calibration_alpha,
+                                       choice_quantile=cfg.choice_quantile)
             lanes[task] = TaskLane(model, schedule, depth(task) if depth else LocalDepth(),
                                    target_ms=(cfg.task_target_ms or {}).get(task))
         validator = Validator(first.tokenizer, {task: m.max_length for task, m in models.items()}, ranking,

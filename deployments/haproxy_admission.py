@@ -429,5 +429,5 @@ class CapacityPublisher:
         (self.directory / f"{self.server}.json").unlink(missing_ok=True)
 
 
-__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "binary_environment", "capped_backends", "main",
-           "read_records", "records_dir", "refusals_in_window", "write_record"]
+__all__ = ["CapacityRecord", "CapacityPublisher", "admit", "admit_file", "binary_environment", "capped_backends",
+           "main", "read_records", "records_dir", "refusals_in_window", "write_record"]

@@ -66,8 +66,8 @@ class ElasticConfig:
     adapted_copy: list[int] | None = None
     # SubLM name -> its measured held-out quality, a fraction of the teacher's (``benchmarks/precision.py --write``:
     # the mean of DL19's and SciFact's NDCG@10 ratios). What an overloaded replica trades against each SubLM's
-    # cost (``ElasticSchedule.choose``); the ranking above stays the order. Empty: not measured (a hand-made ladder);
-    # a figure of a SubLM not declared is unused (a ladder redeclared from this one).
+    # cost (``ElasticSchedule.most_per_cost``); the ranking above stays the order. Empty: not measured (a hand-made
+    # ladder); a figure of a SubLM not declared is unused (a ladder redeclared from this one).
     quality: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):  # a malformed entry fails at load, not at its first batch

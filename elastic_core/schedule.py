@@ -27,8 +27,8 @@ and that one model serves these decisions:
   the replica's time buys: each text costs the model's time for it plus what the replica spends on it outside
   the model (``handling_ms``, measured by the engine: parsing, tokenizing, answering, on the same cores), so a
   SubLM answers ``quality / (t_k(batch) / n + handling)`` per unit of time. Where handling dominates (one short
-  query a request), a slightly slower SubLM of much better quality wins (w50-int8, 0.959 of the teacher's
-  quality, over w25's 0.915); where the model does (passages), the fastest. Without declared quality figures
+  query a request), a SubLM of much better quality for a little more model time wins (w50-int8, 0.959 of the
+  teacher's quality, over w25's 0.915); where the model does (passages), the fastest. Without declared quality figures
   (``ElasticConfig.quality``), the fastest. Both by the profile (contention slows every SubLM alike; a
   calibration one stall set high would lock a SubLM out). Measured on the 1-query spike (2026-12-07): the rule
   alone kept w100-int8 on most batches while a third of the requests were refused, because the ones refused
