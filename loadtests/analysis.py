@@ -13,7 +13,9 @@ Latency is counted from when the request was *due* (open loop): ``lag_ms`` (the 
 late because every user was still waiting on the server) plus ``latency_ms``. A client whose
 requests queue up behind a slow server sees both; for a server that keeps up, lag is ~0.
 
-``timeline`` bins the same records per second for the plots.
+``timeline`` bins the same records per second for the plots. A run repeated in rounds (``--rounds``) is
+read by ``combine_rounds`` (one configuration over its rounds) and ``round_differences`` (two configurations,
+round by round).
 """
 
 from __future__ import annotations
@@ -107,3 +109,36 @@ def timeline(requests: list[dict], t0: float, bin_s: float = 1.0) -> dict:
         for s in sublms:
             out["sublm_share"][s].append(mix[s] / len(ok) if ok else None)
     return out
+
+
+# counts add up over rounds; every other figure is the median round's (a share, a rate, a latency)
+SUMMED_OVER_ROUNDS = ("requests", "ok", "shed", "failures")
+
+
+def combine_rounds(summaries: list[dict]) -> dict:
+    """One configuration's figures over repeated rounds of the same request stream: counts summed, every
+    other figure the median over rounds (on a small noisy host one round's answered count moves by +-10 %,
+    so the median round speaks for the configuration, not the luckiest), the SubLM mix over all answers."""
+    if len(summaries) == 1:
+        return summaries[0]
+    out = {}
+    for key, value in summaries[0].items():
+        values = [s[key] for s in summaries]
+        if key in SUMMED_OVER_ROUNDS:
+            out[key] = sum(values)
+        elif isinstance(value, (int, float)):
+            out[key] = float(np.median(values))
+    answers = Counter()
+    for s in summaries:
+        answers.update({sublm: share * s["ok"] for sublm, share in s["sublm_mix"].items()})
+    total = sum(answers.values())
+    out["sublm_mix"] = {s: c / total for s, c in answers.most_common()} if total else {}
+    return out
+
+
+def round_differences(a: dict, b: dict, key: str = "effective_accuracy") -> list[float]:
+    """``a``'s figure minus ``b``'s, round by round (configurations as ``LoadTest.analyze`` writes them:
+    ``rounds`` when repeated, else the one ``summary``). Each round ran both on the same host minutes apart,
+    so the differences cancel what the host's speed that round did to both."""
+    rounds_a, rounds_b = a.get("rounds", [a["summary"]]), b.get("rounds", [b["summary"]])
+    return [x[key] - y[key] for x, y in zip(rounds_a, rounds_b)]

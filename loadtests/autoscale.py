@@ -264,7 +264,8 @@ class Autoscale(Experiment):
     """Every policy in turn under the same stream (``--reanalyze``: the files of an earlier run, analysed again)."""
 
     def __init__(self, args, log=print):
-        from loadtests.runner import LOADTESTS_HEADER, sublm_quality
+        from loadtests.loadtest_report import LOADTESTS_HEADER
+        from loadtests.runner import sublm_quality
         from loadtests.stack import BaseConfig
 
         self.args, self.log = args, log

@@ -30,10 +30,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from elastic_core.data import DL19_UNRECORDED, dl19_provenance, scifact_provenance
 from elastic_core.paths import DEFAULT_CHECKPOINT, REPO_ROOT, weights_id
-from loadtests.analysis import read_records, summarize, timeline
+from loadtests.analysis import combine_rounds, read_records, round_differences, summarize, timeline
 from loadtests.experiment import Experiment, machine, run_locust, run_until_sigterm
+from loadtests.loadtest_report import LOADTESTS_HEADER, markdown, plot
 from loadtests.options import LoadOptions, add_load_arguments
 from loadtests.stack import CONFIGS, BaseConfig, deployment_for, measure_capacity, sample_replicas, started
 
@@ -126,6 +129,11 @@ def rerank_quality(candidates: int, ranker: str = "dense",
     return {"dl19": table}
 
 
+def round_label(name: str, r: int, rounds: int) -> str:
+    """What round ``r`` of configuration ``name`` is called in the run directory (one round: ``name``)."""
+    return name if rounds == 1 else f"{name}.round{r + 1}"
+
+
 SCALING = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) controller .*?(Upscaling|Downscaling) "
                      r".*? from (\d+) to (\d+) replicas")
 
@@ -165,9 +173,13 @@ def check_targets(shape: str, configs: dict, quality: dict, capacity: float, pee
             "met": e["mean_served_quality"] >= 0.9 * quality[sublms[0]],
             "ratio": e["mean_served_quality"] / quality[sublms[0]]}
         if "elastic-fp32" in s:  # issue 32: the precision front against the ladder of trained structures
+            # over rounds, the median of the per-round differences: the host's speed moves both alike
+            diffs = round_differences(configs["elastic"], configs["elastic-fp32"])
             out["elastic_effective_accuracy_above_elastic_fp32"] = {
-                "met": e["effective_accuracy"] > s["elastic-fp32"]["effective_accuracy"],
-                "elastic": e["effective_accuracy"], "elastic-fp32": s["elastic-fp32"]["effective_accuracy"]}
+                "met": float(np.median(diffs)) > 0,
+                "elastic": e["effective_accuracy"], "elastic-fp32": s["elastic-fp32"]["effective_accuracy"],
+                **({"median_difference": float(np.median(diffs)), "rounds_above": f"{sum(d > 0 for d in diffs)}"
+                    f"/{len(diffs)}"} if len(diffs) > 1 else {})}
         if target_ms:  # overload is shed at once, never answered arbitrarily late
             out["elastic_answered_p99_within_2T"] = {"met": e["p99_ms"] <= 2 * target_ms, "p99_ms": e["p99_ms"],
                                                      "shed": e["shed"]}
@@ -184,118 +196,6 @@ def check_targets(shape: str, configs: dict, quality: dict, capacity: float, pee
                                                                "static_full_rps": capacity,
                                                                "infinity_rps": peer_capacity}
     return out
-
-
-def plot(doc: dict, path: Path) -> None:
-    """Per second: latency with T, the elastic SubLM mix, replicas (and the autoscaler's decisions),
-    offered / answered / shed; then effective accuracy and SLO attainment per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = doc["configs"]
-    fig = plt.figure(figsize=(11, 16))
-    grid = fig.add_gridspec(5, 1, height_ratios=[3, 2, 1.4, 2.4, 2.2], hspace=0.35)
-    ax = [fig.add_subplot(grid[0])]
-    ax += [fig.add_subplot(grid[i], sharex=ax[0]) for i in (1, 2, 3)]
-    colors = {name: f"C{i}" for i, name in enumerate(configs)}
-    for name, c in configs.items():
-        tl = c["timeline"]
-        ax[0].plot(tl["t"], [v if v is not None else float("nan") for v in tl["p99_ms"]], color=colors[name],
-                   label=name, lw=2 if name == "elastic" else 1)
-        ax[2].step([t for t, _ in c["replicas"]], [n for _, n in c["replicas"]], where="post", color=colors[name],
-                   label=name)
-        for t, _, _ in c.get("scaling", []):
-            ax[2].axvline(t, color=colors[name], ls=":", lw=1)
-        ax[3].plot(tl["t"], tl["ok_rps"], color=colors[name], label=f"{name} answered")
-        if any(tl["shed_rps"]):
-            ax[3].plot(tl["t"], tl["shed_rps"], color=colors[name], ls="--", lw=1, label=f"{name} shed")
-    first = next(iter(configs.values()))["timeline"]
-    ax[3].plot(first["t"], first["offered_rps"], "k", lw=2, alpha=0.5, label="offered")
-    ax[0].axhline(doc["target_ms"], color="red", ls=":", label=f"T = {doc['target_ms']:.0f} ms")
-    ax[0].set_yscale("log")
-    ax[0].set_ylabel("p99 latency per second (ms)\n(from when each request was due)")
-    if "elastic" in configs:
-        share = configs["elastic"]["timeline"]["sublm_share"]
-        t = configs["elastic"]["timeline"]["t"]
-        ax[1].stackplot(t, *[[v or 0.0 for v in share[s]] for s in share], labels=list(share))
-    ax[1].set_ylabel("elastic: SubLM share")
-    ax[2].set_ylabel("replicas\n(dotted: scaling decisions)")
-    ax[3].set_ylabel("requests / s")
-    ax[3].set_xlabel("seconds since start")
-    for a in ax:
-        a.legend(loc="upper right", fontsize=7, ncol=2)
-        a.grid(alpha=0.3)
-    bars = fig.add_subplot(grid[4])
-    names = list(configs)
-    x = range(len(names))
-    eff = [configs[n]["summary"]["effective_accuracy"] for n in names]
-    slo = [configs[n]["summary"]["slo_attainment"] for n in names]
-    bars.bar([i - 0.2 for i in x], eff, 0.4, label=f"effective accuracy ({doc.get('quality_set', 'scifact')} NDCG@10 "
-                                                   "of answers within T, over all sent)",
-             color=[colors[n] for n in names])
-    twin = bars.twinx()
-    twin.bar([i + 0.2 for i in x], slo, 0.4, color="grey", alpha=0.5, label="SLO attainment (right axis)")
-    twin.set_ylim(0, 1.05)
-    bars.set_xticks(list(x), names, fontsize=8)
-    bars.set_ylabel("effective accuracy")
-    bars.legend(loc="upper left", fontsize=7)
-    twin.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"{doc['run']}: {doc['shape'].get('shape', '')}, {doc['texts_per_request']} text(s) per request, "
-                 f"{doc['protocol']} (capacity {doc['capacity_rps']:.1f} req/s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-
-
-def markdown(doc: dict, image: str) -> str:
-    headline = doc.get("quality_set", "scifact")
-    others = [k for k in doc.get("quality_sets", {}) if k != headline]
-    head = ("| configuration | SLO attainment (≤ T) | p50 ms | p95 ms | p99 ms | answered req/s | shed | failures "
-            f"| mean served quality ({headline}) | effective accuracy ({headline}) | "
-            + "".join(f"effective accuracy ({o}) | " for o in others) + "SubLM mix | scaling decisions |\n"
-            + "|---" * (12 + len(others)) + "|")
-    rows = []
-    for name, c in doc["configs"].items():
-        s = c["summary"]
-        mix = ", ".join(f"{k} {v:.0%}" for k, v in s["sublm_mix"].items())
-        scaling = ", ".join(f"{a}→{b} at {t:.0f} s" for t, a, b in c.get("scaling", [])) or "none"
-        rows.append(f"| {name} | {s['slo_attainment']:.3f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['p99_ms']:.0f} "
-                    f"| {s['throughput_rps']:.1f} | {s['shed']} | {s['failures']} | {s['mean_served_quality']:.4f} "
-                    f"| {s['effective_accuracy']:.4f} | "
-                    + "".join(f"{c.get(f'{o}_quality', {}).get('effective_accuracy', float('nan')):.4f} | "
-                              for o in others) + f"{mix} | {scaling} |")
-    targets = "\n".join(f"- {'met' if v['met'] else '**missed**'}: `{k}` "
-                        f"({', '.join(f'{kk} {vv:.3f}' if isinstance(vv, float) else f'{kk} {vv}' for kk, vv in v.items() if kk != 'met')})"
-                        for k, v in doc["targets"].items())
-    peer = f", infinity-emb {doc['peer_capacity_rps']:.1f} req/s" if doc.get("peer_capacity_rps") else ""
-    dl19 = doc.get("dl19_provenance", DL19_UNRECORDED)
-    sets = {"dl19": f"TREC DL 2019 NDCG@10 ({dl19})",
-            "scifact": f"SciFact NDCG@10 ({doc.get('scifact_provenance', 'corpus in the training text')})"}
-    source = doc.get("quality_source", "benchmarks/results/core.json")
-    if doc.get("task") == "rerank":
-        requests = (f"reranks of a TREC DL 2019 query and its BM25 top {doc['candidates']} over {doc['protocol']}; "
-                    f"capacity (static-full saturation, all replicas) {doc['capacity_rps']:.1f} req/s. Quality = "
-                    f"NDCG@10 of the SubLM that answered, reranking those {doc['candidates']} candidates "
-                    f"(TREC DL 2019 {dl19}; `benchmarks/results/tasks.json`; BM25's own order: {doc['quality'].get('bm25', float('nan')):.4f})")
-    else:
-        requests = (f"{doc['texts_per_request']} text(s) per request over {doc['protocol']}; capacity (static-full "
-                    f"saturation, all replicas) {doc['capacity_rps']:.1f} req/s{peer}. Quality = "
-                    f"{sets.get(headline, headline)} of the SubLM that answered (`{source}`)"
-                    + "".join(f"; beside it, {sets.get(o, o)}" for o in others))
-    return (f"Command: `{doc['command']}` ({doc['machine']}, {doc['date']}).\n\n"
-            f"T = {doc['target_ms']:.0f} ms; shape `{json.dumps(doc['shape'])}`; {requests}.\n\n{head}\n"
-            + "\n".join(rows) + f"\n\nTargets:\n{targets}\n\n![{doc['run']}]({image})\n")
-
-
-LOADTESTS_HEADER = """# Load tests: elastic vs static vs infinity-emb
-
-Each section is written by `elasticlm loadtest` (`loadtests/runner.py`) from the client-side record
-files of one run: every configuration ran in turn on the same machine under the same request
-stream, started clean and torn down afterwards. Compare configurations within a section.
-Metric definitions: `loadtests/analysis.py`.
-"""
 
 
 class LoadTest(Experiment):
@@ -322,6 +222,7 @@ class LoadTest(Experiment):
             configs = [c for c in configs if c != "infinity"]  # the peer serves embeddings only
             self.target_ms = float(args.target_ms or base.target_ms("rerank"))
         self.configs = configs
+        self.rounds = max(1, args.rounds)
         self.opts = LoadOptions.from_args(args)
         self.opts.protocol = self.opts.protocol or "http"  # an experiment's results name the protocol it ran
         self.section = args.name or f"loadtest-{args.shape}"
@@ -338,10 +239,14 @@ class LoadTest(Experiment):
         self.previous = json.loads(self.out.read_text()) if args.reanalyze else None
 
     def run(self) -> dict:
-        """Capacity, then every configuration's record file (``--reanalyze``: the earlier run's)."""
+        """Capacity, then every configuration's record file per round (``--reanalyze``: the earlier run's).
+        Rounds interleave the configurations, each round's order rotated by one, so neither a slow spell of
+        the host nor a place in the order falls on one configuration alone."""
         if self.previous:
+            rounds = self.previous.get("rounds", 1)
             return {"capacity": self.previous["capacity_rps"], "peer_capacity": self.previous["peer_capacity_rps"],
-                    "records": {name: self.run_dir / f"{name}.records.jsonl" for name in self.previous["configs"]}}
+                    "records": {name: [self.run_dir / f"{round_label(name, r, rounds)}.records.jsonl"
+                                       for r in range(rounds)] for name in self.previous["configs"]}}
         args, log, opts = self.args, self.log, self.opts
         stack = (self.run_dir, self.base, self.sublms, self.target_ms, args.num_cpus)
         capacity = args.capacity_rps or measure_capacity("static-full", opts, *stack, args.probe_concurrency, log=log)
@@ -350,20 +255,25 @@ class LoadTest(Experiment):
         if args.peer_capacity and "infinity" in self.configs:
             peer_capacity = measure_capacity("infinity", opts, *stack, args.probe_concurrency, log=log)
             log(f"capacity of infinity-emb: {peer_capacity:.1f} req/s")
-        return {"capacity": capacity, "peer_capacity": peer_capacity,
-                "records": {name: run_configuration(name, opts, capacity, *stack, log) for name in self.configs}}
+        records = {name: [] for name in self.configs}
+        for r in range(self.rounds):
+            for name in self.configs[r % len(self.configs):] + self.configs[:r % len(self.configs)]:
+                label = round_label(name, r, self.rounds)
+                records[name].append(run_configuration(name, opts, capacity, *stack, log, label=label))
+        return {"capacity": capacity, "peer_capacity": peer_capacity, "records": records}
 
     def analyze(self, measured: dict) -> dict:
         quality = self.quality_sets[self.headline]
         results, run = {}, None
-        for name, record in measured["records"].items():
-            results[name], run = self.configuration(name, record, quality)
+        for name, records in measured["records"].items():
+            results[name], run = self.over_rounds(name, records, quality)
         shape = json.loads(json.dumps(run["shape"])) if results else {}
         previous, opts = self.previous, self.opts
         command = previous["command"] if previous else "elasticlm loadtest " + " ".join(self.args.argv)
         return {"run": self.section, "command": command,
                 "date": previous["date"] if previous else time.strftime("%Y-%m-%d"), "machine": machine(),
                 "target_ms": self.target_ms, "capacity_rps": measured["capacity"],
+                "rounds": len(next(iter(measured["records"].values()), [None])),
                 "peer_capacity_rps": measured["peer_capacity"], "shape": shape,
                 "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
                 "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
@@ -373,12 +283,32 @@ class LoadTest(Experiment):
                 **({"quality_source": self.quality_source, "scifact_provenance": scifact_provenance(self.checkpoint)}
                    if self.quality_source and not previous else {})}
 
-    def configuration(self, name: str, record: Path, quality: dict) -> tuple[dict, dict]:
-        """One configuration's figures from its record file, replica samples and scaling decisions."""
+    def over_rounds(self, name: str, records: list[Path], quality: dict) -> tuple[dict, dict]:
+        """One configuration over its rounds: the first round's timeline, replicas and scaling (the plot's),
+        ``combine_rounds``' summary, and each round's summary in ``rounds``."""
+        if len(records) == 1:
+            return self.configuration(name, name, records[0], quality)
+        rounds = [self.configuration(name, round_label(name, r, len(records)), record, quality)
+                  for r, record in enumerate(records)]
+        result, run = rounds[0]
+        result = {**result, "summary": combine_rounds([res["summary"] for res, _ in rounds]),
+                  "rounds": [res["summary"] for res, _ in rounds], "record_file": [str(r) for r in records]}
+        for other in self.quality_sets:
+            if other != self.headline:
+                result[f"{other}_quality"] = {k: float(np.median([res[f"{other}_quality"][k] for res, _ in rounds]))
+                                              for k in ("mean_served_quality", "effective_accuracy")}
+        s = result["summary"]
+        self.log(f"[{name}] over {len(records)} rounds (median): SLO {s['slo_attainment']:.3f}  "
+                 f"eff. acc {s['effective_accuracy']:.4f}")
+        return result, run
+
+    def configuration(self, name: str, label: str, record: Path, quality: dict) -> tuple[dict, dict]:
+        """One configuration's figures (``label``: one of its rounds) from its record file, replica samples
+        and scaling decisions."""
         run, requests, summary = read_records(record)
         t0 = run["started_at"]
-        replicas = json.loads((self.run_dir / f"{name}.replicas.json").read_text())
-        scaling_path = self.run_dir / f"{name}.scaling.json"
+        replicas = json.loads((self.run_dir / f"{label}.replicas.json").read_text())
+        scaling_path = self.run_dir / f"{label}.scaling.json"
         scaling = json.loads(scaling_path.read_text()) if scaling_path.exists() else []
         result = {"summary": summarize(requests, self.target_ms, quality), "timeline": timeline(requests, t0),
                   "replicas": [(round(t - t0, 2), n) for t, n in replicas],
@@ -389,7 +319,7 @@ class LoadTest(Experiment):
                 o = summarize(requests, self.target_ms, table)
                 result[f"{other}_quality"] = {k: o[k] for k in ("mean_served_quality", "effective_accuracy")}
         s = result["summary"]
-        self.log(f"[{name}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
+        self.log(f"[{label}] SLO {s['slo_attainment']:.3f}  p99 {s['p99_ms']:.0f} ms  shed {s['shed']}  "
                  f"failures {s['failures']}  quality {s['mean_served_quality']:.4f}  "
                  f"eff. acc {s['effective_accuracy']:.4f}")
         return result, run
@@ -427,6 +357,9 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=str(REPO_ROOT / "cluster" / "config.local.yaml"), help="the base Serve config")
     p.add_argument("--target-ms", type=float, help="T (default: the config's target_ms)")
     p.add_argument("--num-cpus", type=int, help="CPUs given to Ray (default: all)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations this many times, interleaved, and report the median round: a "
+                        "difference smaller than the host's run-to-run noise needs several")
     p.add_argument("--name", help="run name (default loadtest-<shape>)")
     p.add_argument("--run-dir", default="runs/loadtest", help="record files and server logs")
     p.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"), help="the result JSON")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from deployments.local import DEFAULT_CONFIG, load_serve_config
-from loadtests.analysis import summarize, timeline
+from loadtests.analysis import combine_rounds, round_differences, summarize, timeline
 from loadtests.runner import check_targets
 from loadtests.stack import serve_variant
 
@@ -167,9 +167,47 @@ def test_targets_compare_elastic_with_every_static_configuration():
     assert not t["saturation_throughput_at_least_1.2x_infinity"]["met"]
 
 
+def test_rounds_sum_counts_take_the_median_round_and_pool_the_sublm_mix():
+    rounds = [summarize([_req(0, 50), _req(1, 50, "shed")], 150, QUALITY),
+              summarize([_req(0, 50, sublm="w25"), _req(1, 400), _req(2, 50)], 150, QUALITY),
+              summarize([_req(0, 50), _req(1, 50), _req(2, 50, "failed")], 150, QUALITY)]
+    s = combine_rounds(rounds)
+    assert (s["requests"], s["ok"], s["shed"], s["failures"]) == (8, 6, 1, 1)
+    # effective accuracy per round: 0.32, (0.56 + 0.64) / 3 = 0.40, 0.4267: the median round's, not the pool's
+    assert s["effective_accuracy"] == pytest.approx((0.56 + 0.64) / 3)
+    assert s["sublm_mix"] == {"w100": pytest.approx(5 / 6), "w25": pytest.approx(1 / 6)}
+    assert combine_rounds(rounds[:1]) is rounds[0]
+
+
+def test_round_differences_pair_each_round_with_the_same_round_of_the_other():
+    a = {"summary": {}, "rounds": [{"effective_accuracy": v} for v in (0.50, 0.55, 0.52)]}
+    b = {"summary": {}, "rounds": [{"effective_accuracy": v} for v in (0.48, 0.56, 0.49)]}
+    assert round_differences(a, b) == pytest.approx([0.02, -0.01, 0.03])
+    assert round_differences({"summary": {"effective_accuracy": 0.5}}, {"summary": {"effective_accuracy": 0.6}}) \
+        == pytest.approx([-0.1])
+
+
+def test_above_fp32_over_rounds_is_the_median_of_per_round_differences():
+    """elastic's median round is below fp32's median round, yet it beat fp32 in two of three rounds, each
+    pair measured minutes apart: the paired differences decide."""
+    base = {"failures": 0, "sublm_mix": {"w100": 1.0}, "slo_attainment": 1.0, "mean_served_quality": 0.6,
+            "p99_ms": 100.0, "shed": 0, "requests": 10, "ok": 10}
+    elastic = [{**base, "effective_accuracy": v} for v in (0.50, 0.44, 0.60)]
+    fp32 = [{**base, "effective_accuracy": v} for v in (0.49, 0.58, 0.59)]
+    configs = {"elastic": {"summary": combine_rounds(elastic), "rounds": elastic},
+               "elastic-fp32": {"summary": combine_rounds(fp32), "rounds": fp32}}
+    assert configs["elastic"]["summary"]["effective_accuracy"] < configs["elastic-fp32"]["summary"]["effective_accuracy"]
+    t = check_targets("spike", configs, QUALITY, 10.0, None, SUBLMS)["elastic_effective_accuracy_above_elastic_fp32"]
+    assert t["met"] and t["rounds_above"] == "2/3" and t["median_difference"] == pytest.approx(0.01)
+    fp32[0]["effective_accuracy"] = 0.51
+    t = check_targets("spike", configs, QUALITY, 10.0, None, SUBLMS)["elastic_effective_accuracy_above_elastic_fp32"]
+    assert not t["met"] and t["rounds_above"] == "1/3"
+
+
 def test_runner_end_to_end_on_the_smallest_configuration(tmp_path, checkpoint_dir):
-    """One configuration, a 10 s spike at a rate this machine serves easily: the runner starts the
-    deployment, drives Locust, tears everything down and writes the JSON, the plot and the table."""
+    """One configuration, a 10 s spike at a rate this machine serves easily, twice (``--rounds 2``): the
+    runner starts the deployment, drives Locust, tears everything down and writes the JSON, the plot and the
+    table; ``--reanalyze`` reads the same rounds back."""
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
     base["applications"][0]["args"]["checkpoint"] = str(checkpoint_dir)
     config = tmp_path / "config.yaml"
@@ -178,12 +216,19 @@ def test_runner_end_to_end_on_the_smallest_configuration(tmp_path, checkpoint_di
     cmd = [sys.executable, "-m", "elastic_core.cli", "loadtest", "--shape", "spike", "--duration-s", "10",
            "--capacity-rps", "4", "--configs", "static-smallest", "--config", str(config), "--name", "e2e",
            "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "results"),
-           "--docs-dir", str(tmp_path / "docs"), "--num-cpus", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           "--docs-dir", str(tmp_path / "docs"), "--num-cpus", "2", "--rounds", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "e2e.json").read_text())
     s = doc["configs"]["static-smallest"]["summary"]
-    assert s["requests"] >= 15 and s["failures"] == 0 and s["sublm_mix"] == {"w25": 1.0}
+    rounds = doc["configs"]["static-smallest"]["rounds"]
+    assert doc["rounds"] == 2 and len(rounds) == 2 and s["requests"] == sum(r["requests"] for r in rounds)
+    assert min(r["requests"] for r in rounds) >= 15 and s["failures"] == 0 and s["sublm_mix"] == {"w25": 1.0}
     assert doc["configs"]["static-smallest"]["replicas"], "no replica count was sampled"
     assert (tmp_path / "docs" / "img" / "e2e.png").stat().st_size > 10_000
-    assert "| static-smallest |" in (tmp_path / "docs" / "loadtests.md").read_text()
+    page = (tmp_path / "docs" / "loadtests.md").read_text()
+    assert "| static-smallest |" in page and "2 interleaved rounds" in page
+    out = subprocess.run(cmd + ["--reanalyze"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = json.loads((tmp_path / "results" / "e2e.json").read_text())["configs"]["static-smallest"]
+    assert again["rounds"] == rounds
