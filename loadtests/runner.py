@@ -244,9 +244,10 @@ class LoadTest(Experiment):
         the host nor a place in the order falls on one configuration alone."""
         if self.previous:
             rounds = self.previous.get("rounds", 1)
+            files = {name: [self.run_dir / f"{round_label(name, r, rounds)}.records.jsonl" for r in range(rounds)]
+                     for name in self.previous["configs"]}
             return {"capacity": self.previous["capacity_rps"], "peer_capacity": self.previous["peer_capacity_rps"],
-                    "records": {name: [self.run_dir / f"{round_label(name, r, rounds)}.records.jsonl"
-                                       for r in range(rounds)] for name in self.previous["configs"]}}
+                    "rounds": rounds, "records": files}
         args, log, opts = self.args, self.log, self.opts
         stack = (self.run_dir, self.base, self.sublms, self.target_ms, args.num_cpus)
         capacity = args.capacity_rps or measure_capacity("static-full", opts, *stack, args.probe_concurrency, log=log)
@@ -260,7 +261,7 @@ class LoadTest(Experiment):
             for name in self.configs[r % len(self.configs):] + self.configs[:r % len(self.configs)]:
                 label = round_label(name, r, self.rounds)
                 records[name].append(run_configuration(name, opts, capacity, *stack, log, label=label))
-        return {"capacity": capacity, "peer_capacity": peer_capacity, "records": records}
+        return {"capacity": capacity, "peer_capacity": peer_capacity, "rounds": self.rounds, "records": records}
 
     def analyze(self, measured: dict) -> dict:
         quality = self.quality_sets[self.headline]
@@ -273,7 +274,7 @@ class LoadTest(Experiment):
         return {"run": self.section, "command": command,
                 "date": previous["date"] if previous else time.strftime("%Y-%m-%d"), "machine": machine(),
                 "target_ms": self.target_ms, "capacity_rps": measured["capacity"],
-                "rounds": len(next(iter(measured["records"].values()), [None])),
+                "rounds": measured["rounds"],
                 "peer_capacity_rps": measured["peer_capacity"], "shape": shape,
                 "task": opts.task, "candidates": opts.candidates if opts.task == "rerank" else None,
                 "texts_per_request": opts.texts_per_request, "protocol": opts.protocol, "quality": quality,
