@@ -122,12 +122,17 @@ class RetryPacing:
         now = self._clock()
         self._verdicts.append((now, admitted))
         self._admitted += admitted
-        while self._verdicts[0][0] < now - self.window_s:
-            self._admitted -= self._verdicts.popleft()[1]
+        self._forget(now)
 
     def refusing(self) -> bool:
-        """Whether anything was refused in the window."""
+        """Whether anything was refused in the window up to now: a quiet spell ends it with no request to
+        record (the replica and its front read it between requests)."""
+        self._forget(self._clock())
         return len(self._verdicts) > self._admitted
+
+    def _forget(self, now: float) -> None:
+        while self._verdicts and self._verdicts[0][0] < now - self.window_s:
+            self._admitted -= self._verdicts.popleft()[1]
 
     def retry_after_s(self) -> int:
         ratio = (len(self._verdicts) - self._admitted) / max(1, self._admitted)

@@ -208,3 +208,18 @@ def core_stack(tmp_path_factory, checkpoint_dir):
         channel.close()
         http.portal.call(server.stop, None)
         http.portal.call(core.close)
+
+
+@pytest.fixture(autouse=True)
+def core_stack_settled(request):
+    """A test on the shared ``core_stack`` starts with it calm. An earlier test's refusals leave it choosing for
+    throughput (``ServingEngine.overloaded``) for ``RetryPacing.window_s``, so a test comparing two answers
+    across that edge compared two SubLMs (seen once, on a fast host: an HTTP embedding against gRPC's)."""
+    if "core_stack" in request.fixturenames:
+        import time
+
+        engine = request.getfixturevalue("core_stack").core.engine
+        deadline = time.monotonic() + 10 * engine.pacing.window_s
+        while engine.overloaded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.overloaded(), "the shared serving core stayed overloaded after earlier tests"

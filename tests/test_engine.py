@@ -293,7 +293,9 @@ def test_retry_pacing_grows_with_the_refusals_per_admission_and_forgets_them():
     for _ in range(400):
         pacing.record(False)
     assert pacing.retry_after_s() == 30                # capped
-    now[0] = 2.5                                       # the window moved on: the crowd is forgotten
+    assert pacing.refusing()
+    now[0] = 2.5                                       # the window moved on: the crowd is forgotten,
+    assert not pacing.refusing()                       # with no request since to record
     pacing.record(True)
     assert pacing.retry_after_s() == 1
 
