@@ -65,9 +65,9 @@ def plot(doc: dict, path: Path) -> None:
     bars.set_ylabel("effective accuracy")
     bars.legend(loc="upper left", fontsize=7)
     twin.legend(loc="upper right", fontsize=7)
+    rounds = f"; per second: round 1 of {doc['rounds']}, bars: median round" if doc.get("rounds", 1) > 1 else ""
     fig.suptitle(f"{doc['run']}: {doc['shape'].get('shape', '')}, {doc['texts_per_request']} text(s) per request, "
-                 f"{doc['protocol']} (capacity {doc['capacity_rps']:.1f} req/s)"
-                 + (f"; per second: round 1 of {doc['rounds']}, bars: median round" if doc.get("rounds", 1) > 1 else ""))
+                 f"{doc['protocol']} (capacity {doc['capacity_rps']:.1f} req/s){rounds}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)

@@ -293,8 +293,8 @@ class LoadTest(Experiment):
         """One configuration over its rounds: the first round's timeline, replicas and scaling (the plot's),
         ``combine_rounds``' summary, and each round's summary in ``rounds``."""
         if len(records) == 1:
-            return self.configuration(name, name, records[0], quality)
-        rounds = [self.configuration(name, round_label(name, r, len(records)), record, quality)
+            return self.configuration(name, records[0], quality)
+        rounds = [self.configuration(round_label(name, r, len(records)), record, quality)
                   for r, record in enumerate(records)]
         result, run = rounds[0]
         result = {**result, "summary": combine_rounds([res["summary"] for res, _ in rounds]),
@@ -308,9 +308,9 @@ class LoadTest(Experiment):
                  f"eff. acc {s['effective_accuracy']:.4f}")
         return result, run
 
-    def configuration(self, name: str, label: str, record: Path, quality: dict) -> tuple[dict, dict]:
-        """One configuration's figures (``label``: one of its rounds) from its record file, replica samples
-        and scaling decisions."""
+    def configuration(self, label: str, record: Path, quality: dict) -> tuple[dict, dict]:
+        """One configuration's figures (``label``: the configuration, or one of its rounds) from its record
+        file, replica samples and scaling decisions."""
         run, requests, summary = read_records(record)
         t0 = run["started_at"]
         replicas = json.loads((self.run_dir / f"{label}.replicas.json").read_text())
