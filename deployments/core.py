@@ -254,8 +254,10 @@ class ServingCore:
                                         f"takes alone on its fastest allowed SubLM (~{alone:.1f} ms here): "
                                         "send a longer deadline, fewer texts or no quality floor")
         # admission before tokenizing: under overload refusing must cost next to nothing
-        if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms):
+        if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms,
+                                  self.limit.share):
             self.metrics.shed()
+            self.limit.refused()
             raise overloaded(self.engine.pacing.retry_after_s())
         input_ids, token_type_ids = self.validator.tokenize(request)
         job = Job(input_ids, token_type_ids, task=request.task, min_sublm=request.min_sublm,

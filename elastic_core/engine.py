@@ -236,9 +236,10 @@ class ServingEngine:
         return max(0.0, predicted - (time.perf_counter() - started) * 1000)
 
     def admits(self, task: str, texts: int, tokens: float, min_sublm: str | None = None,
-               deadline_ms: float | None = None) -> bool:
-        """Whether a request can still be answered in time (see ``ElasticSchedule.admits``). Cheap: called
-        before the request is tokenized, so refusing costs almost nothing."""
+               deadline_ms: float | None = None, share: float = 1.0) -> bool:
+        """Whether a request can still be answered in time (see ``ElasticSchedule.admits``; ``share``: of the
+        budget, learnt from the answers' times). Cheap: called before the request is tokenized, so refusing
+        costs almost nothing."""
         if not self._accepting:
             return False
         lane = self.lanes[task]
@@ -248,7 +249,7 @@ class ServingEngine:
             for name, other in self.lanes.items() if name != task and other.queued_texts)
         verdict = lane.schedule.admits(texts, tokens, lane.queued_texts, lane.queued_tokens, ahead_ms,
                                        self.target(task, deadline_ms), min_sublm, idle=self.idle,
-                                       client_deadline=deadline_ms is not None)
+                                       client_deadline=deadline_ms is not None, share=share)
         self.pacing.record(verdict)
         return verdict
 

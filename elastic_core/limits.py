@@ -18,6 +18,12 @@ another cause (a slow Redis, a replica lost) that refusing would not cure (measu
 rule that also shrank there refused 4 % of the requests while Redis was slow). It starts at,
 and never exceeds, ``ceiling`` x the model's capacity, so the model's estimate stays the first answer
 and the bound.
+
+The same rule sets a second bound, for requests the count does not describe (eight passages, a rerank of 20): the
+share of T the replica's own admission lets its queue's predicted work fill (``share``; admission predicts on
+the mean, the model's time alone). Learnt only in windows where that admission refused requests and the count
+was not full: there what it admits sets its times (measured on the 8-passage spike, 2026-12-07: the count of
+~35 requests never filled, the replica admitted work up to T and answered 41 % of what it admitted within it).
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ class AdaptiveLimit:
         self.budget, self.window_s, self.quantile = budget, window_s, quantile
         self.min_samples, self.ceiling, self._clock = min_samples, ceiling, clock
         self.limit: int | None = None      # None until the first model capacity is known
+        self.share = 1.0                   # of the admission budget the replica's own queue may fill
         self.held = 0                      # requests inside now
         self.lag_ms = 0.0                  # the event loop's lag: a request waits it before it is seen
         self.last_quantile: float | None = None
         self._samples: list[float] = []
         self._peak_held = 0
+        self._refused = False              # the replica's own admission refused a request in this window
         self._window_start = clock()
 
     def enter(self) -> None:
@@ -60,6 +68,10 @@ class AdaptiveLimit:
 
     def leave(self) -> None:
         self.held -= 1
+
+    def refused(self) -> None:
+        """The replica's own admission refused a request: its work bound, not the front's count, was full."""
+        self._refused = True
 
     def observe_lag(self, lag_ms: float) -> None:
         """One probe of the event loop's lag (EWMA: one late wake-up is not the loop's state)."""
@@ -73,6 +85,9 @@ class AdaptiveLimit:
         third of the requests were refused)."""
         return self.limit is not None and self.held >= self.limit
 
+    # the share's floor: it comes back by a quarter per window, so from here within ~7 windows of a surge's end
+    # (never below: the model is kept busy anyway, a request queued behind the running batch is always admitted)
+    MIN_SHARE = 0.25
     MAX_SAMPLES = 4096  # windows close when a front asks (``value``); with none asking, keep the newest only
 
     def observe(self, elapsed_ms: float, target_ms: float) -> None:
@@ -96,7 +111,12 @@ class AdaptiveLimit:
                     self.limit = max(1, math.floor(self.limit * max(0.25, ratio)))
                 else:
                     self.limit = max(self.limit + 1, math.floor(self.limit * min(1.25, ratio)))
+            elif self._refused:  # its own admission was the bound: the work it admits sets its times
+                self.share = min(1.0, max(self.MIN_SHARE, self.share * min(1.25, max(0.25, ratio))))
+            else:  # neither bound was reached: the share returns for the next surge (refusing nothing today)
+                self.share = min(1.0, self.share * 1.25)
             self._samples, self._peak_held, self._window_start = [], self.held, now
+            self._refused = False
         self.limit = min(self.limit, bound)
         return self.limit
 

@@ -36,7 +36,9 @@ and that one model serves these decisions:
 * **admission** (per request, before it is tokenized): a request is refused at once when even the
   fastest SubLM it allows could not finish it in time: the running batch's remaining time plus
   draining the local queue with the request in it exceeds ``admission_factor x T``. An optimistic
-  bound, so only requests that are certain to miss are refused; an idle replica never refuses on T.
+  bound, so only requests that are certain to miss are refused; an idle replica never refuses on T. What
+  the model's mean time misses (the replica's own handling, a prediction's scatter) is learnt from the answers'
+  times: the replica may hold admission to a ``share`` of that budget (``elastic_core.limits.AdaptiveLimit``).
 * **calibration** (per batch, after it ran): the profile was measured on an idle device; under load
   the same batch runs slower. Every prediction is scaled by measured / profiled time per SubLM, a
   ratio of two EWMAs (so a long batch weighs more than a one-text straggler; SubLMs not yet seen
@@ -282,19 +284,20 @@ class ElasticSchedule:
         return max(allowed, key=lambda k: self.quality[k] / (self.profiled_ms(k, lengths) + handling))
 
     def admits(self, texts: int, tokens: float, queued_texts: int, queued_tokens: float, running_left_ms: float,
-               target_ms: float, min_sublm: str | None = None, idle: bool = False, client_deadline: bool = False) -> bool:
+               target_ms: float, min_sublm: str | None = None, idle: bool = False, client_deadline: bool = False,
+               share: float = 1.0) -> bool:
         """Whether a request of ``texts`` texts (``tokens`` in all) can still be answered within
-        ``admission_factor x target_ms`` on the fastest SubLM it allows, behind the running batch and
-        the local queue. An idle replica always tries, unless the client's own deadline is impossible
-        even for this request alone: refusing could help no one."""
+        ``share x admission_factor x target_ms`` on the fastest SubLM it allows, behind the running batch and
+        the local queue. ``share`` holds back only a queue: the first request behind the running batch has the
+        whole budget, so the model always has its next batch. An idle replica always tries, unless the client's
+        own deadline is impossible even for this request alone: refusing could help no one."""
         if not self.admission_factor or (idle and not client_deadline):
             return True
+        budget = self.admission_factor * target_ms
         if idle:
-            completion = self.alone_ms(texts, tokens, min_sublm)
-        else:
-            completion = running_left_ms + self.fastest_drain_ms(queued_texts + texts, queued_tokens + tokens,
-                                                                 min_sublm)
-        return completion <= self.admission_factor * target_ms
+            return self.alone_ms(texts, tokens, min_sublm) <= budget
+        completion = running_left_ms + self.fastest_drain_ms(queued_texts + texts, queued_tokens + tokens, min_sublm)
+        return completion <= (share * budget if queued_texts else budget)
 
     def alone_ms(self, texts: int, tokens: float, min_sublm: str | None = None) -> float:
         """The least a request can take: alone, on the fastest SubLM it allows. A client deadline below

@@ -97,6 +97,41 @@ def test_too_few_answers_change_nothing_and_the_loop_lag_counts():
     assert lagged.last_quantile == pytest.approx(1.0, abs=0.01)
 
 
+def closed_window(limit: AdaptiveLimit, clock: Clock, times_ms: list[float], held: int, refused: bool = True):
+    """A window in which the replica's own admission refused a request (or not), closed as a front asks."""
+    if refused:
+        limit.refused()
+    window(limit, clock, times_ms, held)
+    limit.value(40)
+
+
+def test_the_admission_share_learns_where_the_replicas_own_admission_refuses():
+    """Requests of many texts: the count never fills, the replica's own admission is the bound, and the work it
+    admits sets the answers' times: the share of the budget it fills follows Little's law as the count does."""
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, clock=clock)
+    limit.value(40)
+    closed_window(limit, clock, [100.0] * 50, held=4)   # p95 at T while refusing: 0.8 of the budget
+    assert limit.limit == 40 and limit.share == pytest.approx(0.8)
+    closed_window(limit, clock, [500.0] * 50, held=4)   # far over: at most quartered, never below MIN_SHARE
+    assert limit.share == pytest.approx(AdaptiveLimit.MIN_SHARE)
+    closed_window(limit, clock, [40.0] * 50, held=4)    # early while refusing: grows by at most a quarter
+    assert limit.share == pytest.approx(AdaptiveLimit.MIN_SHARE * 1.25)
+    closed_window(limit, clock, [300.0] * 50, held=4, refused=False)  # late, refusing nothing: not the share's
+    assert limit.share == pytest.approx(AdaptiveLimit.MIN_SHARE * 1.25 ** 2)  # doing; it returns for the next surge
+    for _ in range(10):
+        closed_window(limit, clock, [10.0] * 50, held=1, refused=False)
+    assert limit.share == 1.0                             # and never exceeds the whole budget
+
+
+def test_where_the_count_was_full_the_count_learns_not_the_share():
+    clock = Clock()
+    limit = AdaptiveLimit(budget=0.8, clock=clock)
+    limit.value(40)
+    closed_window(limit, clock, [100.0] * 50, held=40)  # the front's count was full: one correction, the count's
+    assert limit.limit == 32 and limit.share == 1.0
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="budget"):
         AdaptiveLimit(budget=0)

@@ -160,6 +160,21 @@ def test_admission_refuses_only_what_even_the_fastest_sublm_cannot_make():
     assert schedule(admission_factor=0).admits(8, 256, 10_000, 320_000, 1e6, target_ms=1)
 
 
+def test_a_share_of_the_budget_holds_back_a_queue_never_the_next_batch():
+    """``share`` (learnt from the answers' times, ``AdaptiveLimit``) shortens what a queue may hold; the first
+    request behind the running batch keeps the whole budget, so the model never waits for work it refused."""
+    s = schedule(mean_tokens=32)
+    queued = dict(queued_texts=40, queued_tokens=40 * 32, running_left_ms=10)  # 58 ms on w25 (above)
+    assert s.admits(8, 8 * 32, **queued, target_ms=58, share=1.0)
+    assert not s.admits(8, 8 * 32, **queued, target_ms=58, share=0.9)
+    assert s.admits(8, 8 * 32, **queued, target_ms=116, share=0.5)
+    # nothing queued: the running batch's remaining 50 ms and this request's 8 fit 58 ms, whatever the share
+    assert s.admits(8, 8 * 32, 0, 0, running_left_ms=50, target_ms=58, share=0.25)
+    assert not s.admits(8, 8 * 32, 0, 0, running_left_ms=51, target_ms=58, share=0.25)
+    # a client deadline impossible alone is refused by the budget itself, not by the share
+    assert s.admits(8, 8 * 32, 0, 0, 0, target_ms=8, idle=True, client_deadline=True, share=0.25)
+
+
 def test_one_slow_batch_does_not_lock_a_sublm_out():
     """A SubLM whose batch stalled (8x its profile) is not chosen again, so its own ratio would never be
     corrected; while other SubLMs run at their profile it drifts back towards the ratio over all (time constant

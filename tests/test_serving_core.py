@@ -311,6 +311,7 @@ def test_the_host_sees_what_ran_and_what_was_shed_through_its_metrics_sink(core_
         core.metrics = NoMetrics()
     assert [(b.task, b.sublm, b.texts) for b in sink.batches[:1]] == [("embed", "w25", 3)]
     assert sink.shed_count == sum(r.status_code == 503 for r in flood) > 0
+    assert core.limit._refused  # the replica's own admission was a bound: the next window learns its share
     stats = core.autoscaling_stats()  # the elastic signal: recent texts on a reduced SubLM
     assert 0 < stats["degraded_share"] <= 1
 
@@ -329,7 +330,7 @@ def test_the_front_is_sent_what_the_replica_answers_in_time(core_stack):
     limit._peak_held = limit.limit                # the next window shrinks the limit
     limit._window_start -= limit.window_s
     assert core.capacity().requests < model.requests and limit.last_quantile == 2.0
-    limit.limit, limit._samples = None, []
+    limit.limit, limit._samples, limit.share = None, [], 1.0
 
 
 def test_json_types_are_the_schemas_not_pydantics_lax_ones(core_stack):
