@@ -257,7 +257,8 @@ class ServingCore:
         if not self.engine.admits(request.task, examples, tokens, request.min_sublm, request.deadline_ms,
                                   self.limit.share):
             self.metrics.shed()
-            self.limit.refused()
+            if not self.held_back():  # the replica's own admission was the only bound: its share learns
+                self.limit.refused()  # (a front refusing or full at its count holds the queue already)
             raise overloaded(self.engine.pacing.retry_after_s())
         input_ids, token_type_ids = self.validator.tokenize(request)
         job = Job(input_ids, token_type_ids, task=request.task, min_sublm=request.min_sublm,

@@ -311,7 +311,14 @@ def test_the_host_sees_what_ran_and_what_was_shed_through_its_metrics_sink(core_
         core.metrics = NoMetrics()
     assert [(b.task, b.sublm, b.texts) for b in sink.batches[:1]] == [("embed", "w25", 3)]
     assert sink.shed_count == sum(r.status_code == 503 for r in flood) > 0
-    assert core.limit._refused  # the replica's own admission was a bound: the next window learns its share
+    assert core.limit._refused  # the replica's own admission was the bound: the next window learns its share
+    core.limit._refused, core.front_holding_back = False, lambda: True
+    try:  # a front refusing for the replica already holds its queue: the share would hold it twice
+        flood = concurrently(core_stack, [("/embed", {"json": {"inputs": ["word " * 300] * MAX_INPUTS},
+                                                      "headers": {"x-elasticlm-deadline-ms": "100"}})] * 20)
+    finally:
+        core.front_holding_back = None
+    assert any(r.status_code == 503 for r in flood) and not core.limit._refused
     stats = core.autoscaling_stats()  # the elastic signal: recent texts on a reduced SubLM
     assert 0 < stats["degraded_share"] <= 1
 
