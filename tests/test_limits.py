@@ -111,7 +111,9 @@ def test_the_admission_share_learns_where_the_replicas_own_admission_refuses():
     clock = Clock()
     limit = AdaptiveLimit(budget=0.8, clock=clock)
     limit.value(40)
-    closed_window(limit, clock, [100.0] * 50, held=4)   # p95 at T while refusing: 0.8 of the budget
+    closed_window(limit, clock, [100.0] * 50, held=4)   # p95 at T while refusing: the share's budget (T itself,
+    assert limit.limit == 40 and limit.share == 1.0      # where the count's is 0.8 here), so no change
+    closed_window(limit, clock, [125.0] * 50, held=4)   # p95 at 1.25 T: 0.8 of it
     assert limit.limit == 40 and limit.share == pytest.approx(0.8)
     closed_window(limit, clock, [500.0] * 50, held=4)   # far over: at most quartered, never below MIN_SHARE
     assert limit.share == pytest.approx(AdaptiveLimit.MIN_SHARE)
