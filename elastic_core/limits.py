@@ -72,8 +72,8 @@ class AdaptiveLimit:
 
     def refused(self) -> None:
         """The replica's own admission refused a request while the front held nothing back: its work bound,
-        not the front's, was full. (Learning the share while the front also refuses held the 1-query spike
-        twice: 0.56-0.73 of its requests answered within T against ~0.89 without the share, 2026-12-08.)"""
+        not the front's, was full. (Learnt while the front also refused, the share held the 1-query spike's queue
+        twice: 0.769 of its requests within T over the run against 0.926 before the share, 2026-12-08.)"""
         self._refused = True
 
     def observe_lag(self, lag_ms: float) -> None:
@@ -93,8 +93,8 @@ class AdaptiveLimit:
     MIN_SHARE = 0.25
     # the share's budget is T itself, where the count's is 0.7 of it: what the count holds back waits in HAProxy's
     # queue, unmeasured here; the share's queue is inside, measured in full. At 0.7 the share cut the 1-query
-    # spike's answers to p90 0.73 T and refused what would have made T: 0.80-0.82 of its requests within T over
-    # the run, the fp32 ladder 0.86-0.92, against 0.93 / 0.84 without the share (2026-12-08, EPYC)
+    # spike's answers to p90 ~0.73 T and refused what would have made T: 0.817 of its requests within T over the
+    # run, against 0.926 before the share and 0.940 at 1.0 (median rounds of 3, 2026-12-08, EPYC)
     SHARE_BUDGET = 1.0
     MAX_SAMPLES = 4096  # windows close when a front asks (``value``); with none asking, keep the newest only
 
@@ -113,13 +113,14 @@ class AdaptiveLimit:
         if now - self._window_start >= self.window_s and len(self._samples) >= self.min_samples:
             measured = sorted(self._samples)[min(len(self._samples) - 1, int(self.quantile * len(self._samples)))]
             self.last_quantile = measured
-            ratio, share_ratio = (self.budget / measured, self.SHARE_BUDGET / measured) if measured > 0 else (2.0, 2.0)
+            ratio = self.budget / measured if measured > 0 else 2.0
             if self._peak_held >= self.limit:  # it held all it was allowed: what it holds sets its times
                 if ratio < 1:
                     self.limit = max(1, math.floor(self.limit * max(0.25, ratio)))
                 else:
                     self.limit = max(self.limit + 1, math.floor(self.limit * min(1.25, ratio)))
             elif self._refused:  # its own admission was the bound: the work it admits sets its times
+                share_ratio = self.SHARE_BUDGET / measured if measured > 0 else 2.0
                 self.share = min(1.0, max(self.MIN_SHARE, self.share * min(1.25, max(0.25, share_ratio))))
             else:  # neither bound was reached: the share returns for the next surge (refusing nothing today)
                 self.share = min(1.0, self.share * 1.25)
